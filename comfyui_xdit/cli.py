@@ -1,0 +1,137 @@
+"""``comfyui-xdit``: generate a latent, write a tiny model file, inspect the pool."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .conditioning import Conditioning
+from .models.flux_checkpoint import NAMED_SPECS, write_random_flux
+from .request import DTYPES, GenerationRequest, ModelRef, SigmaShift
+from .samplers import SAMPLER_NAMES
+from .sigmas import SCHEDULER_NAMES
+
+logger = logging.getLogger(__name__)
+
+COND_KEYS_DOC = ("--cond FILE.safetensors holds: 'positive_context' (1, L, 4096) T5 tokens, "
+                 "'positive_pooled' (1, 768) CLIP pooled vector, optional 'negative_context' and "
+                 "'negative_pooled' (needed when cfg != 1), optional 'guidance' (a 1-element tensor, default 3.5)")
+
+
+def default_dtype() -> str:
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def read_cond_file(path: str) -> tuple[Conditioning, Optional[Conditioning]]:
+    tensors = load_file(path)
+    guidance = float(tensors["guidance"].reshape(-1)[0]) if "guidance" in tensors else 3.5
+    for key in ("positive_context", "positive_pooled"):
+        if key not in tensors:
+            raise ValueError(f"{path!r} lacks {key!r}. {COND_KEYS_DOC}")
+    positive = Conditioning(tensors["positive_context"], tensors["positive_pooled"], guidance)
+    negative = None
+    if "negative_context" in tensors:
+        negative = Conditioning(tensors["negative_context"], tensors["negative_pooled"], guidance)
+    return positive, negative
+
+
+def build_request(args: argparse.Namespace) -> GenerationRequest:
+    from .model_loader import tiny_conditioning
+
+    if args.height % 16 or args.width % 16:
+        raise ValueError(f"--height and --width must be multiples of 16 for Flux, got {args.height}x{args.width}")
+    model = ModelRef(args.model, args.dtype or default_dtype())
+    if model.is_tiny:
+        positive, negative = tiny_conditioning(model, args.seed)
+    elif args.cond:
+        positive, negative = read_cond_file(args.cond)
+    else:
+        raise ValueError(f"a model file needs --cond FILE.safetensors with the text conditioning. {COND_KEYS_DOC}")
+    if args.init_latent:
+        latent = load_file(args.init_latent)["samples"]
+    else:
+        latent = torch.zeros(1, 16, args.height // 8, args.width // 8)
+    shift = SigmaShift(mode="resolution", max_shift=args.max_shift, base_shift=args.base_shift) \
+        if args.resolution_shift else SigmaShift()
+    return GenerationRequest(model=model, latent=latent, positive=positive,
+                             negative=negative if args.cfg != 1.0 else None, seed=args.seed, steps=args.steps,
+                             cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, denoise=args.denoise,
+                             shift=shift)
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample one latent and save it like ComfyUI's SaveLatent",
+                       epilog=COND_KEYS_DOC)
+    p.add_argument("--model", required=True, help="a Flux .safetensors file, or tiny:flux")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=1.0)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--sampler", default="euler", choices=SAMPLER_NAMES)
+    p.add_argument("--scheduler", default="simple", choices=SCHEDULER_NAMES)
+    p.add_argument("--denoise", type=float, default=1.0)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--cond", help="conditioning file for real models")
+    p.add_argument("--init-latent", help="a SaveLatent file to start from (image-to-image with --denoise < 1)")
+    p.add_argument("--resolution-shift", action="store_true",
+                   help="use ModelSamplingFlux's resolution-dependent shift instead of the model default")
+    p.add_argument("--max-shift", type=float, default=1.15)
+    p.add_argument("--base-shift", type=float, default=0.5)
+    p.add_argument("--out", required=True, help="output .safetensors (key 'samples')")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .model_loader import load_model
+
+    request = build_request(args)
+    engine = Engine(load_model(request.model))
+
+    def report(event) -> None:
+        logger.info("step %d/%d", event.step, event.total)
+
+    latent = engine.generate(request, on_step=report)
+    save_file({"samples": latent.contiguous()}, args.out)
+    sys.stdout.write(f"wrote {args.out}: samples {tuple(latent.shape)}\n")
+    return 0
+
+
+def run_make_tiny(args: argparse.Namespace) -> int:
+    write_random_flux(args.out, NAMED_SPECS[args.name], seed=args.seed, dtype=DTYPES[args.dtype])
+    sys.stdout.write(f"wrote {args.out}: random {args.name} in the BFL layout\n")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comfyui-xdit", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    tiny = sub.add_parser("make-tiny", help="write a deterministic random-weight model file")
+    tiny.add_argument("name", choices=list(NAMED_SPECS))
+    tiny.add_argument("out")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handlers = {"generate": run_generate, "make-tiny": run_make_tiny}
+    try:
+        return handlers[args.command](args)
+    except ValueError as exc:
+        sys.stderr.write(f"comfyui-xdit: error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""Plain-tensor conditioning that crosses from ComfyUI (or the CLI) into the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+DEFAULT_FLUX_GUIDANCE = 3.5  # what ComfyUI's Flux model uses when the conditioning carries none
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """One prompt's conditioning: ComfyUI's ``[[context, {"pooled_output", "guidance"}]]`` as plain data.
+
+    ``context``: (1 or B, L, joint_attention_dim) text-encoder (T5) tokens.
+    ``pooled``: (1 or B, pooled_projection_dim) pooled CLIP vector.
+    ``guidance``: Flux-dev's distilled guidance (the FluxGuidance node); ignored by schnell.
+    """
+
+    context: torch.Tensor
+    pooled: torch.Tensor
+    guidance: Optional[float] = DEFAULT_FLUX_GUIDANCE
+
+    def __post_init__(self) -> None:
+        if self.context.ndim != 3:
+            raise ValueError(f"conditioning context must be (batch, tokens, dim), got shape {tuple(self.context.shape)}")
+        if self.pooled.ndim != 2:
+            raise ValueError(f"pooled conditioning must be (batch, dim), got shape {tuple(self.pooled.shape)}")
+
+    def for_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context and pooled repeated to the latent batch, as ComfyUI repeats conds."""
+        return _repeat_to(self.context, batch), _repeat_to(self.pooled, batch)
+
+
+def _repeat_to(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    if tensor.shape[0] == batch:
+        return tensor
+    if batch % tensor.shape[0]:
+        raise ValueError(f"conditioning batch {tensor.shape[0]} does not divide the latent batch {batch}")
+    return tensor.repeat(batch // tensor.shape[0], *([1] * (tensor.ndim - 1)))

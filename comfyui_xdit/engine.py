@@ -1,0 +1,43 @@
+"""One rank of the engine: a loaded model plus how this rank takes part in sampling."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from .conditioning import Conditioning
+from .models.flux import FluxAdapter
+from .parallel_config import ParallelConfig
+from .request import GenerationRequest
+from .sampling import OnStep, ShouldStop, SamplingPlan, finish, prepare_plan, run_loop
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """Samples a ``GenerationRequest`` on one rank; the serial engine is the world-size-1 case."""
+
+    def __init__(self, adapter: FluxAdapter, parallel: ParallelConfig = ParallelConfig(), rank: int = 0) -> None:
+        if not parallel.is_serial:
+            raise ValueError(f"Engine is the serial engine; parallel config {parallel} needs the parallel engine")
+        self.adapter = adapter
+        self.parallel = parallel
+        self.rank = rank
+
+    @torch.no_grad()
+    def generate(self, request: GenerationRequest, on_step: Optional[OnStep] = None,
+                 should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
+        """Sample ``request``; returns a LATENT (B, C, H, W) float32 in ComfyUI's convention."""
+        plan = prepare_plan(self.adapter, request)
+        if plan.total_steps == 0:  # denoise == 0: ComfyUI hands the input back untouched
+            return request.latent.clone()
+        x = run_loop(self.adapter, plan, self._velocity(plan), on_step, should_stop)
+        return finish(self.adapter, plan, x)
+
+    def _velocity(self, plan: SamplingPlan):
+        def velocity(x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+            return self.adapter.velocity(x, plan.image_ids, cond, sigma)
+
+        return velocity

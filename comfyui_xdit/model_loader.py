@@ -1,0 +1,43 @@
+"""Load the model a ``ModelRef`` names: a user's safetensors file or a built-in tiny random model."""
+
+from __future__ import annotations
+
+import torch
+
+from .conditioning import Conditioning
+from .models.flux import FluxAdapter
+from .models.flux_checkpoint import NAMED_SPECS, random_bfl_state
+from .request import TINY_PREFIX, ModelRef
+
+TINY_SEED = 0  # tiny models are always the same weights
+
+
+def tiny_state(name: str) -> dict[str, torch.Tensor]:
+    try:
+        spec = NAMED_SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown tiny model {TINY_PREFIX}{name}; choose one of "
+                         f"{', '.join(TINY_PREFIX + n for n in NAMED_SPECS)}") from None
+    return random_bfl_state(spec, TINY_SEED)
+
+
+def load_model(ref: ModelRef, device: torch.device | str = "cpu") -> FluxAdapter:
+    """Build the adapter for ``ref`` on ``device`` (only Flux today; the family is detected from keys)."""
+    if ref.is_tiny:
+        name = ref.path[len(TINY_PREFIX):]
+        return FluxAdapter.from_state_dict(tiny_state(name), ref.torch_dtype, device, source=ref.path)
+    return FluxAdapter.from_file(ref.path, ref.torch_dtype, device)
+
+
+def tiny_conditioning(ref: ModelRef, seed: int, text_len: int = 8,
+                      guidance: float = 3.5) -> tuple[Conditioning, Conditioning]:
+    """Positive and negative conditioning drawn from ``seed`` for tiny models (no text encoder)."""
+    spec = NAMED_SPECS[ref.path[len(TINY_PREFIX):]]
+    generator = torch.Generator().manual_seed(seed + 1)
+
+    def draw() -> Conditioning:
+        return Conditioning(context=torch.randn(1, text_len, spec.joint_attention_dim, generator=generator),
+                            pooled=torch.randn(1, spec.pooled_projection_dim, generator=generator),
+                            guidance=guidance)
+
+    return draw(), draw()

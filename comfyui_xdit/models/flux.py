@@ -1,0 +1,200 @@
+"""Flux adapter over diffusers' ``FluxTransformer2DModel``: ComfyUI latents and conditioning in,
+the model's velocity out, with attention routed through our one seam.
+
+The forward is split into ``embed`` -> ``blocks`` -> ``head`` so that the parallel engine can run a
+subset of blocks (a PipeFusion stage) on a subset of image tokens (a sequence shard or a patch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..attention import AttentionSeam
+from ..conditioning import Conditioning
+from ..latent_format import FLUX_LATENT_FORMAT, LatentFormat
+from ..sigmas import DiscreteFlowShift, FluxShift, ModelSampling
+from .flux_checkpoint import FluxSpec, bfl_to_diffusers, infer_flux_spec, read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+PATCH = 2  # Flux packs 2x2 latent pixels into one token
+
+
+class SeamFluxAttnProcessor:
+    """diffusers' Flux attention with the core ``softmax(QK^T)V`` replaced by a call to the seam."""
+
+    def __init__(self, seam: AttentionSeam, layer: int) -> None:
+        self.seam = seam
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None,
+                 image_rotary_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                 text_len: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # (B, S, H*D) -> (B, S, H, D)
+        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim)))
+        value = attn.to_v(hidden_states).unflatten(-1, (-1, attn.head_dim))
+        if encoder_hidden_states is not None:  # double block: text stream has its own projections
+            text_len = encoder_hidden_states.shape[1]
+            e_query = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+            e_key = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+            e_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+            # text first: (B, L + N, H, D)
+            query = torch.cat([e_query, query], dim=1)
+            key = torch.cat([e_key, key], dim=1)
+            value = torch.cat([e_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self.seam(query, key, value, text_len=text_len, layer=self.layer)
+        out = out.flatten(2, 3).to(query.dtype)  # (B, S, H, D) -> (B, S, H*D)
+        if encoder_hidden_states is None:
+            return out
+        text_out, image_out = out[:, :text_len], out[:, text_len:]
+        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+        return image_out, attn.to_add_out(text_out.contiguous())
+
+
+@dataclass
+class BlockState:
+    """What flows between transformer blocks for one set of image tokens (all, a shard, or a patch)."""
+
+    hidden: torch.Tensor  # (B, N_local, hidden) image tokens
+    encoder_hidden: torch.Tensor  # (B, L, hidden) text tokens, whole on every rank
+    temb: torch.Tensor  # (B, hidden) timestep + pooled (+ guidance) embedding
+    rotary: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (L + N_local, head_dim)
+
+
+class FluxAdapter:
+    """One loaded Flux transformer and the ComfyUI conventions around it."""
+
+    family = "flux"
+    latent_format: LatentFormat = FLUX_LATENT_FORMAT
+
+    def __init__(self, transformer: FluxTransformer2DModel, spec: FluxSpec) -> None:
+        self.transformer = transformer.eval().requires_grad_(False)
+        self.spec = spec
+        self.seam = AttentionSeam()
+        self.blocks: list[torch.nn.Module] = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        for layer, block in enumerate(self.blocks):
+            block.attn.set_processor(SeamFluxAttnProcessor(self.seam, layer))
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu", source: str = "checkpoint") -> "FluxAdapter":
+        spec = infer_flux_spec(state, source)
+        with torch.device("meta"):
+            transformer = FluxTransformer2DModel(**spec.diffusers_config())
+        converted = {k: v.to(dtype) for k, v in bfl_to_diffusers(state, spec).items()}
+        result = transformer.load_state_dict(converted, strict=True, assign=True)
+        assert not result.missing_keys and not result.unexpected_keys, result
+        # Buffers that are not in the file (none today) would still be on meta; fail loudly if so.
+        assert not any(t.is_meta for t in transformer.state_dict().values()), "unloaded tensors left on meta"
+        logger.info("loaded Flux from %s: %d double + %d single blocks, width %d, dtype %s", source,
+                    spec.num_layers, spec.num_single_layers, spec.hidden_size, dtype)
+        return cls(transformer.to(device), spec)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> "FluxAdapter":
+        return cls.from_state_dict(read_checkpoint(path), dtype, device, source=repr(os.fspath(path)))
+
+    # ---- properties -----------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.x_embedder.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.x_embedder.weight.device
+
+    @property
+    def num_heads(self) -> int:
+        return self.spec.num_attention_heads
+
+    def default_sampling(self) -> ModelSampling:
+        """ComfyUI's choice for a file loaded by UNETLoader: dev -> shift 1.15, schnell -> discrete flow 1.0."""
+        if self.spec.guidance_embeds:
+            return FluxShift(shift=1.15)
+        return DiscreteFlowShift(shift=1.0, multiplier=1.0)
+
+    # ---- latent <-> tokens ----------------------------------------------------------------------
+    def check_latent(self, latent: torch.Tensor) -> None:
+        if latent.ndim != 4 or latent.shape[1] != self.latent_format.channels:
+            raise ValueError(f"Flux needs a LATENT of shape (batch, {self.latent_format.channels}, h, w); got "
+                             f"{tuple(latent.shape)}. Use EmptySD3LatentImage (16 channels) for Flux.")
+        if latent.shape[2] % PATCH or latent.shape[3] % PATCH:
+            raise ValueError(f"Flux needs image height and width divisible by 16; got latent "
+                             f"{latent.shape[2]}x{latent.shape[3]} (image {latent.shape[2] * 8}x{latent.shape[3] * 8})")
+
+    @staticmethod
+    def pack(latent: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = latent.shape
+        # (B, C, H, W) -> (B, H/2 * W/2, C*2*2), channel-major inside a token as ComfyUI packs it
+        x = latent.view(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
+
+    @staticmethod
+    def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        b, _, d = tokens.shape
+        c = d // (PATCH * PATCH)
+        # (B, H/2 * W/2, C*2*2) -> (B, C, H, W)
+        x = tokens.view(b, height // PATCH, width // PATCH, c, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c, height, width)
+
+    @staticmethod
+    def image_ids(height: int, width: int) -> torch.Tensor:
+        """(H/2 * W/2, 3) position ids: (0, row, col) per token, row-major like the packing."""
+        rows, cols = height // PATCH, width // PATCH
+        ids = torch.zeros(rows, cols, 3)
+        ids[..., 1] = torch.arange(rows)[:, None]
+        ids[..., 2] = torch.arange(cols)[None, :]
+        return ids.reshape(rows * cols, 3)
+
+    # ---- forward in pieces ----------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
+              sigma: torch.Tensor) -> BlockState:
+        """Embeddings for ``tokens`` (B, N_local, 64) at positions ``image_ids`` (N_local, 3); sigma (B,)."""
+        t = self.transformer
+        dtype, device = self.dtype, self.device
+        context, pooled = cond.for_batch(tokens.shape[0])
+        timestep = sigma.to(device=device, dtype=dtype) * 1000
+        if self.spec.guidance_embeds:
+            g = torch.full_like(timestep, cond.guidance if cond.guidance is not None else 0.0) * 1000
+            temb = t.time_text_embed(timestep, g, pooled.to(device=device, dtype=dtype))
+        else:
+            temb = t.time_text_embed(timestep, pooled.to(device=device, dtype=dtype))
+        text_ids = torch.zeros(context.shape[1], 3)
+        rotary = t.pos_embed(torch.cat([text_ids, image_ids], dim=0).to(device))
+        return BlockState(hidden=t.x_embedder(tokens.to(device=device, dtype=dtype)),
+                          encoder_hidden=t.context_embedder(context.to(device=device, dtype=dtype)),
+                          temb=temb, rotary=rotary)
+
+    def run_blocks(self, state: BlockState, start: int, stop: int) -> BlockState:
+        text_len = state.encoder_hidden.shape[1]
+        enc, hidden = state.encoder_hidden, state.hidden
+        for block in self.blocks[start:stop]:
+            enc, hidden = block(hidden_states=hidden, encoder_hidden_states=enc, temb=state.temb,
+                                image_rotary_emb=state.rotary, joint_attention_kwargs={"text_len": text_len})
+        return BlockState(hidden=hidden, encoder_hidden=enc, temb=state.temb, rotary=state.rotary)
+
+    def head(self, state: BlockState) -> torch.Tensor:
+        """Final norm + projection: (B, N_local, hidden) -> (B, N_local, 64) velocity, float32."""
+        t = self.transformer
+        return t.proj_out(t.norm_out(state.hidden, state.temb)).float()
+
+    @torch.no_grad()
+    def velocity(self, tokens: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
+                 sigma: torch.Tensor) -> torch.Tensor:
+        """The whole forward on whatever tokens this process holds."""
+        state = self.embed(tokens, image_ids, cond, sigma)
+        return self.head(self.run_blocks(state, 0, len(self.blocks)))

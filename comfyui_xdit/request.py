@@ -1,0 +1,89 @@
+"""The request that nodes and the CLI build and that crosses into the workers (small when pickled)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .conditioning import Conditioning
+from .parallel_config import ParallelConfig
+from .samplers import SAMPLER_NAMES
+from .sigmas import SCHEDULER_NAMES
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TINY_PREFIX = "tiny:"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which weights to run: a ``.safetensors`` path or ``tiny:<family>``, and the compute dtype."""
+
+    path: str
+    dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.path.startswith(TINY_PREFIX)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class SigmaShift:
+    """Which sigma table: the model's own default, or ComfyUI's ModelSamplingFlux node (``resolution``)."""
+
+    mode: str = "default"
+    max_shift: float = 1.15
+    base_shift: float = 0.5
+    width: Optional[int] = None  # image pixels; None = the latent's size * 8
+    height: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("default", "resolution"):
+            raise ValueError(f"sigma shift mode must be 'default' or 'resolution', got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one sampling run needs, as plain data (no ComfyUI objects, no weights).
+
+    ``latent`` is in ComfyUI's LATENT layout (B, C, H, W), all zeros for text-to-image.
+    """
+
+    model: ModelRef
+    latent: torch.Tensor
+    positive: Conditioning
+    negative: Optional[Conditioning] = None
+    seed: int = 0
+    steps: int = 20
+    cfg: float = 1.0
+    sampler: str = "euler"
+    scheduler: str = "simple"
+    denoise: float = 1.0
+    shift: SigmaShift = field(default_factory=SigmaShift)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+        if self.scheduler not in SCHEDULER_NAMES:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if not 0.0 <= self.denoise <= 1.0:
+            raise ValueError(f"denoise must be within [0, 1], got {self.denoise}")
+        if self.cfg != 1.0 and self.negative is None:
+            raise ValueError(f"cfg {self.cfg} needs a negative conditioning; pass one or set cfg to 1.0")
+
+    @property
+    def uses_cfg(self) -> bool:
+        """ComfyUI skips the unconditional branch entirely at cfg == 1."""
+        return self.cfg != 1.0

@@ -1,0 +1,149 @@
+"""The sampling loop the engine owns, equal to ComfyUI's KSampler for the same seed.
+
+``prepare_plan`` turns a request into noise, sigmas and the starting tokens exactly as ComfyUI does
+(``prepare_noise``, the scheduler, ``process_latent_in``, CONST noise scaling); ``denoised_from``
+applies CFG to the model's velocity; ``finish`` undoes the scaling back into a ComfyUI LATENT. The
+serial loop here and the parallel loops call the same pieces.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .conditioning import Conditioning
+from .models.flux import FluxAdapter
+from .noise import prepare_noise
+from .request import GenerationRequest
+from .samplers import SamplerState, SamplerStep, sampler_step
+from .sigmas import FluxShift, ModelSampling, resolution_shift, sampling_sigmas
+
+logger = logging.getLogger(__name__)
+
+PREVIEW_MAX_SIDE = 64  # preview latents are downscaled to at most this many latent pixels a side
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Progress of one finished step; ``preview`` is a downscaled x0 prediction in LATENT layout."""
+
+    step: int
+    total: int
+    preview: Optional[torch.Tensor] = None
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised on every rank at the same step when a job is cancelled."""
+
+
+OnStep = Callable[[StepEvent], None]
+ShouldStop = Callable[[int], bool]
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Everything the loop needs, identical on every rank."""
+
+    x: torch.Tensor  # (B, N, 64) noised starting tokens, float32
+    sigmas: torch.Tensor  # (steps + 1,) float32
+    image_ids: torch.Tensor  # (N, 3)
+    height: int  # latent height / width (not pixels)
+    width: int
+    step: SamplerStep
+    positive: Conditioning
+    negative: Optional[Conditioning]
+    cfg: float
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+
+def model_sampling_for(adapter: FluxAdapter, request: GenerationRequest) -> ModelSampling:
+    if request.shift.mode == "default":
+        return adapter.default_sampling()
+    h, w = request.latent.shape[2], request.latent.shape[3]
+    width = request.shift.width if request.shift.width is not None else w * 8
+    height = request.shift.height if request.shift.height is not None else h * 8
+    return FluxShift(shift=resolution_shift(request.shift.max_shift, request.shift.base_shift, width, height))
+
+
+def fix_empty_latent_channels(latent: torch.Tensor, channels: int) -> torch.Tensor:
+    """ComfyUI widens an all-zero LATENT of the wrong channel count (EmptyLatentImage's 4) to the model's."""
+    if latent.ndim == 4 and latent.shape[1] != channels and torch.count_nonzero(latent) == 0:
+        return torch.zeros(latent.shape[0], channels, *latent.shape[2:], dtype=latent.dtype)
+    return latent
+
+
+def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPlan:
+    latent = fix_empty_latent_channels(request.latent.float(), adapter.latent_format.channels)
+    adapter.check_latent(latent)
+    noise = prepare_noise(latent, request.seed)
+    sigmas = sampling_sigmas(model_sampling_for(adapter, request), request.scheduler, request.steps, request.denoise)
+    if torch.count_nonzero(latent) > 0:  # ComfyUI does not shift the empty latent
+        latent = adapter.latent_format.process_in(latent)
+    if len(sigmas) > 0:
+        sigma0 = sigmas[0]
+        latent = sigma0 * noise + (1.0 - sigma0) * latent  # CONST noise scaling
+    _, _, h, w = latent.shape
+    return SamplingPlan(x=adapter.pack(latent), sigmas=sigmas, image_ids=adapter.image_ids(h, w), height=h,
+                        width=w, step=sampler_step(request.sampler), positive=request.positive,
+                        negative=request.negative if request.uses_cfg else None, cfg=request.cfg)
+
+
+def denoised_from(x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """CONST ``calculate_denoised``: x0 = x - v * sigma."""
+    return x - velocity * sigma
+
+
+def apply_cfg(cond: torch.Tensor, uncond: Optional[torch.Tensor], cfg: float) -> torch.Tensor:
+    """ComfyUI's ``cfg_function``: uncond + (cond - uncond) * cfg; the cond alone when there is no uncond."""
+    if uncond is None:
+        return cond
+    return uncond + (cond - uncond) * cfg
+
+
+def finish(adapter: FluxAdapter, plan: SamplingPlan, x: torch.Tensor) -> torch.Tensor:
+    """Tokens back into a ComfyUI LATENT (inverse noise scaling, then ``process_latent_out``)."""
+    x = x / (1.0 - plan.sigmas[-1])
+    return adapter.latent_format.process_out(adapter.unpack(x.float(), plan.height, plan.width))
+
+
+def preview_latent(adapter: FluxAdapter, plan: SamplingPlan, denoised: torch.Tensor) -> torch.Tensor:
+    """First image of the x0 prediction as a LATENT, average-pooled to at most PREVIEW_MAX_SIDE a side."""
+    latent = adapter.latent_format.process_out(adapter.unpack(denoised[:1].float(), plan.height, plan.width))
+    factor = max(1, -(-max(plan.height, plan.width) // PREVIEW_MAX_SIDE))
+    return torch.nn.functional.avg_pool2d(latent, factor) if factor > 1 else latent
+
+
+def check_stop(should_stop: Optional[ShouldStop], step: int) -> None:
+    if should_stop is not None and should_stop(step):
+        raise GenerationCancelled(f"cancelled before step {step}")
+
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+
+
+def run_loop(adapter: FluxAdapter, plan: SamplingPlan, velocity: VelocityFn, on_step: Optional[OnStep] = None,
+             should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
+    """The whole-latent loop: ``velocity(x, sigma_batch, cond)`` per branch, CFG, one sampler step.
+
+    Serial sampling passes the adapter's forward; sequence/CFG parallel pass a velocity that shards
+    and gathers. Returns the final tokens (B, N, 64).
+    """
+    x, state = plan.x, None  # type: torch.Tensor, SamplerState
+    batch = x.shape[0]
+    for i in range(plan.total_steps):
+        check_stop(should_stop, i)
+        sigma = plan.sigmas[i]
+        sigma_batch = sigma * x.new_ones(batch)
+        cond = denoised_from(x, sigma, velocity(x, sigma_batch, plan.positive))
+        uncond = denoised_from(x, sigma, velocity(x, sigma_batch, plan.negative)) if plan.negative else None
+        denoised = apply_cfg(cond, uncond, plan.cfg)
+        x, state = plan.step(x, denoised, plan.sigmas, i, state)
+        if on_step is not None:
+            on_step(StepEvent(i + 1, plan.total_steps, preview_latent(adapter, plan, denoised)))
+    return x
