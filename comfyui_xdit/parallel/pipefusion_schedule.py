@@ -1,0 +1,105 @@
+"""PipeFusion's schedule as pure data: which blocks a stage owns, which tokens a patch holds, and the
+(step, patch) work every stage does in order.
+
+Every stage walks the *same* sequence of work items; only their timing differs (stage ``s`` is ``s``
+items behind stage 0). The first ``warmup_steps`` steps are one item each over the whole latent
+(``patch is None``): they run synchronously and fill the K/V buffers. After that a step is
+``num_patches`` items, one per patch, and the last stage hands each updated patch back to stage 0,
+so with ``num_patches >= stages`` stage 0 never waits: no bubble but the pipeline's first fill.
+``simulate`` computes that timeline so the claim is tested without processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+
+@dataclass(frozen=True)
+class Work:
+    """One unit of a stage's work: step ``step`` on patch ``patch`` (None = the whole latent)."""
+
+    step: int
+    patch: Optional[int]
+
+    @property
+    def is_warmup(self) -> bool:
+        return self.patch is None
+
+
+def split_even(total: int, parts: int) -> tuple[tuple[int, int], ...]:
+    """``parts`` contiguous ``[start, stop)`` ranges covering ``range(total)``; sizes differ by at most one,
+    the larger ones first."""
+    if parts < 1:
+        raise ValueError(f"cannot split into {parts} parts; need at least 1")
+    if total < parts:
+        raise ValueError(f"cannot split {total} items into {parts} non-empty parts; use at most {total} parts")
+    base, extra = divmod(total, parts)
+    bounds, start = [], 0
+    for index in range(parts):
+        stop = start + base + (1 if index < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return tuple(bounds)
+
+
+def split_stages(num_blocks: int, degree: int) -> tuple[tuple[int, int], ...]:
+    """Transformer blocks ``[start, stop)`` per pipeline stage, e.g. 5 blocks over 2 stages -> (0,3), (3,5)."""
+    if degree > num_blocks:
+        raise ValueError(f"pipefusion_degree {degree} exceeds the model's {num_blocks} transformer blocks; "
+                         f"use pipefusion_degree <= {num_blocks}")
+    return split_even(num_blocks, degree)
+
+
+def patch_bounds(num_tokens: int, num_patches: int) -> tuple[tuple[int, int], ...]:
+    """Image-token ranges ``[start, stop)`` of each patch (tokens are row-major, so patches are bands)."""
+    if num_tokens < num_patches:
+        raise ValueError(f"{num_patches} patches need at least {num_patches} image tokens, the latent has "
+                         f"{num_tokens}; use fewer patches or a larger image")
+    return split_even(num_tokens, num_patches)
+
+
+def stage_work(steps: int, warmup_steps: int, num_patches: int) -> Iterator[Work]:
+    """The work items every stage runs, in order: whole-latent warm-up steps, then patch by patch."""
+    warmup = min(warmup_steps, steps)
+    for step in range(warmup):
+        yield Work(step, None)
+    for step in range(warmup, steps):
+        for patch in range(num_patches):
+            yield Work(step, patch)
+
+
+def producer_of_input(work: Work, warmup_steps: int) -> Work:
+    """The last-stage item whose sampler update stage 0 needs before it can start ``work``.
+
+    Patch ``p`` of step ``i`` starts from patch ``p`` after step ``i - 1``; the step after the warm-up
+    starts from the whole latent the last warm-up step wrote.
+    """
+    assert work.step > 0, "step 0 starts from the initial noise"
+    previous = work.step - 1
+    return Work(previous, None if previous < warmup_steps else work.patch)
+
+
+def simulate(num_stages: int, steps: int, warmup_steps: int, num_patches: int,
+             warmup_cost: Optional[float] = None) -> dict[tuple[int, Work], tuple[float, float]]:
+    """Start and end time of every (stage, work) when a patch item costs 1 and communication is free.
+
+    ``warmup_cost`` (default ``num_patches``) is the cost of a whole-latent item. Each item waits for
+    the same item on the previous stage, the stage's previous item, and (on stage 0) the last stage's
+    update of its input. Used to test that patch steps overlap with no bubble.
+    """
+    whole = float(num_patches) if warmup_cost is None else warmup_cost
+    times: dict[tuple[int, Work], tuple[float, float]] = {}
+    items = list(stage_work(steps, warmup_steps, num_patches))
+    free = [0.0] * num_stages  # when each stage finishes its previous item
+    for work in items:
+        for stage in range(num_stages):
+            ready = free[stage]
+            if stage > 0:
+                ready = max(ready, times[(stage - 1, work)][1])
+            elif work.step > 0:
+                ready = max(ready, times[(num_stages - 1, producer_of_input(work, warmup_steps))][1])
+            end = ready + (whole if work.is_warmup else 1.0)
+            times[(stage, work)] = (ready, end)
+            free[stage] = end
+    return times

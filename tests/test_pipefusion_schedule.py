@@ -1,0 +1,88 @@
+"""PipeFusion's (step, patch) schedule, stage split and patch split as pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from comfyui_xdit.parallel.pipefusion_schedule import (Work, patch_bounds, producer_of_input, simulate,
+                                                       split_stages, stage_work)
+
+
+def test_split_stages_covers_blocks_contiguously() -> None:
+    assert split_stages(4, 1) == ((0, 4),)
+    assert split_stages(4, 2) == ((0, 2), (2, 4))
+    assert split_stages(4, 4) == ((0, 1), (1, 2), (2, 3), (3, 4))
+    assert split_stages(5, 2) == ((0, 3), (3, 5))
+    assert split_stages(57, 4) == ((0, 15), (15, 29), (29, 43), (43, 57))  # flux-dev: 19 + 38 blocks
+
+
+def test_split_stages_rejects_more_stages_than_blocks() -> None:
+    with pytest.raises(ValueError, match="pipefusion_degree <= 4"):
+        split_stages(4, 8)
+
+
+@pytest.mark.parametrize("tokens,patches", [(64, 2), (64, 4), (256, 8), (10, 3), (7, 7)])
+def test_patch_bounds_partition_tokens(tokens: int, patches: int) -> None:
+    bounds = patch_bounds(tokens, patches)
+    assert len(bounds) == patches
+    assert bounds[0][0] == 0 and bounds[-1][1] == tokens
+    assert all(stop == nxt for (_, stop), (nxt, _) in zip(bounds, bounds[1:]))
+    sizes = [stop - start for start, stop in bounds]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_patch_bounds_rejects_more_patches_than_tokens() -> None:
+    with pytest.raises(ValueError, match="use fewer patches"):
+        patch_bounds(4, 8)
+
+
+def test_stage_work_warmup_then_patches() -> None:
+    work = list(stage_work(steps=4, warmup_steps=2, num_patches=3))
+    assert work == [Work(0, None), Work(1, None), Work(2, 0), Work(2, 1), Work(2, 2), Work(3, 0), Work(3, 1),
+                    Work(3, 2)]
+    assert [w.is_warmup for w in work[:3]] == [True, True, False]
+
+
+def test_stage_work_all_warmup_is_serial() -> None:
+    assert list(stage_work(steps=3, warmup_steps=3, num_patches=4)) == [Work(0, None), Work(1, None), Work(2, None)]
+    assert list(stage_work(steps=3, warmup_steps=9, num_patches=4)) == [Work(0, None), Work(1, None), Work(2, None)]
+
+
+def test_producer_of_input() -> None:
+    assert producer_of_input(Work(1, None), warmup_steps=2) == Work(0, None)
+    assert producer_of_input(Work(2, 1), warmup_steps=2) == Work(1, None)  # first patch step reads the whole
+    assert producer_of_input(Work(3, 1), warmup_steps=2) == Work(2, 1)
+
+
+def _stage0_idle(times: dict, steps: int, warmup: int, patches: int) -> list[tuple[Work, float]]:
+    """Idle gaps of stage 0 before each item of the steps after the first patch step."""
+    items = list(stage_work(steps, warmup, patches))
+    gaps = [(work, times[(0, work)][0] - times[(0, before)][1]) for before, work in zip(items, items[1:])
+            if work.step > warmup]
+    return [(work, gap) for work, gap in gaps if gap > 0]
+
+
+@pytest.mark.parametrize("stages,patches", [(2, 2), (2, 4), (4, 4), (4, 8), (3, 5)])
+def test_no_bubble_after_first_fill_when_patches_cover_stages(stages: int, patches: int) -> None:
+    steps, warmup = 6, 1
+    times = simulate(stages, steps, warmup, patches)
+    assert _stage0_idle(times, steps, warmup, patches) == []
+    # every later stage is busy from its first patch item to its last: the only bubble is the first fill
+    for stage in range(stages):
+        patch_items = [times[(stage, w)] for w in stage_work(steps, warmup, patches) if not w.is_warmup]
+        assert all(b[0] == a[1] for a, b in zip(patch_items, patch_items[1:]))
+    last = times[(stages - 1, Work(steps - 1, patches - 1))][1]
+    warm = times[(stages - 1, Work(warmup - 1, None))][1]
+    assert last - warm == (steps - warmup) * patches + stages - 1  # M items per step + one pipeline fill
+
+
+def test_fewer_patches_than_stages_leaves_bubbles() -> None:
+    times = simulate(num_stages=4, steps=4, warmup_steps=1, num_patches=2)
+    assert _stage0_idle(times, 4, 1, 2)  # stage 0 waits for the last stage every step
+
+
+def test_warmup_steps_are_synchronous() -> None:
+    stages, patches = 3, 4
+    times = simulate(stages, steps=3, warmup_steps=2, num_patches=patches)
+    # a warm-up step starts on stage 0 only after the previous one left the last stage
+    assert times[(0, Work(1, None))][0] == times[(stages - 1, Work(0, None))][1] == stages * patches
