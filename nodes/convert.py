@@ -1,0 +1,71 @@
+"""ComfyUI values <-> the engine's plain data (pure functions; no ComfyUI import, testable anywhere)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from comfyui_xdit.conditioning import DEFAULT_FLUX_GUIDANCE, Conditioning
+
+# Conditioning keys that only change what ComfyUI's sampler does in ways the engine does not do yet.
+UNSUPPORTED_COND_KEYS = ("area", "strength", "mask", "control", "gligen", "reference_latents",
+                         "start_percent", "end_percent", "hooks", "concat_latent_image")
+
+
+def to_conditioning(value: Any, name: str) -> Conditioning:
+    """ComfyUI's CONDITIONING ``[[context, {"pooled_output", "guidance", ...}]]`` -> ``Conditioning``.
+
+    Only the single-entry Flux text conditioning is supported; anything else raises ``ValueError``
+    naming the node to remove, instead of silently giving a different picture than KSampler.
+    """
+    if not isinstance(value, (list, tuple)) or len(value) == 0:
+        raise ValueError(f"{name}: expected a CONDITIONING (from CLIPTextEncode), got {type(value).__name__}")
+    if len(value) != 1:
+        raise ValueError(f"{name}: xDiT Sampler takes one conditioning entry, got {len(value)} (from "
+                         "ConditioningCombine/ConditioningSetArea?); use a single CLIPTextEncode/FluxGuidance chain")
+    context, extras = value[0][0], dict(value[0][1])
+    used = [key for key in UNSUPPORTED_COND_KEYS if extras.get(key) is not None]
+    if used:
+        raise ValueError(f"{name}: conditioning carries {', '.join(used)}, which xDiT Sampler does not support yet; "
+                         "use the stock KSampler for area/mask/ControlNet/reference conditioning")
+    pooled = extras.get("pooled_output")
+    if pooled is None:
+        raise ValueError(f"{name}: conditioning has no pooled_output; encode the prompt with a Flux CLIP "
+                         "(DualCLIPLoader type flux + CLIPTextEncode)")
+    guidance = extras.get("guidance", DEFAULT_FLUX_GUIDANCE)
+    return Conditioning(context=context.detach().float().cpu(), pooled=pooled.detach().float().cpu(),
+                        guidance=None if guidance is None else float(guidance))
+
+
+def to_latent_tensor(latent: dict) -> torch.Tensor:
+    """The ``samples`` of a LATENT dict as a CPU float32 (B, C, H, W) tensor, refusing what we cannot honour."""
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise ValueError("latent_image: expected a LATENT (from EmptySD3LatentImage or VAEEncode)")
+    if latent.get("noise_mask") is not None:
+        raise ValueError("latent_image carries a noise mask (inpainting), which xDiT Sampler does not support yet; "
+                         "remove SetLatentNoiseMask or use the stock KSampler")
+    if latent.get("batch_index") is not None:
+        raise ValueError("latent_image carries batch_index (from LatentFromBatch), which changes ComfyUI's noise; "
+                         "xDiT Sampler does not support it yet, sample the whole batch instead")
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise ValueError(f"latent_image must be an image latent (B, C, H, W), got shape {tuple(samples.shape)}")
+    return samples.detach().float().cpu()
+
+
+def to_latent_output(latent_in: dict, samples: torch.Tensor) -> dict:
+    """Like KSampler: a copy of the input LATENT dict with new ``samples`` (the input is not mutated)."""
+    out = latent_in.copy()
+    out["samples"] = samples
+    return out
+
+
+def image_tokens(latent: torch.Tensor) -> int:
+    """Packed Flux image tokens of a (B, C, H, W) latent: 2x2 latent pixels per token."""
+    return (latent.shape[2] // 2) * (latent.shape[3] // 2)
+
+
+def optional_int(value: Optional[int]) -> Optional[int]:
+    """Widgets use 0 for 'unset'."""
+    return None if value in (None, 0) else int(value)

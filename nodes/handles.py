@@ -1,0 +1,32 @@
+"""What flows between our nodes: small frozen handles (no weights, no Ray objects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from comfyui_xdit.parallel_config import ParallelConfig
+from comfyui_xdit.request import ModelRef
+
+
+@dataclass(frozen=True)
+class PoolHandle:
+    """Which pool: the embedded local one (``address`` None) or a Ray cluster, and the NIC ranks talk on."""
+
+    address: Optional[str] = None
+    network_interface: Optional[str] = None
+
+    def describe(self) -> str:
+        where = self.address or "embedded local Ray"
+        return where + (f" via {self.network_interface}" if self.network_interface else "")
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """A model the pool runs: which weights, how they are spread over ranks, and facts the nodes check."""
+
+    pool: PoolHandle
+    model: ModelRef
+    parallel: ParallelConfig
+    num_heads: int
+    name: str  # the file name as ComfyUI lists it

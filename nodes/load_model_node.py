@@ -1,0 +1,119 @@
+"""xDiT Load Diffusion Model: a file from models/diffusion_models and how to spread it -> XDIT_MODEL."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from comfyui_xdit.parallel_config import ParallelConfig
+from comfyui_xdit.request import ModelRef
+
+from .comfy_types import CATEGORY, XDiTModelType, XDiTPoolType
+from .handles import ModelHandle, PoolHandle
+from .model_files import flux_heads
+from .pool_access import registry
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = ["default", "fp32", "bf16", "fp16"]
+MAX_DEGREE = 64
+
+
+def parallel_config(ulysses_degree: int, ring_degree: int, pipefusion_degree: int, num_patches: int,
+                    warmup_steps: int, cfg_parallel: bool) -> ParallelConfig:
+    """The node's widgets -> ``ParallelConfig`` (``num_patches`` 0 = one patch per PipeFusion stage)."""
+    return ParallelConfig(cfg_degree=2 if cfg_parallel else 1, pipefusion_degree=int(pipefusion_degree),
+                          ring_degree=int(ring_degree), ulysses_degree=int(ulysses_degree),
+                          num_patches=int(num_patches) if num_patches else None, warmup_steps=int(warmup_steps))
+
+
+def check_config(unet_path: Optional[str], unet_name: str, **degrees) -> Optional[str]:
+    """None when the widgets make a config that fits the file; otherwise the message naming the fix."""
+    if unet_path is None:
+        return (f"unet_name {unet_name!r} is not in models/diffusion_models; put the Flux .safetensors file there "
+                "and press R in the UI to refresh the list")
+    if degrees["num_patches"] < 0:
+        return f"num_patches must be 0 (one per PipeFusion stage) or positive, got {degrees['num_patches']}"
+    for name in ("ulysses_degree", "ring_degree", "pipefusion_degree"):
+        if not 1 <= degrees[name] <= MAX_DEGREE:
+            return f"{name} must be between 1 and {MAX_DEGREE}, got {degrees[name]}"
+    try:
+        config = parallel_config(**degrees)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        heads = flux_heads(unet_path)
+    except (OSError, ValueError) as exc:
+        return f"cannot read {unet_name!r}: {exc}"
+    if heads is not None and heads % config.ulysses_degree:
+        usable = [d for d in range(1, heads + 1) if heads % d == 0]
+        return (f"ulysses_degree {config.ulysses_degree} does not divide the model's {heads} attention heads; use "
+                f"one of {usable} and put the remaining GPUs on ring_degree")
+    return None
+
+
+def resolve_dtype(weight_dtype: str, pool: PoolHandle) -> str:
+    """``default``: bf16 where the ranks are GPUs (a cluster, or a local GPU), fp32 on CPU ranks."""
+    if weight_dtype != "default":
+        return weight_dtype
+    return "bf16" if pool.address is not None or torch.cuda.is_available() else "fp32"
+
+
+class XDiTLoadModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        degree = dict(default=1, min=1, max=MAX_DEGREE)
+        return io.Schema(
+            node_id="XDiTLoadModel",
+            display_name="xDiT Load Diffusion Model",
+            category=CATEGORY,
+            description="Loads a Flux diffusion model once onto every rank of the pool. The product of the "
+                        "degrees (x2 with cfg_parallel) is the number of GPUs used.",
+            inputs=[
+                XDiTPoolType.Input("pool"),
+                io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models")),
+                io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES, default="default",
+                               tooltip="Compute dtype on the ranks; default = bf16 on GPUs, fp32 on CPU."),
+                io.Int.Input("ulysses_degree", **degree, tooltip="Ulysses sequence parallel (all-to-all every "
+                             "layer; keep on GPUs of one host). Must divide the attention heads (24)."),
+                io.Int.Input("ring_degree", **degree, tooltip="Ring attention sequence parallel."),
+                io.Int.Input("pipefusion_degree", **degree, tooltip="PipeFusion stages (blocks split over GPUs; "
+                             "may cross hosts)."),
+                io.Int.Input("num_patches", default=0, min=0, max=256, tooltip="PipeFusion patches M "
+                             "(0 = one per stage; at least pipefusion_degree)."),
+                io.Int.Input("warmup_steps", default=1, min=0, max=10000, tooltip="Synchronous full steps "
+                             "before PipeFusion reuses one-step-stale activations."),
+                io.Boolean.Input("cfg_parallel", default=False, tooltip="Run the positive and negative CFG "
+                                 "branches on two rank groups (needs cfg != 1)."),
+            ],
+            outputs=[XDiTModelType.Output(display_name="model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, unet_name: str, ulysses_degree: int, ring_degree: int, pipefusion_degree: int,
+                        num_patches: int, warmup_steps: int, cfg_parallel: bool) -> bool | str:
+        problem = check_config(folder_paths.get_full_path("diffusion_models", unet_name), unet_name,
+                               ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                               pipefusion_degree=pipefusion_degree, num_patches=num_patches,
+                               warmup_steps=warmup_steps, cfg_parallel=cfg_parallel)
+        return problem or True
+
+    @classmethod
+    def execute(cls, pool: PoolHandle, unet_name: str, weight_dtype: str, ulysses_degree: int, ring_degree: int,
+                pipefusion_degree: int, num_patches: int, warmup_steps: int, cfg_parallel: bool) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        config = parallel_config(ulysses_degree, ring_degree, pipefusion_degree, num_patches, warmup_steps,
+                                 cfg_parallel)
+        heads = flux_heads(path)
+        if heads is None:
+            raise ValueError(f"{unet_name!r} does not look like a Flux model (no img_in.weight); xDiT runs Flux today")
+        ref = ModelRef(path=path, dtype=resolve_dtype(weight_dtype, pool))
+        live = registry().get(pool)
+        if hasattr(live, "load"):  # load now so loading errors show on this node and the sampler starts warm
+            live.load(ref, config)
+        logger.info("xDiT model %s (%s) on %s", unet_name, config.describe(), pool.describe())
+        return io.NodeOutput(ModelHandle(pool=pool, model=ref, parallel=config, num_heads=heads, name=unet_name))

@@ -1,0 +1,80 @@
+"""Step events -> ComfyUI's progress bar and latent previews; ComfyUI's Cancel -> ``job.cancel()``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.1  # how often the node checks for step events and the Cancel button
+CANCEL_GRACE_S = 120.0  # how long a cancelled job may take to stop at its next step
+
+
+class ComfyProgress:
+    """Feeds ComfyUI's ProgressBar; previews go through ComfyUI's previewer for the user's preview setting."""
+
+    def __init__(self, total: int) -> None:
+        import comfy.latent_formats
+        import comfy.utils
+        import latent_preview
+
+        self.latent_format = comfy.latent_formats.Flux()
+        # None when the user's preview method is "none": then no preview is decoded at all.
+        self.previewer = latent_preview.get_previewer(torch.device("cpu"), self.latent_format)
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def __call__(self, event: Any) -> None:
+        preview = None
+        if self.previewer is not None and getattr(event, "preview", None) is not None:
+            # the engine's preview is a LATENT (VAE space); ComfyUI previews the model-space x0
+            x0 = self.latent_format.process_in(event.preview.float())
+            preview = self.previewer.decode_latent_to_preview_image("JPEG", x0)
+        self.bar.update_absolute(event.step, event.total, preview)
+
+
+def comfy_interrupted() -> bool:
+    import comfy.model_management
+
+    return comfy.model_management.processing_interrupted()
+
+
+def raise_comfy_interrupt() -> None:
+    """Raise ComfyUI's own InterruptProcessingException so the UI shows 'interrupted', not an error."""
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def drive_job(job: Any, on_event: Callable[[Any], None], interrupted: Callable[[], bool] = comfy_interrupted,
+              on_interrupt: Callable[[], None] = raise_comfy_interrupt,
+              poll_s: float = POLL_S) -> Optional[torch.Tensor]:
+    """Relay ``job``'s step events until it ends; cancel it when ComfyUI is interrupted.
+
+    Returns the final latent. On interrupt the job is cancelled, its end awaited (all ranks stop at
+    the same step) and ``on_interrupt`` raises ComfyUI's interruption.
+    """
+    while not job.done():
+        for event in job.events(timeout=poll_s):
+            on_event(event)
+        if interrupted():
+            logger.info("ComfyUI interrupt: cancelling xDiT job")
+            job.cancel()
+            _await_end(job)
+            on_interrupt()
+            raise RuntimeError("xDiT job cancelled")  # on_interrupt normally raises ComfyUI's exception
+    for event in job.events(timeout=0):
+        on_event(event)
+    return job.result(timeout=0)
+
+
+def _await_end(job: Any) -> None:
+    deadline = time.monotonic() + CANCEL_GRACE_S
+    while not job.done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the xDiT job did not stop within {CANCEL_GRACE_S:.0f}s of Cancel")
+        for _ in job.events(timeout=POLL_S):
+            pass

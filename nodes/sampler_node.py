@@ -1,0 +1,88 @@
+"""xDiT Sampler: KSampler's inputs and meaning, sampled by the pool -> LATENT."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from comfyui_xdit.request import GenerationRequest, SigmaShift
+from comfyui_xdit.samplers import SAMPLER_NAMES
+from comfyui_xdit.sigmas import SCHEDULER_NAMES
+
+from .comfy_types import CATEGORY, XDiTModelType
+from .convert import image_tokens, to_conditioning, to_latent_output, to_latent_tensor
+from .handles import ModelHandle
+from .pool_access import registry
+from .progress import ComfyProgress, drive_job
+
+logger = logging.getLogger(__name__)
+
+SHIFT_DEFAULT = "model default"  # = UNETLoader + KSampler: the model's constant shift
+SHIFT_RESOLUTION = "resolution (ModelSamplingFlux)"  # = UNETLoader + ModelSamplingFlux + KSampler
+SHIFT_CHOICES = [SHIFT_DEFAULT, SHIFT_RESOLUTION]
+
+
+def make_sigma_shift(choice: str, max_shift: float, base_shift: float, width: int, height: int) -> SigmaShift:
+    if choice == SHIFT_DEFAULT:
+        return SigmaShift()
+    return SigmaShift(mode="resolution", max_shift=float(max_shift), base_shift=float(base_shift),
+                      width=int(width), height=int(height))
+
+
+def build_request(model: ModelHandle, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
+                  sampler_name: str, scheduler: str, denoise: float, shift: SigmaShift) -> GenerationRequest:
+    """ComfyUI's values -> the request the pool runs; raises ValueError naming the fix."""
+    latent = to_latent_tensor(latent_image)
+    request = GenerationRequest(model=model.model, latent=latent, positive=to_conditioning(positive, "positive"),
+                                negative=to_conditioning(negative, "negative"), seed=int(seed), steps=int(steps),
+                                cfg=float(cfg), sampler=sampler_name, scheduler=scheduler, denoise=float(denoise),
+                                shift=shift, parallel=model.parallel)
+    check_fit = getattr(model.parallel, "validate_for", None)
+    if check_fit is not None:
+        check_fit(model.parallel.world_size, model.num_heads, image_tokens(latent), request.cfg)
+    return request
+
+
+class XDiTSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="XDiTSampler",
+            display_name="xDiT Sampler",
+            category=CATEGORY,
+            description="KSampler on the xDiT pool: the same inputs and, for the same seed, the same latent; "
+                        "faster on more GPUs.",
+            inputs=[
+                XDiTModelType.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative", tooltip="Used only when cfg != 1 (like KSampler)."),
+                io.Latent.Input("latent_image"),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=list(SAMPLER_NAMES)),
+                io.Combo.Input("scheduler", options=list(SCHEDULER_NAMES)),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Combo.Input("sigma_shift", options=SHIFT_CHOICES, default=SHIFT_DEFAULT,
+                               tooltip="model default = UNETLoader + KSampler; resolution = with ModelSamplingFlux "
+                                       "(max_shift, base_shift, width, height below)."),
+                io.Float.Input("max_shift", default=1.15, min=0.0, max=100.0, step=0.01),
+                io.Float.Input("base_shift", default=0.5, min=0.0, max=100.0, step=0.01),
+                io.Int.Input("width", default=1024, min=16, max=16384, step=8),
+                io.Int.Input("height", default=1024, min=16, max=16384, step=8),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model: ModelHandle, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
+                sampler_name: str, scheduler: str, denoise: float, sigma_shift: str, max_shift: float,
+                base_shift: float, width: int, height: int) -> io.NodeOutput:
+        shift = make_sigma_shift(sigma_shift, max_shift, base_shift, width, height)
+        request = build_request(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
+                                denoise, shift)
+        job = registry().get(model.pool).submit(request)
+        progress = ComfyProgress(total=request.steps)
+        samples = drive_job(job, progress)
+        return io.NodeOutput(to_latent_output(latent_image, samples))
