@@ -1,0 +1,90 @@
+"""Same seed, same latent: our serial engine against stock ComfyUI sampling of the same Flux file.
+
+ComfyUI only loads full-width Flux (3072 wide, 24 heads, T5 width 4096), so the file is the smallest
+such model (1 double + 1 single block, random weights, ~1.1 GB in bf16), written once per module.
+ComfyUI runs in this process from COMFYUI_PATH, as `nodes.common_ksampler` does (UNETLoader + KSampler,
+optionally with the ModelSamplingFlux node's patch).
+"""
+
+import pytest
+import torch
+
+from comfyui_xdit.conditioning import Conditioning
+from comfyui_xdit.engine import Engine
+from comfyui_xdit.model_loader import load_model
+from comfyui_xdit.models.flux_checkpoint import COMFY_MIN_FLUX, write_random_flux
+from comfyui_xdit.request import GenerationRequest, ModelRef, SigmaShift
+
+from comfy_reference import comfy_path, import_comfy, SKIP_REASON
+
+pytestmark = pytest.mark.skipif(comfy_path() is None, reason=SKIP_REASON)
+
+TEXT_LEN = 12
+
+
+@pytest.fixture(scope="module")
+def flux_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "flux-min.safetensors"
+    write_random_flux(path, COMFY_MIN_FLUX, seed=11, dtype=torch.bfloat16)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def comfy_model(flux_file):
+    comfy_sd = import_comfy("comfy.sd")
+    return comfy_sd.load_diffusion_model(flux_file, model_options={"dtype": torch.float32})
+
+
+@pytest.fixture(scope="module")
+def our_engine(flux_file):
+    return Engine(load_model(ModelRef(flux_file, "fp32")))
+
+
+def _conditioning(seed: int) -> Conditioning:
+    g = torch.Generator().manual_seed(seed)
+    return Conditioning(torch.randn(1, TEXT_LEN, 4096, generator=g), torch.randn(1, 768, generator=g), guidance=3.5)
+
+
+def _comfy_cond(c: Conditioning):
+    return [[c.context, {"pooled_output": c.pooled, "guidance": c.guidance}]]
+
+
+def _comfy_sample(model, request: GenerationRequest):
+    comfy_sample = import_comfy("comfy.sample")
+    if request.shift.mode == "resolution":
+        advanced = import_comfy("comfy_extras.nodes_model_advanced")
+        h, w = request.latent.shape[2] * 8, request.latent.shape[3] * 8
+        (model,) = advanced.ModelSamplingFlux().patch(model, request.shift.max_shift, request.shift.base_shift, w, h)
+    latent = comfy_sample.fix_empty_latent_channels(model, request.latent)
+    noise = comfy_sample.prepare_noise(latent, request.seed)
+    negative = request.negative or request.positive
+    return comfy_sample.sample(model, noise, request.steps, request.cfg, request.sampler, request.scheduler,
+                               _comfy_cond(request.positive), _comfy_cond(negative), latent,
+                               denoise=request.denoise, disable_pbar=True, seed=request.seed)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+CASES = {
+    "euler-simple-default-shift": dict(sampler="euler", scheduler="simple"),
+    "euler-beta-modelsamplingflux": dict(sampler="euler", scheduler="beta", shift=SigmaShift(mode="resolution")),
+    "dpmpp2m-normal-cfg": dict(sampler="dpmpp_2m", scheduler="normal", cfg=2.5, negative=_conditioning(2)),
+    "img2img-denoise": dict(sampler="euler", scheduler="simple", denoise=0.6,
+                            latent=torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(5))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_serial_engine_equals_stock_comfyui(case, comfy_model, our_engine, flux_file):
+    options = dict(CASES[case])
+    latent = options.pop("latent", torch.zeros(1, 16, 16, 16))  # 128x128 px
+    request = GenerationRequest(model=ModelRef(flux_file, "fp32"), latent=latent, positive=_conditioning(1),
+                                seed=1234, steps=4, **options)
+    theirs = _comfy_sample(comfy_model, request)
+    ours = our_engine.generate(request)
+    assert ours.shape == theirs.shape
+    error = _relative_error(ours, theirs)
+    print(f"{case}: relative error {error:.2e} (latent std {float(theirs.std()):.3f})")
+    assert error < 1e-4, f"{case}: relative error {error:.2e}"
