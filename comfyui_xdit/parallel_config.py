@@ -29,6 +29,10 @@ class ParallelConfig:
             raise ValueError(f"cfg_degree must be 1 or 2 (one rank per CFG branch), got {self.cfg_degree}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.num_patches is not None and self.num_patches < self.pipefusion_degree:
+            raise ValueError(f"num_patches {self.num_patches} < pipefusion_degree {self.pipefusion_degree}: every "
+                             f"stage needs a patch in flight; set num_patches (--patches) to at least "
+                             f"{self.pipefusion_degree}, or leave it unset to use {self.pipefusion_degree}")
 
     @property
     def world_size(self) -> int:
@@ -39,5 +43,51 @@ class ParallelConfig:
         return self.num_patches if self.num_patches is not None else self.pipefusion_degree
 
     @property
+    def sequence_degree(self) -> int:
+        """Ranks that split one patch's image tokens: ring x ulysses."""
+        return self.ring_degree * self.ulysses_degree
+
+    @property
     def is_serial(self) -> bool:
         return self.world_size == 1
+
+    def describe(self) -> str:
+        return (f"cfg {self.cfg_degree} x pipefusion {self.pipefusion_degree} x ring {self.ring_degree} x "
+                f"ulysses {self.ulysses_degree} (patches {self.patches})")
+
+    def validate_for(self, world_size: int, num_heads: int, image_tokens: int, cfg: float) -> None:
+        """Check the fit to a world, a model and a resolution; ``ValueError`` names a working alternative.
+
+        ``image_tokens`` is the packed token count (latent h/2 * w/2); ``cfg`` the request's guidance scale.
+        """
+        if self.world_size != world_size:
+            raise ValueError(f"{self.describe()} needs {self.world_size} ranks but the world has {world_size}; "
+                             f"choose degrees whose product is {world_size}, e.g. "
+                             f"{suggest(world_size, num_heads, image_tokens).describe()}")
+        if num_heads % self.ulysses_degree:
+            raise ValueError(f"ulysses_degree {self.ulysses_degree} does not divide the model's {num_heads} attention "
+                             f"heads; use a ulysses degree from {divisors(num_heads)} and put the remaining ranks on "
+                             f"ring, e.g. {suggest(world_size, num_heads, image_tokens).describe()}")
+        split = self.sequence_degree * self.patches
+        if image_tokens % split:
+            raise ValueError(f"{image_tokens} image tokens (latent h/2 * w/2) do not split evenly into ring "
+                             f"{self.ring_degree} x ulysses {self.ulysses_degree} x patches {self.patches} = {split} "
+                             f"pieces; choose a width and height whose token count is a multiple of {split}, or "
+                             f"other degrees, e.g. {suggest(world_size, num_heads, image_tokens).describe()}")
+        if self.cfg_degree == 2 and cfg == 1.0:
+            raise ValueError("cfg_degree 2 runs the positive and negative CFG branches on two rank groups, but cfg is "
+                             "1.0, where ComfyUI skips the negative branch; set cfg != 1.0 with a negative prompt, "
+                             "or drop CFG parallel (--cfg-parallel) and give the ranks to ulysses or ring")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def suggest(world_size: int, num_heads: int, image_tokens: int) -> ParallelConfig:
+    """A sequence-parallel config for ``world_size`` ranks: as much Ulysses as the heads allow, the rest ring."""
+    for ulysses in sorted(divisors(world_size), reverse=True):
+        ring = world_size // ulysses
+        if num_heads % ulysses == 0 and image_tokens % world_size == 0:
+            return ParallelConfig(ring_degree=ring, ulysses_degree=ulysses)
+    return ParallelConfig(ring_degree=world_size)

@@ -1,0 +1,117 @@
+"""One rank of the hybrid-parallel engine: same ``generate`` as the serial ``Engine``, same latent.
+
+Every rank builds the same sampling plan from the request (noise, sigmas, starting tokens are
+deterministic), so every rank holds the same ``x``. Each step, the guidance branches' velocities are
+computed sequence-parallel inside the rank's ring x ulysses group (and, with CFG parallel, one branch
+per cfg rank), gathered whole onto every rank, and the sampler step is applied identically
+everywhere. PipeFusion (pipefusion_degree > 1) runs its own loop; ``_run`` is the dispatch point.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+
+from ..conditioning import Conditioning
+from ..models.flux import FluxAdapter
+from ..parallel_config import ParallelConfig
+from ..request import GenerationRequest
+from ..sampling import (GenerationCancelled, OnStep, SamplingPlan, ShouldStop, StepEvent, apply_cfg, denoised_from,
+                        finish, prepare_plan, preview_latent)
+from .cfg_parallel import branch_velocities
+from .comm import CommCounter, agree_any
+from .mesh import SEQUENCE_AXES, Mesh
+from .sequence_parallel import SequenceParallelVelocity, SequenceShard
+from .usp_attention import USPAttention
+
+logger = logging.getLogger(__name__)
+
+
+class ParallelEngine:
+    """Samples a request as one rank of ``mesh``; ``counter`` (optional) records the bytes it sends."""
+
+    def __init__(self, adapter: FluxAdapter, parallel: ParallelConfig, mesh: Mesh,
+                 counter: Optional[CommCounter] = None) -> None:
+        if mesh.parallel != parallel:
+            raise ValueError(f"mesh was built for {mesh.parallel.describe()}, engine asked for {parallel.describe()}; "
+                             f"build the mesh from the same ParallelConfig")
+        self.adapter = adapter
+        self.parallel = parallel
+        self.mesh = mesh
+        self.rank = mesh.rank
+        self.counter = counter
+
+    @torch.no_grad()
+    def generate(self, request: GenerationRequest, on_step: Optional[OnStep] = None,
+                 should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
+        """Sample ``request``; returns a LATENT (B, C, H, W) float32 on CPU, identical on every rank.
+
+        ``should_stop`` may be given on any subset of ranks; all ranks stop at the same step.
+        """
+        if request.parallel != self.parallel:
+            raise ValueError(f"request asks for {request.parallel.describe()} but this engine runs "
+                             f"{self.parallel.describe()}; build the engine from request.parallel")
+        plan = prepare_plan(self.adapter, request)
+        self.parallel.validate_for(self.mesh.world_size, self.adapter.num_heads, plan.x.shape[1], request.cfg)
+        if plan.total_steps == 0:  # denoise == 0: ComfyUI hands the input back untouched
+            return request.latent.clone()
+        with self._attention(USPAttention.for_device(
+                self.mesh.group(("ulysses",)), self.mesh.group(("ring",)), self.adapter.device, self.adapter.dtype,
+                self.counter)):
+            x = self._run(plan, on_step, should_stop)
+        return finish(self.adapter, plan, x.cpu())
+
+    # ---- the loops ------------------------------------------------------------------------------
+    def _run(self, plan: SamplingPlan, on_step: Optional[OnStep], should_stop: Optional[ShouldStop]) -> torch.Tensor:
+        """Dispatch point: one loop per parallel strategy; each returns the final tokens (B, N, C)."""
+        if self.parallel.pipefusion_degree > 1:
+            raise NotImplementedError("PipeFusion (pipefusion_degree > 1) is not wired into ParallelEngine yet; "
+                                      "set pipefusion_degree 1 and use ring/ulysses/cfg parallel")
+        return self._run_sequence(plan, on_step, should_stop)
+
+    def _run_sequence(self, plan: SamplingPlan, on_step: Optional[OnStep],
+                      should_stop: Optional[ShouldStop]) -> torch.Tensor:
+        """Whole-latent steps; each model forward is split over ring x ulysses, branches over cfg."""
+        shard = SequenceShard(self.mesh.index(SEQUENCE_AXES), self.mesh.size(SEQUENCE_AXES))
+        velocity = SequenceParallelVelocity(self.adapter, shard, self.mesh.group(SEQUENCE_AXES), self.counter)
+        x = plan.x.to(self.adapter.device)
+        image_ids = plan.image_ids
+        state = None
+        for i in range(plan.total_steps):
+            if self.counter is not None:
+                self.counter.begin_step(i)
+            self._check_stop(should_stop, i, x.device)
+            sigma = plan.sigmas[i]
+            sigma_batch = sigma * x.new_ones(x.shape[0])
+
+            def branch(cond: Conditioning) -> torch.Tensor:
+                return velocity(x, image_ids, cond, sigma_batch)
+
+            v_cond, v_uncond = branch_velocities(branch, plan.positive, plan.negative, self.mesh.group(("cfg",)),
+                                                 self.mesh.coords.cfg, self.counter)
+            uncond = denoised_from(x, sigma, v_uncond) if v_uncond is not None else None
+            denoised = apply_cfg(denoised_from(x, sigma, v_cond), uncond, plan.cfg)
+            x, state = plan.step(x, denoised, plan.sigmas, i, state)
+            if on_step is not None:
+                on_step(StepEvent(i + 1, plan.total_steps, preview_latent(self.adapter, plan, denoised.cpu())))
+        return x
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def _check_stop(self, should_stop: Optional[ShouldStop], step: int, device: torch.device) -> None:
+        """All ranks agree (one tiny all-reduce) so that a cancel never leaves a rank waiting."""
+        wanted = should_stop is not None and should_stop(step)
+        if agree_any(wanted, device, None, self.counter, self.mesh.world_size):
+            raise GenerationCancelled(f"cancelled before step {step}")
+
+    @contextmanager
+    def _attention(self, backend: USPAttention) -> Iterator[None]:
+        """Route the adapter's seam through ``backend`` for one generation, then restore it."""
+        previous = self.adapter.seam.backend
+        self.adapter.seam.backend = backend
+        try:
+            yield
+        finally:
+            self.adapter.seam.backend = previous

@@ -1,0 +1,154 @@
+"""Run requests on N local CPU processes (one rank each, gloo) and hand back rank 0's latent.
+
+This is the no-GPU, no-Ray path for the CLI and the tests: ranks forked from a fork server that has
+imported torch and the engine once (not from this possibly threaded process), one torch thread per
+rank, a free port for the rendezvous, a deadline on everything, and every child killed when any rank
+fails or the deadline passes. Results cross back as plain pickles (no shared-memory tensors, so a
+child may exit as soon as it has reported).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import pickle
+import queue as queue_module
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..request import GenerationRequest
+from .distributed import DEFAULT_TIMEOUT_S, free_port, init_distributed, shutdown_distributed
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+# Imported once by the fork server; every rank is then a cheap fork instead of a fresh interpreter.
+PRELOAD = ["torch", "comfyui_xdit.model_loader", "comfyui_xdit.parallel"]
+POLL_S = 0.2
+KILL_GRACE_S = 5.0
+
+RankFn = Callable[..., Any]  # fn(rank, world_size, *args) -> result (rank 0's is returned)
+
+
+class RankFailed(RuntimeError):
+    """A rank raised, died or timed out; the message names the rank and carries its traceback."""
+
+
+def _rank_main(rank: int, world_size: int, port: int, fn: RankFn, args: tuple, results: Any, timeout: float,
+               threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        init_distributed(rank, world_size, HOST, port, "gloo", timeout)
+        result = fn(rank, world_size, *args)
+        results.put(("ok", rank, pickle.dumps(result) if rank == 0 else None))
+    except BaseException:  # report everything (also KeyboardInterrupt) before dying: a silent rank hangs the rest
+        results.put(("error", rank, traceback.format_exc()))
+        raise
+    finally:
+        shutdown_distributed()
+
+
+def _stop(processes: Sequence[mp.Process]) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + KILL_GRACE_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(KILL_GRACE_S)
+
+
+def run_ranks(world_size: int, fn: RankFn, args: tuple = (), timeout: float = DEFAULT_TIMEOUT_S,
+              threads_per_rank: int = 1) -> Any:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local gloo ranks; return rank 0's result.
+
+    ``fn`` must be importable (a module-level function). Raises ``RankFailed`` naming the first rank
+    that failed, or all ranks still running at the deadline; no child outlives this call.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    results = context.Queue()
+    port = free_port(HOST)
+    processes = [context.Process(target=_rank_main, name=f"xdit-rank-{rank}", daemon=True,
+                                 args=(rank, world_size, port, fn, args, results, timeout, threads_per_rank))
+                 for rank in range(world_size)]
+    deadline = time.monotonic() + timeout
+    done: set[int] = set()
+    answer: Optional[bytes] = None
+    try:
+        for process in processes:
+            process.start()
+        while len(done) < world_size:
+            try:
+                kind, rank, payload = results.get(timeout=POLL_S)
+            except queue_module.Empty:
+                dead = [p for r, p in enumerate(processes) if r not in done and p.exitcode not in (None, 0)]
+                if dead:
+                    raise RankFailed(f"{dead[0].name} died with exit code {dead[0].exitcode} before reporting")
+                if time.monotonic() > deadline:
+                    waiting = sorted(set(range(world_size)) - done)
+                    raise RankFailed(f"ranks {waiting} did not finish within {timeout:.0f} s")
+                continue
+            if kind == "error":
+                raise RankFailed(f"rank {rank} of {world_size} failed:\n{payload}")
+            done.add(rank)
+            if rank == 0:
+                answer = payload
+        for process in processes:
+            process.join(max(1.0, deadline - time.monotonic()))
+    finally:
+        _stop(processes)
+        results.close()
+    assert answer is not None
+    return pickle.loads(answer)
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """Rank 0's latent for one request and the bytes it sent, {step: {axis: bytes}}."""
+
+    latent: torch.Tensor
+    comm_bytes: dict[int, dict[str, int]]
+
+
+def generate_requests(rank: int, world_size: int, requests: Sequence[GenerationRequest]) -> list[RankResult]:
+    """Rank body: load each model once, then sample every request with its own mesh and engine."""
+    from ..model_loader import load_model
+    from . import create_engine
+    from .comm import CommCounter
+    from .mesh import Mesh
+
+    adapters = {}
+    out = []
+    for request in requests:
+        if request.model not in adapters:
+            adapters[request.model] = load_model(request.model)
+        counter = CommCounter()
+        mesh = Mesh.build(request.parallel, rank)
+        engine = create_engine(adapters[request.model], request.parallel, rank, mesh, counter)
+        latent = engine.generate(request)
+        out.append(RankResult(latent, counter.per_step()))
+        logger.info("rank %d: %s done", rank, request.parallel.describe())
+    return out
+
+
+def generate_local_many(requests: Sequence[GenerationRequest],
+                        timeout: float = DEFAULT_TIMEOUT_S) -> list[RankResult]:
+    """Sample several requests of one world size on one set of spawned ranks (spawning costs seconds)."""
+    sizes = {request.parallel.world_size for request in requests}
+    if len(sizes) != 1:
+        raise ValueError(f"requests need world sizes {sorted(sizes)}; group them by world size")
+    return run_ranks(sizes.pop(), generate_requests, (list(requests),), timeout)
+
+
+def generate_local(request: GenerationRequest, timeout: float = DEFAULT_TIMEOUT_S) -> torch.Tensor:
+    """Rank 0's LATENT for ``request`` sampled on ``request.parallel.world_size`` local CPU processes."""
+    return generate_local_many([request], timeout)[0].latent

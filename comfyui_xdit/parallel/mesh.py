@@ -1,0 +1,151 @@
+"""Rank layout of the hybrid world and its process groups.
+
+Ranks are ``torch.arange(world).reshape(cfg, pipefusion, ring, ulysses)``: the innermost axis
+(Ulysses, an all-to-all in every attention layer) pairs neighbouring ranks, the outermost (CFG, one
+exchange per step) the farthest ones. A group along a set of axes holds the ranks that differ only
+in those axes, in increasing rank order, so a rank's index in the group is its coordinate there
+(row-major over the group's axes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..parallel_config import ParallelConfig
+
+logger = logging.getLogger(__name__)
+
+AXES: tuple[str, ...] = ("cfg", "pipefusion", "ring", "ulysses")
+SEQUENCE_AXES: tuple[str, ...] = ("ring", "ulysses")
+# Groups every mesh creates: each axis alone, plus the sequence-parallel pair that gathers a shard.
+DEFAULT_GROUP_AXES: tuple[tuple[str, ...], ...] = (("cfg",), ("pipefusion",), ("ring",), ("ulysses",),
+                                                   SEQUENCE_AXES)
+
+
+def degrees(parallel: ParallelConfig) -> tuple[int, ...]:
+    return (parallel.cfg_degree, parallel.pipefusion_degree, parallel.ring_degree, parallel.ulysses_degree)
+
+
+def rank_grid(parallel: ParallelConfig) -> torch.Tensor:
+    """(cfg, pipefusion, ring, ulysses) tensor of global ranks."""
+    return torch.arange(parallel.world_size).reshape(degrees(parallel))
+
+
+def _check_axes(axes: tuple[str, ...]) -> None:
+    unknown = [a for a in axes if a not in AXES]
+    if unknown or len(set(axes)) != len(axes):
+        raise ValueError(f"axes must be distinct names from {AXES}, got {axes}")
+
+
+def groups_along(parallel: ParallelConfig, axes: tuple[str, ...]) -> list[list[int]]:
+    """Every group of ranks that differ only along ``axes``, each in increasing rank order."""
+    _check_axes(axes)
+    inner = sorted(AXES.index(a) for a in axes)  # keep the mesh order so rows stay increasing
+    outer = [i for i in range(len(AXES)) if i not in inner]
+    size = math.prod(degrees(parallel)[i] for i in inner)
+    # (c, p, r, u) -> (outer..., inner...) -> (groups, size)
+    rows = rank_grid(parallel).permute(*outer, *inner).reshape(-1, size)
+    return [row.tolist() for row in rows]
+
+
+@dataclass(frozen=True)
+class RankCoords:
+    """One rank's position along each axis."""
+
+    cfg: int
+    pipefusion: int
+    ring: int
+    ulysses: int
+
+    @classmethod
+    def of(cls, rank: int, parallel: ParallelConfig) -> "RankCoords":
+        if not 0 <= rank < parallel.world_size:
+            raise ValueError(f"rank {rank} is outside a world of {parallel.world_size} ({parallel.describe()})")
+        index = (rank_grid(parallel) == rank).nonzero()[0].tolist()
+        return cls(*index)
+
+    def index_along(self, parallel: ParallelConfig, axes: tuple[str, ...]) -> int:
+        """Row-major index of this rank inside its group along ``axes`` (its rank in that group)."""
+        _check_axes(axes)
+        index = 0
+        for axis in sorted(axes, key=AXES.index):
+            index = index * degrees(parallel)[AXES.index(axis)] + getattr(self, axis)
+        return index
+
+
+class Mesh:
+    """This rank's coordinates and the torch.distributed groups it belongs to.
+
+    Build it with ``Mesh.build`` on every rank in the same order (``new_group`` is collective). An axis
+    set of size 1 gets no group (``None``); the collectives in ``comm`` treat that as local.
+    """
+
+    def __init__(self, parallel: ParallelConfig, rank: int,
+                 groups: dict[tuple[str, ...], Optional[dist.ProcessGroup]]) -> None:
+        self.parallel = parallel
+        self.rank = rank
+        self.coords = RankCoords.of(rank, parallel)
+        self._groups = {self._key(axes): group for axes, group in groups.items()}
+
+    @staticmethod
+    def _key(axes: tuple[str, ...]) -> tuple[str, ...]:
+        _check_axes(axes)
+        return tuple(sorted(axes, key=AXES.index))
+
+    @classmethod
+    def build(cls, parallel: ParallelConfig, rank: int,
+              group_axes: tuple[tuple[str, ...], ...] = DEFAULT_GROUP_AXES) -> "Mesh":
+        """Create the groups along each of ``group_axes`` (collective: call on all ranks alike)."""
+        if parallel.world_size > 1:
+            if not dist.is_initialized():
+                raise RuntimeError("torch.distributed is not initialised; call init_distributed first")
+            if dist.get_world_size() != parallel.world_size:
+                raise ValueError(f"{parallel.describe()} needs {parallel.world_size} ranks but torch.distributed has "
+                                 f"{dist.get_world_size()}; start the world with {parallel.world_size} ranks")
+        groups: dict[tuple[str, ...], Optional[dist.ProcessGroup]] = {}
+        for axes in group_axes:
+            rows = groups_along(parallel, axes)
+            mine: Optional[dist.ProcessGroup] = None
+            if len(rows[0]) > 1:
+                for row in rows:  # every rank creates every group, in the same order
+                    group = dist.new_group(row)
+                    if rank in row:
+                        mine = group
+            groups[axes] = mine
+        logger.debug("rank %d: mesh %s, coords %s", rank, parallel.describe(), RankCoords.of(rank, parallel))
+        return cls(parallel, rank, groups)
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.world_size
+
+    def group(self, axes: tuple[str, ...]) -> Optional[dist.ProcessGroup]:
+        """The group along ``axes``; ``None`` when it would hold this rank alone."""
+        key = self._key(axes)
+        if key not in self._groups:
+            raise KeyError(f"no group along {axes}; build the mesh with group_axes containing it")
+        return self._groups[key]
+
+    def size(self, axes: tuple[str, ...]) -> int:
+        return math.prod(degrees(self.parallel)[AXES.index(a)] for a in self._key(axes))
+
+    def index(self, axes: tuple[str, ...]) -> int:
+        return self.coords.index_along(self.parallel, axes)
+
+    def rank_at(self, **coords: int) -> int:
+        """Global rank at this rank's coordinates with some replaced, e.g. ``rank_at(pipefusion=0)``."""
+        _check_axes(tuple(coords))
+        merged = {**self.coords.__dict__, **coords}
+        return int(rank_grid(self.parallel)[tuple(merged[a] for a in AXES)])
+
+    def peer(self, axis: str, offset: int) -> int:
+        """Global rank ``offset`` steps along ``axis`` (cyclic), e.g. the next PipeFusion stage."""
+        _check_axes((axis,))
+        size = degrees(self.parallel)[AXES.index(axis)]
+        return self.rank_at(**{axis: (getattr(self.coords, axis) + offset) % size})

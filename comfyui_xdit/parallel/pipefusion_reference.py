@@ -1,0 +1,54 @@
+"""PipeFusion's numbers computed in one process, the plain way, for tests and error measurements.
+
+No stages and no messages: for each (step, patch) of the schedule, every block runs on the patch with
+the stale-K/V attention backend, then the sampler step updates the patch. That is the same arithmetic
+the pipeline does, because a stage sees its own layers' buffers refreshed in the same (step, patch)
+order, each patch starts from its own state after the previous step, and the text stream is carried
+per patch in both (see ``pipefusion.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.flux import FluxAdapter
+from ..samplers import SamplerState
+from ..sampling import SamplingPlan, apply_cfg, denoised_from
+from .patch_kv_buffer import StaleKVAttention
+from .pipefusion_schedule import patch_bounds, stage_work
+
+
+@torch.no_grad()
+def pipefusion_reference(adapter: FluxAdapter, plan: SamplingPlan, num_patches: int,
+                         warmup_steps: int) -> torch.Tensor:
+    """Final tokens (B, N, 64) of PipeFusion sampling with ``num_patches`` patches after ``warmup_steps``."""
+    if warmup_steps < 1 and plan.total_steps > 0:
+        raise ValueError("PipeFusion needs warmup_steps >= 1 to fill its K/V buffers")
+    num_tokens = plan.x.shape[1]
+    bounds = patch_bounds(num_tokens, num_patches)
+    branches = [plan.positive] + ([plan.negative] if plan.negative is not None else [])
+    backends = [StaleKVAttention(num_tokens) for _ in branches]  # one set of K/V buffers per CFG branch
+    x, state = plan.x.clone(), None  # type: torch.Tensor, SamplerState
+    saved = adapter.seam.backend
+    try:
+        for work in stage_work(plan.total_steps, warmup_steps, num_patches):
+            start, stop = (0, num_tokens) if work.is_warmup else bounds[work.patch]
+            sigma = plan.sigmas[work.step]
+            part = x[:, start:stop]  # (B, n, 64)
+            denoised = []
+            for backend, cond in zip(backends, branches):
+                adapter.seam.backend = backend.at(start, stop)
+                velocity = adapter.velocity(part, plan.image_ids[start:stop], cond, sigma * part.new_ones(len(part)))
+                denoised.append(denoised_from(part, sigma, velocity))
+            guided = apply_cfg(denoised[0], denoised[1] if len(denoised) > 1 else None, plan.cfg)
+            part_state = None if state is None else state[:, start:stop]
+            new_part, new_state = plan.step(part, guided, plan.sigmas, work.step, part_state)
+            x[:, start:stop] = new_part
+            if new_state is not None:
+                if state is None:
+                    assert work.is_warmup, "a sampler's state must be created by a whole-latent step"
+                    state = torch.empty_like(new_state)
+                state[:, start:stop] = new_state
+    finally:
+        adapter.seam.backend = saved
+    return x
