@@ -1,0 +1,158 @@
+"""One rank of the pool: a Ray actor per GPU (or per CPU rank), with a fixed lifecycle.
+
+create (nothing touched) -> ``setup`` (env, rank, device) -> ``join_world`` (torch.distributed) ->
+``load`` (weights into the model cache) -> ``generate`` (many times). The class is plain Python; the
+pool wraps it with ``ray.remote``. Errors are logged here and re-raised, so the pool can name the
+rank and host, because a silent rank deadlocks the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from comfyui_xdit.parallel_config import ParallelConfig
+from comfyui_xdit.request import GenerationRequest, ModelRef
+from comfyui_xdit.sampling import StepEvent
+
+from . import engine_bridge
+from .versions import host_versions
+from .weights import WeightSource, find_local
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankSetup:
+    """What a rank learns after creation."""
+
+    rank: int
+    world_size: int
+    device_kind: str  # "cuda" or "cpu"
+    env: tuple[tuple[str, str], ...] = ()  # GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME, ...
+
+
+class RankWorker:
+    """One rank: device, process-group membership, a one-model cache and the engine."""
+
+    def __init__(self) -> None:
+        self.setup_info: Optional[RankSetup] = None
+        self.device: Optional[torch.device] = None
+        self.model_key: Optional[tuple[str, str]] = None
+        self.adapter: Any = None
+        self.engine_key: Optional[tuple[str, str, ParallelConfig]] = None
+        self.engine: Any = None
+        self.busy = False
+
+    # ---- identity -----------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Host, node, process and versions, without touching any device."""
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"host": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
+                "node_id": context.get_node_id(), "pid": os.getpid(), "versions": host_versions(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def ping(self) -> dict[str, Any]:
+        rank = self.setup_info.rank if self.setup_info else None
+        model = self.model_key[0] if self.model_key else None
+        return {"rank": rank, "busy": self.busy, "model": model, "device": str(self.device)}
+
+    def has_file(self, ref: ModelRef, models_folder: Optional[str]) -> Optional[str]:
+        return find_local(ref, models_folder)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def setup(self, info: RankSetup) -> str:
+        """Set the environment, learn the rank, then pick the device (only now is it touched)."""
+        for key, value in info.env:
+            os.environ[key] = value
+        self.setup_info = info
+        if info.device_kind == "cuda":
+            torch.cuda.set_device(0)  # Ray's CUDA_VISIBLE_DEVICES shows this actor its one GPU
+            self.device = torch.device("cuda", 0)
+        else:
+            self.device = torch.device("cpu")
+        logger.info("rank %d/%d on %s", info.rank, info.world_size, self.device)
+        return str(self.device)
+
+    def free_port(self) -> tuple[str, int]:
+        """Rank 0's rendezvous endpoint: this node's address and a port free right now."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            return host, int(sock.getsockname()[1])
+
+    def join_world(self, master_addr: str, master_port: int, timeout_s: float) -> None:
+        info = self._info()
+        backend = "nccl" if info.device_kind == "cuda" else "gloo"
+        engine_bridge.init_world(info.rank, info.world_size, master_addr, master_port, backend, timeout_s)
+
+    def leave_world(self) -> None:
+        self.engine, self.engine_key = None, None
+        engine_bridge.leave_world()
+
+    def load(self, source: WeightSource, parallel: ParallelConfig) -> str:
+        """Load (or reuse) the model, then (re)build the engine only when the config changed."""
+        from comfyui_xdit.model_loader import load_model
+        from comfyui_xdit.models.flux import FluxAdapter
+
+        info = self._info()
+        ref = source.ref
+        key = (ref.path, ref.dtype)
+        if self.model_key != key:
+            self.adapter, self.model_key, self.engine, self.engine_key = None, None, None, None
+            if ref.is_tiny:
+                self.adapter = load_model(ref, self.device)
+            elif source.local_path is not None:
+                self.adapter = FluxAdapter.from_file(source.local_path, ref.torch_dtype, self.device)
+            else:
+                import ray
+
+                state = ray.get(source.shipped)
+                self.adapter = FluxAdapter.from_state_dict(dict(state), ref.torch_dtype, self.device,
+                                                           source=f"{ref.path!r} (object store)")
+            self.model_key = key
+        if self.engine_key != (*key, parallel):
+            self.engine = engine_bridge.build_engine(self.adapter, parallel, info.rank)
+            self.engine_key = (*key, parallel)
+        return source.how
+
+    def generate(self, job: str, request: GenerationRequest, channel: Any) -> Optional[torch.Tensor]:
+        """Sample ``request``; rank 0 posts events and returns the latent, other ranks return None."""
+        import ray
+
+        info = self._info()
+        if self.engine is None or self.engine_key != (request.model.path, request.model.dtype, request.parallel):
+            raise RuntimeError(f"rank {info.rank} has no engine for {request.model} / "
+                               f"{request.parallel.describe()}; load it first")
+
+        def on_step(event: StepEvent) -> None:
+            preview = event.preview.detach().cpu() if event.preview is not None else None
+            channel.post.remote(job, StepEvent(event.step, event.total, preview))  # fire and forget
+
+        def should_stop(step: int) -> bool:
+            return bool(ray.get(channel.should_stop.remote(job, step), timeout=60.0))
+
+        self.busy = True
+        try:
+            latent = self.engine.generate(request, on_step=on_step if info.rank == 0 else None,
+                                          should_stop=should_stop)
+        except Exception:
+            logger.exception("rank %d failed in generate", info.rank)
+            raise
+        finally:
+            self.busy = False
+        return latent.cpu() if info.rank == 0 and latent is not None else None
+
+    def _info(self) -> RankSetup:
+        if self.setup_info is None:
+            raise RuntimeError("rank used before setup(): the pool must tell each actor its rank first")
+        return self.setup_info

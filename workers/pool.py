@@ -1,0 +1,269 @@
+"""The pool: a persistent set of rank actors on the local machine or a Ray cluster, fed jobs in order.
+
+``XDiTPool(settings).submit(request) -> Job``. Jobs run one at a time in submission order on the
+world built for their parallel layout (built lazily, kept across jobs, rebuilt when the layout
+changes or a rank dies). A model loads once per (file, dtype, parallel config) and stays loaded.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import queue
+import threading
+from typing import Any, Optional
+
+import torch
+
+from comfyui_xdit.parallel_config import ParallelConfig
+from comfyui_xdit.request import GenerationRequest
+from comfyui_xdit.sampling import GenerationCancelled, OnStep
+
+from .channel import JobChannel
+from .errors import ModelMissing, PoolError, WorkerError, WorkerLost, WorkerTimeout
+from .job import Job
+from .runtime import RayRuntime, start_or_join
+from .security import auth_mode
+from .settings import PoolSettings
+from .status import PoolStatus, RankStatus, host_statuses
+from .weights import WeightSource, read_for_shipping
+from .world import World
+
+logger = logging.getLogger(__name__)
+
+
+class XDiTPool:
+    """Owns the Ray connection, the job channel, the world of rank actors and the job queue."""
+
+    def __init__(self, settings: PoolSettings = PoolSettings()) -> None:
+        self.settings = settings
+        self._runtime: Optional[RayRuntime] = None
+        self._channel: Any = None
+        self._world: Optional[World] = None
+        self._queue: "queue.Queue[Job]" = queue.Queue()
+        self._ids = itertools.count(1)
+        self._running: Optional[Job] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> "XDiTPool":
+        """Connect to (or start) Ray and the job thread; rank actors come with the first job."""
+        import ray
+
+        with self._lock:
+            if self._thread is not None:
+                return self
+            self._runtime = start_or_join(self.settings)
+            self._channel = ray.remote(JobChannel).options(num_cpus=0, max_concurrency=1).remote()
+            ray.get(self._channel.ping.remote(), timeout=self.settings.timeouts.start_s)
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._serve, name="xdit-pool", daemon=True)
+            self._thread.start()
+            atexit.register(self.shutdown)
+        return self
+
+    def shutdown(self) -> None:
+        """Fail queued jobs, kill the actors, stop Ray when the pool started it. Idempotent."""
+        import ray
+
+        with self._lock:
+            if self._thread is None:
+                return
+            self._stop.set()
+            if self._running is not None:
+                self.cancel(self._running)
+            self._thread.join(timeout=self.settings.timeouts.shutdown_s)
+            self._thread = None
+            while True:
+                try:
+                    self._queue.get_nowait()._fail(PoolError("the pool shut down before this job ran"))
+                except queue.Empty:
+                    break
+            self._drop_world()
+            try:
+                ray.kill(self._channel)
+            except Exception as exc:  # noqa: BLE001 - the runtime may already be gone
+                logger.debug("channel kill failed: %s", exc)
+            if self._runtime is not None and self._runtime.owned:
+                ray.shutdown()
+            self._runtime = None
+            atexit.unregister(self.shutdown)
+
+    def __enter__(self) -> "XDiTPool":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- jobs ----------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> Job:
+        """Queue ``request``; returns at once. Jobs run in submission order."""
+        if self._thread is None:
+            self.start()
+        job = Job(f"job-{next(self._ids)}", request, self.settings.timeouts.job_s, self.cancel)
+        self._queue.put(job)
+        return job
+
+    def generate(self, request: GenerationRequest, on_step: Optional[OnStep] = None,
+                 timeout: Optional[float] = None) -> torch.Tensor:
+        """Submit and wait: calls ``on_step`` for each event, returns the latent."""
+        job = self.submit(request)
+        for event in job.events(timeout=timeout if timeout is not None else self.settings.timeouts.step_s + 60):
+            if on_step is not None:
+                on_step(event)
+        return job.result(timeout=timeout)
+
+    def cancel(self, job: Job) -> None:
+        """Used by ``Job.cancel``: a running job's ranks all stop at the same next step."""
+        job.cancel_requested = True
+        if job is self._running and self._channel is not None:
+            self._channel.cancel.remote(job.id)
+
+    def warm(self, parallel: ParallelConfig = ParallelConfig()) -> None:
+        """Build the world for ``parallel`` now instead of on the first job (from the job thread only
+        when idle: call it before submitting)."""
+        self._world_for(parallel)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._queue.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if not job._start():
+                continue
+            self._running = job
+            try:
+                self._run(job)
+            finally:
+                self._running = None
+
+    def _run(self, job: Job) -> None:
+        attempts = 2 if self.settings.retry_once else 1
+        for attempt in range(attempts):
+            job.attempts = attempt + 1
+            try:
+                job._finish(self._attempt(job))
+                return
+            except (WorkerLost, WorkerTimeout) as exc:
+                logger.warning("job %s: %s; tearing the world down", job.id, exc)
+                self._drop_world()
+                if attempt + 1 < attempts and not job.cancel_requested and not self._stop.is_set():
+                    logger.warning("job %s: retrying once on a rebuilt world", job.id)
+                    continue
+                job._fail(exc)
+            except GenerationCancelled as exc:
+                job._fail(exc)
+            except WorkerError as exc:
+                if job.request.parallel.world_size > 1:  # other ranks may sit in a collective
+                    self._drop_world()
+                job._fail(exc)
+            except Exception as exc:  # noqa: BLE001 - every failure must reach the caller
+                logger.exception("job %s failed", job.id)
+                job._fail(exc)
+            return
+
+    def _attempt(self, job: Job) -> torch.Tensor:
+        import ray
+
+        request = job.request
+        world = self._world_for(request.parallel)
+        self._load(world, request)
+        channel, timeouts = self._channel, self.settings.timeouts
+        ray.get(channel.open.remote(job.id), timeout=timeouts.rpc_s)
+        if job.cancel_requested:
+            channel.cancel.remote(job.id)
+        try:
+            def on_poll() -> bool:
+                events = ray.get(channel.drain.remote(job.id), timeout=timeouts.rpc_s)
+                for event in events:
+                    job._post(event)
+                return bool(events)
+
+            results = world.call_each("generate", [(job.id, request, channel)] * world.world_size,
+                                      timeout_s=timeouts.step_s, on_poll=on_poll)
+            on_poll()
+        finally:
+            channel.close.remote(job.id)
+        latent = results[0]
+        assert isinstance(latent, torch.Tensor), "rank 0 returned no latent"
+        return latent
+
+    # ---- world and model -----------------------------------------------------------------------
+    def _world_for(self, parallel: ParallelConfig) -> World:
+        candidate = World(self.settings, parallel)
+        if self._world is not None and not self._world.broken and self._world.key == candidate.key:
+            return self._world
+        self._drop_world()
+        self._world = candidate.build()
+        return self._world
+
+    def _drop_world(self) -> None:
+        if self._world is not None:
+            self._world.teardown()
+            self._world = None
+
+    def _load(self, world: World, request: GenerationRequest) -> None:
+        import ray
+
+        key = (request.model.path, request.model.dtype, request.parallel)
+        if world.loaded == key:
+            return
+        ref, folder, timeouts = request.model, self.settings.models_folder, self.settings.timeouts
+        sources = [WeightSource(ref)] * world.world_size
+        shipped = None
+        if not ref.is_tiny:
+            local = world.call("has_file", ref, folder, timeout_s=timeouts.rpc_s)
+            lacking = [r for r, path in enumerate(local) if path is None]
+            if lacking:
+                hosts = sorted({world.ranks[r].host for r in lacking})
+                try:
+                    state = read_for_shipping(ref, folder)
+                except FileNotFoundError:
+                    raise ModelMissing(
+                        f"model file {ref.path!r} is missing on host(s) {', '.join(hosts)} (ranks {lacking}) "
+                        f"and on this machine; put it at that path or into the models folder "
+                        f"({folder or 'set $COMFYUI_XDIT_MODELS_FOLDER on the host'})") from None
+                logger.info("ranks %s on %s have no copy of %s: sending it through the object store",
+                            lacking, ", ".join(hosts), ref.path)
+                shipped = ray.put(state)
+                del state
+            sources = [WeightSource(ref, local_path=path, shipped=None if path else shipped) for path in local]
+        world.loaded = None
+        hows = world.call_each("load", [(s, request.parallel) for s in sources], timeout_s=timeouts.load_s)
+        del shipped
+        world.loaded = key
+        logger.info("loaded %s on %d ranks (%s)", ref.path, world.world_size, ", ".join(sorted(set(hows))))
+
+    # ---- status --------------------------------------------------------------------------------
+    def status(self) -> PoolStatus:
+        import ray
+
+        if self._runtime is None:
+            self.start()
+        ranks = []
+        world = self._world
+        if world is not None:
+            refs = [a.ping.remote() for a in world.actors]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.settings.timeouts.rpc_s)
+            for info, ref in zip(world.ranks, refs):
+                state, model = "no answer", None
+                if ref in ready:
+                    try:
+                        answer = ray.get(ref, timeout=1.0)
+                        state, model = ("busy" if answer["busy"] else "idle"), answer["model"]
+                    except Exception:  # noqa: BLE001 - a dead actor is a status, not an error
+                        state = "dead"
+                ranks.append(RankStatus(info.rank, info.host, info.pid, info.device, state, model))
+        running = self._running
+        layout = world.loaded[2].describe() if world is not None and world.loaded else None
+        assert self._runtime is not None
+        return PoolStatus(address=self._runtime.address, embedded=self.settings.embedded, auth=auth_mode(),
+                          hosts=host_statuses(ray.nodes()), ranks=tuple(ranks), layout=layout,
+                          queued=self._queue.qsize(), running=running.id if running else None)
+
+
+WorkerPool = XDiTPool

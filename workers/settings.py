@@ -1,0 +1,69 @@
+"""Pool settings: where the Ray cluster is, how ranks talk, where models live, how long to wait."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+HOST_MODELS_FOLDER_ENV = "COMFYUI_XDIT_MODELS_FOLDER"  # set on a GPU host (before `ray start`): its models folder
+HOST_NO_LOCAL_WEIGHTS_ENV = "COMFYUI_XDIT_NO_LOCAL_WEIGHTS"  # "1" on a host: never read model files from its disk
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds each kind of wait may last; nothing in the pool waits without one of these."""
+
+    connect_s: float = 10.0  # reaching a Ray head given by address
+    start_s: float = 180.0  # starting/joining Ray, placement groups, creating actors
+    rpc_s: float = 60.0  # small control calls (ping, node info, rendezvous)
+    rendezvous_s: float = 120.0  # torch.distributed init on every rank
+    load_s: float = 900.0  # loading a model on every rank
+    step_s: float = 600.0  # silence allowed between two step events (the first step included)
+    job_s: float = 24 * 3600.0  # default for Job.result()
+    shutdown_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value <= 0:
+                raise ValueError(f"timeout {name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """How the pool finds and uses its workers.
+
+    ``address``: None = an embedded local Ray runtime in this process (loopback, dashboard off);
+    ``"HEAD:6379"`` = join the cluster started with ``ray start --head`` on that machine.
+    ``network_interface``: the NIC gloo/NCCL use between hosts (``GLOO_SOCKET_IFNAME`` /
+    ``NCCL_SOCKET_IFNAME``), for hosts with several interfaces; None lets them pick (loopback when
+    embedded). ``models_folder``: where workers look for a model file by name when the exact path
+    is missing on their host. ``use_gpus``: None = one rank per GPU when the cluster has GPUs, else
+    CPU ranks. ``retry_once``: after a worker or host dies, rebuild the world and run the job again once.
+    """
+
+    address: Optional[str] = None
+    network_interface: Optional[str] = None
+    models_folder: Optional[str] = None
+    use_gpus: Optional[bool] = None
+    cpus_per_rank: float = 1.0
+    embedded_num_cpus: Optional[int] = None  # CPUs the embedded runtime offers (None: all of them)
+    embedded_num_gpus: Optional[int] = None
+    ship_code: Optional[bool] = None  # send our packages through Ray's runtime env; None = when address is set
+    retry_once: bool = True
+    namespace: str = "comfyui-xdit"
+    system_config: tuple[tuple[str, object], ...] = ()  # extra Ray _system_config for the embedded runtime
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_rank <= 0:
+            raise ValueError(f"cpus_per_rank must be positive, got {self.cpus_per_rank}")
+        if self.address is not None and not self.address.strip():
+            raise ValueError("address must be HOST:PORT or None for the embedded runtime, got an empty string")
+
+    @property
+    def embedded(self) -> bool:
+        return self.address is None
+
+    @property
+    def sends_code(self) -> bool:
+        return (not self.embedded) if self.ship_code is None else self.ship_code

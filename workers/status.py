@@ -1,0 +1,61 @@
+"""What ``comfyui-xdit pool status`` shows: hosts, their devices, the ranks and their state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    node_id: str
+    address: str
+    alive: bool
+    cpus: float
+    gpus: float
+    is_head: bool
+
+
+@dataclass(frozen=True)
+class RankStatus:
+    rank: int
+    host: str
+    pid: int
+    device: str
+    state: str  # "idle", "busy", "dead" or "no answer"
+    model: Optional[str]
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    address: str
+    embedded: bool
+    auth: str
+    hosts: tuple[HostStatus, ...]
+    ranks: tuple[RankStatus, ...]
+    layout: Optional[str]  # the parallel config the world is built for
+    queued: int
+    running: Optional[str]  # id of the running job
+
+    def format(self) -> str:
+        lines = [f"Ray at {self.address} ({'embedded, this machine only' if self.embedded else 'cluster'}), "
+                 f"authentication: {self.auth}",
+                 f"hosts: {len(self.hosts)}"]
+        for h in self.hosts:
+            lines.append(f"  {h.address:<16} node {h.node_id[:12]} {'alive' if h.alive else 'DEAD':<5} "
+                         f"cpus {h.cpus:g} gpus {h.gpus:g}{' (head)' if h.is_head else ''}")
+        lines.append(f"ranks: {len(self.ranks)}" + (f" ({self.layout})" if self.layout else " (created on the first job)"))
+        for r in self.ranks:
+            lines.append(f"  rank {r.rank:<3} {r.host:<16} pid {r.pid:<8} {r.device:<8} {r.state:<9} "
+                         f"model {r.model or '-'}")
+        lines.append(f"jobs: {'running ' + self.running if self.running else 'none running'}, {self.queued} queued")
+        return "\n".join(lines)
+
+
+def host_statuses(nodes: Sequence[dict[str, Any]]) -> tuple[HostStatus, ...]:
+    """From ``ray.nodes()`` rows."""
+    return tuple(HostStatus(node_id=n["NodeID"], address=n.get("NodeManagerAddress", "?"), alive=bool(n.get("Alive")),
+                            cpus=float(n.get("Resources", {}).get("CPU", 0)),
+                            gpus=float(n.get("Resources", {}).get("GPU", 0)),
+                            is_head=any(k.startswith("node:__internal_head__") for k in n.get("Resources", {})))
+                 for n in nodes)

@@ -1,0 +1,70 @@
+"""How a rank gets its weights: its own disk when it has the file, else tensors via Ray's object store.
+
+Resolution on a worker host: the exact path, then the host's models folder (``$COMFYUI_XDIT_MODELS_FOLDER``
+set before ``ray start`` on that host, else the pool's ``models_folder``) by file name. A host with
+``COMFYUI_XDIT_NO_LOCAL_WEIGHTS=1`` never reads model files and always receives tensors. The ComfyUI
+machine reads the file once and ``ray.put``s the whole state dict; every rank that lacks the file
+gets that one object (Ray moves it once per host). The engine builds a rank's model from a full state
+dict today, so a PipeFusion stage receives all blocks, not only its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+
+from comfyui_xdit.request import ModelRef
+
+from .settings import HOST_MODELS_FOLDER_ENV, HOST_NO_LOCAL_WEIGHTS_ENV
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """What a rank loads: ``ref``, from ``local_path`` on its disk or from ``shipped`` (an ObjectRef)."""
+
+    ref: ModelRef
+    local_path: Optional[str] = None
+    shipped: Any = None  # ray.ObjectRef of dict[str, torch.Tensor], or None
+
+    @property
+    def how(self) -> str:
+        if self.ref.is_tiny:
+            return "built in"
+        return f"local file {self.local_path}" if self.local_path else "object store"
+
+
+def candidate_paths(path: str, models_folder: Optional[str], environ: Mapping[str, str]) -> list[str]:
+    """Where a host looks for ``path``: the path itself, then its models folder by file name."""
+    folder = environ.get(HOST_MODELS_FOLDER_ENV) or models_folder
+    out = [path]
+    if folder:
+        out.append(os.path.join(folder, os.path.basename(path)))
+    return out
+
+
+def find_local(ref: ModelRef, models_folder: Optional[str],
+               environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The file this host would load for ``ref``, or None (tiny models need no file)."""
+    environ = os.environ if environ is None else environ
+    if ref.is_tiny or environ.get(HOST_NO_LOCAL_WEIGHTS_ENV) == "1":
+        return None
+    for candidate in candidate_paths(ref.path, models_folder, environ):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def read_for_shipping(ref: ModelRef, models_folder: Optional[str]) -> dict[str, torch.Tensor]:
+    """Read the model file on the ComfyUI machine to send it to ranks without a copy.
+
+    Raises ``FileNotFoundError`` when this machine has no copy either.
+    """
+    from comfyui_xdit.models.flux_checkpoint import read_checkpoint
+
+    for candidate in candidate_paths(ref.path, models_folder, {}):
+        if os.path.isfile(candidate):
+            return read_checkpoint(candidate)
+    raise FileNotFoundError(ref.path)
