@@ -113,7 +113,6 @@ class XDiTLoadModel(io.ComfyNode):
             raise ValueError(f"{unet_name!r} does not look like a Flux model (no img_in.weight); xDiT runs Flux today")
         ref = ModelRef(path=path, dtype=resolve_dtype(weight_dtype, pool))
         live = registry().get(pool)
-        if hasattr(live, "load"):  # load now so loading errors show on this node and the sampler starts warm
-            live.load(ref, config)
+        live.warm(config)  # build the ranks now, so a shortage of devices shows on this node
         logger.info("xDiT model %s (%s) on %s", unet_name, config.describe(), pool.describe())
         return io.NodeOutput(ModelHandle(pool=pool, model=ref, parallel=config, num_heads=heads, name=unet_name))

@@ -20,19 +20,18 @@ class PoolUnavailable(RuntimeError):
     """The worker pool package is missing or cannot start; the message says why."""
 
 
+def _workers():
+    try:
+        import workers
+    except ImportError as exc:
+        raise PoolUnavailable(f"the xDiT worker pool (package workers) cannot be imported: {exc}; "
+                              "install the plugin's requirements.txt") from exc
+    return workers
+
+
 def pool_settings(handle: PoolHandle):
     """``PoolHandle`` -> the pool's own settings object."""
-    from workers.settings import PoolSettings
-
-    return PoolSettings(address=handle.address, network_interface=handle.network_interface)
-
-
-def _pool_class():
-    try:
-        from workers.pool import Pool
-    except ImportError as exc:
-        raise PoolUnavailable(f"the xDiT worker pool (workers.pool) cannot be imported: {exc}") from exc
-    return Pool
+    return _workers().PoolSettings(address=handle.address, network_interface=handle.network_interface)
 
 
 class PoolRegistry:
@@ -49,7 +48,7 @@ class PoolRegistry:
             pool = self._pools.get(handle)
             if pool is None:
                 logger.info("starting xDiT pool on %s", handle.describe())
-                pool = _pool_class()(pool_settings(handle))
+                pool = _workers().XDiTPool(pool_settings(handle)).start()
                 self._pools[handle] = pool
                 if not self._atexit_registered:
                     atexit.register(self.shutdown_all)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Callable, Optional
 
 import torch
@@ -57,8 +56,8 @@ def drive_job(job: Any, on_event: Callable[[Any], None], interrupted: Callable[[
     Returns the final latent. On interrupt the job is cancelled, its end awaited (all ranks stop at
     the same step) and ``on_interrupt`` raises ComfyUI's interruption.
     """
-    while not job.done():
-        for event in job.events(timeout=poll_s):
+    while not job.wait(poll_s):
+        for event in job.poll_events():
             on_event(event)
         if interrupted():
             logger.info("ComfyUI interrupt: cancelling xDiT job")
@@ -66,15 +65,12 @@ def drive_job(job: Any, on_event: Callable[[Any], None], interrupted: Callable[[
             _await_end(job)
             on_interrupt()
             raise RuntimeError("xDiT job cancelled")  # on_interrupt normally raises ComfyUI's exception
-    for event in job.events(timeout=0):
+    for event in job.poll_events():
         on_event(event)
     return job.result(timeout=0)
 
 
 def _await_end(job: Any) -> None:
-    deadline = time.monotonic() + CANCEL_GRACE_S
-    while not job.done():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the xDiT job did not stop within {CANCEL_GRACE_S:.0f}s of Cancel")
-        for _ in job.events(timeout=POLL_S):
-            pass
+    if not job.wait(CANCEL_GRACE_S):
+        raise RuntimeError(f"the xDiT job did not stop within {CANCEL_GRACE_S:.0f}s of Cancel")
+    job.poll_events()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -16,7 +17,9 @@ STATUS_PATH = "/xdit/pool/status"
 
 async def pool_status(request: web.Request) -> web.Response:
     """Every live pool: address, interface, and the pool's own report (hosts, devices, state)."""
-    return web.json_response({"pools": registry().status()})
+    loop = asyncio.get_running_loop()
+    pools = await loop.run_in_executor(None, registry().status)  # pings ranks: keep the event loop free
+    return web.json_response({"pools": pools})
 
 
 def register_routes(routes: Any) -> None:

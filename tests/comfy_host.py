@@ -129,7 +129,7 @@ class ComfyHost:
         log_path = base_dir / "comfyui.log"
         cmd = [sys.executable, *python_prefix, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1",
                "--port", str(port), "--base-directory", str(base_dir), "--disable-auto-launch",
-               *extra_args]
+               "--database-url", "sqlite:///:memory:", *extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
         log = open(log_path, "wb")
         proc = subprocess.Popen(cmd, cwd=str(comfy), stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -1,0 +1,194 @@
+"""The xDiT nodes in a real ComfyUI host: schema, prompts over HTTP/websocket, parity with stock sampling.
+
+Needs COMFYUI_PATH (skips otherwise). One ComfyUI server for the session (see comfy_host.py); the
+model is the smallest Flux stock ComfyUI loads, with random weights; images are 128 px, few steps.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfy_host import MODEL_NAME, ComfyHost, comfy_host  # noqa: F401  (fixture)
+
+SIZE = 128
+STEPS = 4
+SEED = 42
+NODES = {"XDiTPool": "xDiT GPU Pool", "XDiTLoadModel": "xDiT Load Diffusion Model", "XDiTSampler": "xDiT Sampler"}
+
+
+def conditioning_nodes() -> dict:
+    return {
+        "pos": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 1, "tokens": 8, "guidance": 3.5}},
+        "neg": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 2, "tokens": 8, "guidance": 3.5}},
+        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+    }
+
+
+def sampler_inputs(steps: int = STEPS, cfg: float = 1.0) -> dict:
+    return {"seed": SEED, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple",
+            "denoise": 1.0, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0]}
+
+
+def xdit_nodes(prefix: str = "x", steps: int = STEPS, cfg: float = 1.0, shift: bool = False, **load) -> dict:
+    load_inputs = {"pool": [f"{prefix}pool", 0], "unet_name": MODEL_NAME, "weight_dtype": "default",
+                   "ulysses_degree": 1, "ring_degree": 1, "pipefusion_degree": 1, "num_patches": 0,
+                   "warmup_steps": 1, "cfg_parallel": False, **load}
+    sampler = {"model": [f"{prefix}load", 0], **sampler_inputs(steps, cfg),
+               "sigma_shift": "resolution (ModelSamplingFlux)" if shift else "model default",
+               "max_shift": 1.15, "base_shift": 0.5, "width": SIZE, "height": SIZE}
+    return {
+        f"{prefix}pool": {"class_type": "XDiTPool", "inputs": {"ray_address": "", "network_interface": ""}},
+        f"{prefix}load": {"class_type": "XDiTLoadModel", "inputs": load_inputs},
+        f"{prefix}sample": {"class_type": "XDiTSampler", "inputs": sampler},
+    }
+
+
+def save(node: str, prefix: str) -> dict:
+    return {"class_type": "SaveLatent", "inputs": {"samples": [node, 0], "filename_prefix": prefix}}
+
+
+def parity_prompt() -> dict:
+    """Stock UNETLoader+KSampler (plain, and with ModelSamplingFlux) beside the xDiT nodes (both shifts)."""
+    prompt = conditioning_nodes()
+    prompt["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL_NAME, "weight_dtype": "default"}}
+    prompt["msf"] = {"class_type": "ModelSamplingFlux", "inputs": {"model": ["unet", 0], "max_shift": 1.15,
+                                                                    "base_shift": 0.5, "width": SIZE, "height": SIZE}}
+    prompt["ks_plain"] = {"class_type": "KSampler", "inputs": {"model": ["unet", 0], **sampler_inputs()}}
+    prompt["ks_shift"] = {"class_type": "KSampler", "inputs": {"model": ["msf", 0], **sampler_inputs()}}
+    prompt.update(xdit_nodes("x"))
+    shifted = xdit_nodes("y", shift=True)
+    shifted["ysample"]["inputs"]["model"] = ["xload", 0]
+    prompt["ysample"] = shifted["ysample"]
+    for node, name in (("ks_plain", "stock_plain"), ("ks_shift", "stock_shift"), ("xsample", "xdit_plain"),
+                       ("ysample", "xdit_shift")):
+        prompt[f"save_{name}"] = save(node, name)
+    return prompt
+
+
+def saved_latent(host: ComfyHost, executed: list[dict], node: str) -> torch.Tensor:
+    (entry,) = [e for e in executed if e["node"] == node]
+    (item,) = entry["output"]["latents"]
+    path = host.base_dir / "output" / item["subfolder"] / item["filename"]
+    return load_file(str(path))["latent_tensor"]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture(scope="module")
+def parity_run(comfy_host: ComfyHost):
+    with comfy_host.connect() as ws:
+        result = ws.run(parity_prompt(), timeout=300)
+    assert result.succeeded, result.describe() + "\n" + comfy_host.log_tail()
+    return result
+
+
+def test_object_info_lists_the_three_nodes(comfy_host: ComfyHost) -> None:
+    info = comfy_host.get_json("/object_info")
+    for node_id, name in NODES.items():
+        assert node_id in info, f"{node_id} missing from /object_info"
+        assert info[node_id]["display_name"] == name
+    load = info["XDiTLoadModel"]["input"]["required"]
+    assert MODEL_NAME in load["unet_name"][1]["options"]
+    for name in ("pool", "weight_dtype", "ulysses_degree", "ring_degree", "pipefusion_degree", "num_patches",
+                 "warmup_steps", "cfg_parallel"):
+        assert name in load
+    sampler = info["XDiTSampler"]["input"]["required"]
+    ksampler = info["KSampler"]["input"]["required"]
+    for name in ("model", "positive", "negative", "latent_image", "seed", "steps", "cfg", "sampler_name",
+                 "scheduler", "denoise"):
+        assert name in sampler
+    assert set(sampler["sampler_name"][1]["options"]) <= set(ksampler["sampler_name"][0])
+    assert set(sampler["scheduler"][1]["options"]) <= set(ksampler["scheduler"][0])
+    assert info["XDiTSampler"]["output"] == ["LATENT"]
+    assert info["XDiTPool"]["output"] == ["XDIT_POOL"] and info["XDiTLoadModel"]["output"] == ["XDIT_MODEL"]
+
+
+@pytest.mark.parametrize("stock, ours", [("ks_plain", "xsample"), ("ks_shift", "ysample")],
+                         ids=["constant-shift", "ModelSamplingFlux"])
+def test_same_latent_as_stock_ksampler(comfy_host: ComfyHost, parity_run, stock: str, ours: str) -> None:
+    executed = parity_run.of_type("executed")
+    save_of = {"ks_plain": "save_stock_plain", "ks_shift": "save_stock_shift", "xsample": "save_xdit_plain",
+               "ysample": "save_xdit_shift"}
+    reference = saved_latent(comfy_host, executed, save_of[stock])
+    latent = saved_latent(comfy_host, executed, save_of[ours])
+    assert latent.shape == reference.shape == (1, 16, SIZE // 8, SIZE // 8)
+    assert torch.isfinite(latent).all()
+    assert relative_error(latent, reference) < 1e-3
+
+
+def test_shift_choice_matters(comfy_host: ComfyHost, parity_run) -> None:
+    """The two stock graphs differ at 128 px, so the parity tests above really tell them apart."""
+    executed = parity_run.of_type("executed")
+    plain = saved_latent(comfy_host, executed, "save_stock_plain")
+    shifted = saved_latent(comfy_host, executed, "save_stock_shift")
+    assert relative_error(plain, shifted) > 1e-2
+
+
+def test_progress_every_step_and_previews(parity_run) -> None:
+    ours = [p for p in parity_run.of_type("progress") if p["node"] == "xsample"]
+    assert [p["value"] for p in ours] == list(range(1, STEPS + 1)), ours
+    assert all(p["max"] == STEPS for p in ours)
+    # latent2rgb previews are on in the test host: stock and ours both send binary preview frames
+    assert parity_run.previews >= 2 * STEPS
+
+
+def test_pool_status_route(comfy_host: ComfyHost, parity_run) -> None:
+    for path in ("/xdit/pool/status", "/api/xdit/pool/status"):
+        status = comfy_host.get_json(path)
+        assert status["pools"], status
+        pool = status["pools"][0]
+        assert pool["address"] == "embedded" and "error" not in pool, pool
+        assert pool["status"]
+
+
+def test_cancel_mid_run_then_next_run_works(comfy_host: ComfyHost, parity_run) -> None:
+    prompt = {**conditioning_nodes(), **xdit_nodes("x", steps=400), "save": save("xsample", "cancelled")}
+    interrupted_at: dict[str, float] = {}
+
+    def on_message(msg: dict) -> None:
+        if msg["type"] == "progress" and msg["data"].get("node") == "xsample" and not interrupted_at:
+            interrupted_at["t"] = time.monotonic()
+            comfy_host.interrupt()
+
+    with comfy_host.connect() as ws:
+        result = ws.run(prompt, timeout=300, on_message=on_message)
+        assert result.of_type("execution_interrupted"), result.describe()
+        assert time.monotonic() - interrupted_at["t"] < 30
+        steps_seen = max(p["value"] for p in result.of_type("progress") if p["node"] == "xsample")
+        assert steps_seen < 400
+        again = ws.run({**conditioning_nodes(), **xdit_nodes("x", steps=2), "save": save("xsample", "after")})
+    assert again.succeeded, again.describe()
+
+
+def test_invalid_degrees_rejected_before_running(comfy_host: ComfyHost) -> None:
+    prompt = {**conditioning_nodes(), **xdit_nodes("x", ulysses_degree=5), "save": save("xsample", "bad")}
+    status, body = comfy_host.queue(prompt, "bad-input")
+    assert status == 400, body
+    errors = body["node_errors"]["xload"]["errors"]
+    text = " ".join(e["details"] for e in errors)
+    assert "ulysses_degree 5" in text and "24 attention heads" in text and "ring_degree" in text, text
+    prompt = {**conditioning_nodes(), **xdit_nodes("x", pipefusion_degree=2, num_patches=1),
+              "save": save("xsample", "bad")}
+    status, body = comfy_host.queue(prompt, "bad-input")
+    assert status == 400 and "num_patches" in str(body["node_errors"]), body
+    assert comfy_host.alive and "XDiTSampler" in comfy_host.get_json("/object_info/XDiTSampler")
+
+
+def test_runtime_error_reported_and_server_stays_up(comfy_host: ComfyHost, parity_run) -> None:
+    """An inpainting latent (noise mask) is refused at run time with a message naming the fix."""
+    prompt = {**conditioning_nodes(), **xdit_nodes("x"), "save": save("xsample", "bad"),
+              "mask": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": SIZE, "height": SIZE}},
+              "masked": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["latent", 0], "mask": ["mask", 0]}}}
+    prompt["xsample"]["inputs"]["latent_image"] = ["masked", 0]
+    with comfy_host.connect() as ws:
+        result = ws.run(prompt, timeout=120)
+        (error,) = result.of_type("execution_error")
+        assert error["node_id"] == "xsample" and "noise mask" in error["exception_message"], error
+        again = ws.run({**conditioning_nodes(), **xdit_nodes("x", steps=1), "save": save("xsample", "after_error")})
+    assert again.succeeded, again.describe()
