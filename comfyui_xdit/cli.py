@@ -8,9 +8,11 @@ import sys
 from typing import Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .conditioning import Conditioning
+from .parallel_config import ParallelConfig
 from .models.flux_checkpoint import NAMED_SPECS, write_random_flux
 from .request import DTYPES, GenerationRequest, ModelRef, SigmaShift
 from .samplers import SAMPLER_NAMES
@@ -27,8 +29,15 @@ def default_dtype() -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
+def read_tensors(path: str, what: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"cannot read the {what} file {path!r}: {exc}") from exc
+
+
 def read_cond_file(path: str) -> tuple[Conditioning, Optional[Conditioning]]:
-    tensors = load_file(path)
+    tensors = read_tensors(path, "--cond")
     guidance = float(tensors["guidance"].reshape(-1)[0]) if "guidance" in tensors else 3.5
     for key in ("positive_context", "positive_pooled"):
         if key not in tensors:
@@ -53,15 +62,20 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
     else:
         raise ValueError(f"a model file needs --cond FILE.safetensors with the text conditioning. {COND_KEYS_DOC}")
     if args.init_latent:
-        latent = load_file(args.init_latent)["samples"]
+        latent = read_tensors(args.init_latent, "--init-latent").get("samples")
+        if latent is None:
+            raise ValueError(f"{args.init_latent!r} has no 'samples' tensor (the layout of ComfyUI's SaveLatent)")
     else:
         latent = torch.zeros(1, 16, args.height // 8, args.width // 8)
     shift = SigmaShift(mode="resolution", max_shift=args.max_shift, base_shift=args.base_shift) \
         if args.resolution_shift else SigmaShift()
+    parallel = ParallelConfig(cfg_degree=2 if args.cfg_parallel else 1, pipefusion_degree=args.pipefusion,
+                              ring_degree=args.ring, ulysses_degree=args.ulysses, num_patches=args.patches,
+                              warmup_steps=args.warmup_steps)
     return GenerationRequest(model=model, latent=latent, positive=positive,
                              negative=negative if args.cfg != 1.0 else None, seed=args.seed, steps=args.steps,
                              cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, denoise=args.denoise,
-                             shift=shift)
+                             shift=shift, parallel=parallel)
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -84,6 +98,14 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shift", type=float, default=1.15)
     p.add_argument("--base-shift", type=float, default=0.5)
     p.add_argument("--out", required=True, help="output .safetensors (key 'samples')")
+    par = p.add_argument_group("parallel", "world size = ulysses x ring x pipefusion x (2 with --cfg-parallel); "
+                               "without a GPU each rank is a local CPU process")
+    par.add_argument("--ulysses", type=int, default=1, help="Ulysses (all-to-all over heads) degree")
+    par.add_argument("--ring", type=int, default=1, help="ring attention degree")
+    par.add_argument("--pipefusion", type=int, default=1, help="PipeFusion stages")
+    par.add_argument("--patches", type=int, default=None, help="PipeFusion patches (default: --pipefusion)")
+    par.add_argument("--warmup-steps", type=int, default=1, help="PipeFusion synchronous warm-up steps")
+    par.add_argument("--cfg-parallel", action="store_true", help="run the two CFG branches on two rank groups")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -91,12 +113,15 @@ def run_generate(args: argparse.Namespace) -> int:
     from .model_loader import load_model
 
     request = build_request(args)
-    engine = Engine(load_model(request.model))
+    if request.parallel.is_serial:
+        def report(event) -> None:
+            logger.info("step %d/%d", event.step, event.total)
 
-    def report(event) -> None:
-        logger.info("step %d/%d", event.step, event.total)
+        latent = Engine(load_model(request.model)).generate(request, on_step=report)
+    else:
+        from .parallel.launch import generate_local
 
-    latent = engine.generate(request, on_step=report)
+        latent = generate_local(request)
     save_file({"samples": latent.contiguous()}, args.out)
     sys.stdout.write(f"wrote {args.out}: samples {tuple(latent.shape)}\n")
     return 0

@@ -62,18 +62,18 @@ class ParallelConfig:
         """
         if self.world_size != world_size:
             raise ValueError(f"{self.describe()} needs {self.world_size} ranks but the world has {world_size}; "
-                             f"choose degrees whose product is {world_size}, e.g. "
-                             f"{suggest(world_size, num_heads, image_tokens).describe()}")
+                             f"choose degrees whose product is {world_size}, "
+                             f"{alternative(world_size, num_heads, image_tokens)}")
         if num_heads % self.ulysses_degree:
             raise ValueError(f"ulysses_degree {self.ulysses_degree} does not divide the model's {num_heads} attention "
                              f"heads; use a ulysses degree from {divisors(num_heads)} and put the remaining ranks on "
-                             f"ring, e.g. {suggest(world_size, num_heads, image_tokens).describe()}")
+                             f"ring, {alternative(world_size, num_heads, image_tokens)}")
         split = self.sequence_degree * self.patches
         if image_tokens % split:
             raise ValueError(f"{image_tokens} image tokens (latent h/2 * w/2) do not split evenly into ring "
                              f"{self.ring_degree} x ulysses {self.ulysses_degree} x patches {self.patches} = {split} "
                              f"pieces; choose a width and height whose token count is a multiple of {split}, or "
-                             f"other degrees, e.g. {suggest(world_size, num_heads, image_tokens).describe()}")
+                             f"other degrees, {alternative(world_size, num_heads, image_tokens)}")
         if self.cfg_degree == 2 and cfg == 1.0:
             raise ValueError("cfg_degree 2 runs the positive and negative CFG branches on two rank groups, but cfg is "
                              "1.0, where ComfyUI skips the negative branch; set cfg != 1.0 with a negative prompt, "
@@ -84,10 +84,19 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def suggest(world_size: int, num_heads: int, image_tokens: int) -> ParallelConfig:
-    """A sequence-parallel config for ``world_size`` ranks: as much Ulysses as the heads allow, the rest ring."""
-    for ulysses in sorted(divisors(world_size), reverse=True):
-        ring = world_size // ulysses
-        if num_heads % ulysses == 0 and image_tokens % world_size == 0:
-            return ParallelConfig(ring_degree=ring, ulysses_degree=ulysses)
-    return ParallelConfig(ring_degree=world_size)
+def suggest(world_size: int, num_heads: int, image_tokens: int) -> ParallelConfig | None:
+    """A sequence-parallel config for ``world_size`` ranks that fits: the most Ulysses the heads allow, the
+    rest ring; ``None`` when the token count does not split into ``world_size`` shards at all."""
+    if image_tokens % world_size:
+        return None
+    ulysses = max(d for d in divisors(world_size) if num_heads % d == 0)
+    return ParallelConfig(ring_degree=world_size // ulysses, ulysses_degree=ulysses)
+
+
+def alternative(world_size: int, num_heads: int, image_tokens: int) -> str:
+    """The tail of an error message: a config that works, or what to change so that one does."""
+    config = suggest(world_size, num_heads, image_tokens)
+    if config is None:
+        return (f"and a resolution whose token count is a multiple of {world_size} ({image_tokens} tokens do "
+                f"not split over {world_size} ranks)")
+    return f"e.g. {config.describe()}"

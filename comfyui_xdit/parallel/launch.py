@@ -29,6 +29,7 @@ HOST = "127.0.0.1"
 # Imported once by the fork server; every rank is then a cheap fork instead of a fresh interpreter.
 PRELOAD = ["torch", "comfyui_xdit.model_loader", "comfyui_xdit.parallel"]
 POLL_S = 0.2
+RUN_TIMEOUT_S = 3600.0  # a whole run; each collective has its own, shorter, DEFAULT_TIMEOUT_S
 KILL_GRACE_S = 5.0
 
 RankFn = Callable[..., Any]  # fn(rank, world_size, *args) -> result (rank 0's is returned)
@@ -38,13 +39,16 @@ class RankFailed(RuntimeError):
     """A rank raised, died or timed out; the message names the rank and carries its traceback."""
 
 
-def _rank_main(rank: int, world_size: int, port: int, fn: RankFn, args: tuple, results: Any, timeout: float,
-               threads: int) -> None:
+def _rank_main(rank: int, world_size: int, port: int, fn: RankFn, args: tuple, results: Any,
+               collective_timeout: float, threads: int) -> None:
     torch.set_num_threads(threads)
     try:
-        init_distributed(rank, world_size, HOST, port, "gloo", timeout)
+        init_distributed(rank, world_size, HOST, port, "gloo", collective_timeout)
         result = fn(rank, world_size, *args)
         results.put(("ok", rank, pickle.dumps(result) if rank == 0 else None))
+    except ValueError as exc:  # bad user input: the caller re-raises it as a ValueError
+        results.put(("value_error", rank, str(exc)))
+        raise
     except BaseException:  # report everything (also KeyboardInterrupt) before dying: a silent rank hangs the rest
         results.put(("error", rank, traceback.format_exc()))
         raise
@@ -64,12 +68,13 @@ def _stop(processes: Sequence[mp.Process]) -> None:
             process.join(KILL_GRACE_S)
 
 
-def run_ranks(world_size: int, fn: RankFn, args: tuple = (), timeout: float = DEFAULT_TIMEOUT_S,
-              threads_per_rank: int = 1) -> Any:
+def run_ranks(world_size: int, fn: RankFn, args: tuple = (), timeout: float = RUN_TIMEOUT_S,
+              collective_timeout: float = DEFAULT_TIMEOUT_S, threads_per_rank: int = 1) -> Any:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` local gloo ranks; return rank 0's result.
 
-    ``fn`` must be importable (a module-level function). Raises ``RankFailed`` naming the first rank
-    that failed, or all ranks still running at the deadline; no child outlives this call.
+    ``fn`` must be importable (a module-level function). A rank's ``ValueError`` is re-raised as a
+    ``ValueError``; anything else as ``RankFailed`` naming the first rank that failed, or the ranks
+    still running at the deadline. No child outlives this call.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
@@ -78,7 +83,8 @@ def run_ranks(world_size: int, fn: RankFn, args: tuple = (), timeout: float = DE
     results = context.Queue()
     port = free_port(HOST)
     processes = [context.Process(target=_rank_main, name=f"xdit-rank-{rank}", daemon=True,
-                                 args=(rank, world_size, port, fn, args, results, timeout, threads_per_rank))
+                                 args=(rank, world_size, port, fn, args, results, collective_timeout,
+                                       threads_per_rank))
                  for rank in range(world_size)]
     deadline = time.monotonic() + timeout
     done: set[int] = set()
@@ -97,6 +103,8 @@ def run_ranks(world_size: int, fn: RankFn, args: tuple = (), timeout: float = DE
                     waiting = sorted(set(range(world_size)) - done)
                     raise RankFailed(f"ranks {waiting} did not finish within {timeout:.0f} s")
                 continue
+            if kind == "value_error":
+                raise ValueError(payload)
             if kind == "error":
                 raise RankFailed(f"rank {rank} of {world_size} failed:\n{payload}")
             done.add(rank)
@@ -140,8 +148,7 @@ def generate_requests(rank: int, world_size: int, requests: Sequence[GenerationR
     return out
 
 
-def generate_local_many(requests: Sequence[GenerationRequest],
-                        timeout: float = DEFAULT_TIMEOUT_S) -> list[RankResult]:
+def generate_local_many(requests: Sequence[GenerationRequest], timeout: float = RUN_TIMEOUT_S) -> list[RankResult]:
     """Sample several requests of one world size on one set of spawned ranks (spawning costs seconds)."""
     sizes = {request.parallel.world_size for request in requests}
     if len(sizes) != 1:
@@ -149,6 +156,6 @@ def generate_local_many(requests: Sequence[GenerationRequest],
     return run_ranks(sizes.pop(), generate_requests, (list(requests),), timeout)
 
 
-def generate_local(request: GenerationRequest, timeout: float = DEFAULT_TIMEOUT_S) -> torch.Tensor:
+def generate_local(request: GenerationRequest, timeout: float = RUN_TIMEOUT_S) -> torch.Tensor:
     """Rank 0's LATENT for ``request`` sampled on ``request.parallel.world_size`` local CPU processes."""
     return generate_local_many([request], timeout)[0].latent
