@@ -59,7 +59,7 @@ class SamplingPlan:
 
     @property
     def total_steps(self) -> int:
-        return len(self.sigmas) - 1
+        return max(len(self.sigmas) - 1, 0)
 
 
 def model_sampling_for(adapter: FluxAdapter, request: GenerationRequest) -> ModelSampling:

@@ -1,0 +1,56 @@
+"""The CLI end to end: make-tiny, generate on tiny:flux and on a file with --cond, errors with exit 2."""
+
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from comfyui_xdit.model_loader import tiny_conditioning
+from comfyui_xdit.request import ModelRef
+
+
+def _cli(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "comfyui_xdit.cli", *args], capture_output=True, text=True,
+                            timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_make_tiny_then_generate_from_file_equals_builtin(tmp_path):
+    model = tmp_path / "tiny.safetensors"
+    _cli("make-tiny", "flux", str(model))
+    positive, negative = tiny_conditioning(ModelRef("tiny:flux"), seed=5)
+    cond = tmp_path / "cond.safetensors"
+    save_file({"positive_context": positive.context, "positive_pooled": positive.pooled,
+               "negative_context": negative.context, "negative_pooled": negative.pooled,
+               "guidance": torch.tensor([positive.guidance])}, str(cond))
+    common = ["--seed", "5", "--steps", "2", "--cfg", "2.0", "--height", "64", "--width", "96",
+              "--sampler", "dpmpp_2m", "--scheduler", "beta"]
+    _cli("generate", "--model", "tiny:flux", *common, "--out", str(tmp_path / "a.safetensors"))
+    _cli("generate", "--model", str(model), "--cond", str(cond), *common, "--out", str(tmp_path / "b.safetensors"))
+    a = load_file(str(tmp_path / "a.safetensors"))["samples"]
+    b = load_file(str(tmp_path / "b.safetensors"))["samples"]
+    assert a.shape == (1, 16, 8, 12)
+    assert torch.equal(a, b)
+
+
+def test_image_to_image_from_a_saved_latent(tmp_path):
+    init = tmp_path / "init.safetensors"
+    save_file({"samples": torch.randn(1, 16, 8, 8)}, str(init))
+    _cli("generate", "--model", "tiny:flux", "--steps", "2", "--height", "64", "--width", "64", "--denoise", "0.5",
+         "--init-latent", str(init), "--out", str(tmp_path / "out.safetensors"))
+    assert load_file(str(tmp_path / "out.safetensors"))["samples"].shape == (1, 16, 8, 8)
+
+
+def test_errors_are_one_line_with_exit_2(tmp_path):
+    bad = _cli("generate", "--model", "tiny:flux", "--height", "100", "--width", "64", "--out",
+               str(tmp_path / "x.safetensors"), check=False)
+    assert bad.returncode == 2 and "multiples of 16" in bad.stderr and "Traceback" not in bad.stderr
+    missing = _cli("generate", "--model", str(tmp_path / "none.safetensors"), "--cond", str(tmp_path / "c"),
+                   "--height", "64", "--width", "64", "--out", str(tmp_path / "x.safetensors"), check=False)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    no_cond = _cli("generate", "--model", str(tmp_path / "m.safetensors"), "--height", "64", "--width", "64",
+                   "--out", str(tmp_path / "x.safetensors"), check=False)
+    assert no_cond.returncode == 2 and "--cond" in no_cond.stderr
