@@ -70,10 +70,11 @@ class ParallelConfig:
                              f"ring, {alternative(world_size, num_heads, image_tokens)}")
         split = self.sequence_degree * self.patches
         if image_tokens % split:
+            fit = suggest(world_size, num_heads, image_tokens)
             raise ValueError(f"{image_tokens} image tokens (latent h/2 * w/2) do not split evenly into ring "
                              f"{self.ring_degree} x ulysses {self.ulysses_degree} x patches {self.patches} = {split} "
-                             f"pieces; choose a width and height whose token count is a multiple of {split}, or "
-                             f"other degrees, {alternative(world_size, num_heads, image_tokens)}")
+                             f"pieces; choose a width and height whose token count is a multiple of {split}"
+                             + (f", or other degrees, e.g. {fit.describe()}" if fit is not None else ""))
         if self.cfg_degree == 2 and cfg == 1.0:
             raise ValueError("cfg_degree 2 runs the positive and negative CFG branches on two rank groups, but cfg is "
                              "1.0, where ComfyUI skips the negative branch; set cfg != 1.0 with a negative prompt, "

@@ -156,6 +156,17 @@ def generate_local_many(requests: Sequence[GenerationRequest], timeout: float = 
     return run_ranks(sizes.pop(), generate_requests, (list(requests),), timeout)
 
 
+def stop_fork_server() -> None:
+    """Stop the fork server (it otherwise lives, idle, until this process exits), e.g. after a test."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or not hasattr(server, "_stop"):
+        logger.warning("this Python's multiprocessing has no way to stop the fork server; it exits with us")
+        return
+    server._stop()
+
+
 def generate_local(request: GenerationRequest, timeout: float = RUN_TIMEOUT_S) -> torch.Tensor:
     """Rank 0's LATENT for ``request`` sampled on ``request.parallel.world_size`` local CPU processes."""
     return generate_local_many([request], timeout)[0].latent

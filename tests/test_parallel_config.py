@@ -1,0 +1,61 @@
+"""ParallelConfig: derived sizes, and every bad fit raises a ValueError that names the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from comfyui_xdit.parallel_config import ParallelConfig, suggest
+
+HEADS, TOKENS = 8, 64  # tiny:flux on a 16x16 latent
+
+
+def test_world_size_and_patches() -> None:
+    config = ParallelConfig(cfg_degree=2, pipefusion_degree=2, ring_degree=2, ulysses_degree=2)
+    assert config.world_size == 16 and config.sequence_degree == 4 and config.patches == 2
+    assert ParallelConfig(pipefusion_degree=2, num_patches=4).patches == 4
+    assert ParallelConfig().is_serial
+
+
+@pytest.mark.parametrize("config", [ParallelConfig(ulysses_degree=8), ParallelConfig(ring_degree=2, ulysses_degree=4),
+                                    ParallelConfig(cfg_degree=2, ring_degree=4)])
+def test_good_configs_pass(config: ParallelConfig) -> None:
+    config.validate_for(8, HEADS, TOKENS, cfg=3.0)
+
+
+def test_world_mismatch_names_a_fitting_config() -> None:
+    with pytest.raises(ValueError, match=r"needs 2 ranks but the world has 4.*e\.g\. .*ulysses 4"):
+        ParallelConfig(ulysses_degree=2).validate_for(4, HEADS, TOKENS, cfg=1.0)
+
+
+def test_heads_not_divisible_by_ulysses() -> None:
+    with pytest.raises(ValueError, match=r"ulysses_degree 3 does not divide the model's 8 attention heads.*\[1, 2, 4, 8\]"):
+        ParallelConfig(ulysses_degree=3).validate_for(3, HEADS, 48, cfg=1.0)
+
+
+def test_tokens_not_divisible() -> None:
+    with pytest.raises(ValueError, match=r"66 image tokens .* ring 4 x ulysses 1 x patches 1 = 4 .*multiple of 4"):
+        ParallelConfig(ring_degree=4).validate_for(4, HEADS, 66, cfg=1.0)
+    with pytest.raises(ValueError, match=r"= 16 pieces.*multiple of 16, or other degrees, e\.g\. .*ulysses 8"):
+        ParallelConfig(pipefusion_degree=2, ring_degree=2, ulysses_degree=2, num_patches=4).validate_for(
+            8, HEADS, 72, cfg=1.0)
+
+
+def test_patches_below_pipefusion() -> None:
+    with pytest.raises(ValueError, match=r"num_patches 2 < pipefusion_degree 4.*--patches\) to at least 4"):
+        ParallelConfig(pipefusion_degree=4, num_patches=2)
+
+
+def test_cfg_parallel_needs_cfg() -> None:
+    with pytest.raises(ValueError, match=r"cfg is 1\.0.*set cfg != 1\.0.*drop CFG parallel"):
+        ParallelConfig(cfg_degree=2).validate_for(2, HEADS, TOKENS, cfg=1.0)
+
+
+@pytest.mark.parametrize("kwargs", [{"cfg_degree": 3}, {"ring_degree": 0}, {"warmup_steps": -1}])
+def test_bad_degrees(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        ParallelConfig(**kwargs)
+
+
+def test_suggest_prefers_ulysses_within_heads() -> None:
+    assert suggest(8, 4, 64) == ParallelConfig(ring_degree=2, ulysses_degree=4)
+    assert suggest(3, 8, 64) is None
