@@ -48,6 +48,7 @@ class RankWorker:
         self.engine_key: Optional[tuple[str, str, ParallelConfig]] = None
         self.engine: Any = None
         self.busy = False
+        self.weights_how: Optional[str] = None
 
     # ---- identity -----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -62,7 +63,7 @@ class RankWorker:
     def ping(self) -> dict[str, Any]:
         rank = self.setup_info.rank if self.setup_info else None
         model = self.model_key[0] if self.model_key else None
-        return {"rank": rank, "busy": self.busy, "model": model, "device": str(self.device)}
+        return {"rank": rank, "busy": self.busy, "model": model, "device": str(self.device), "weights": self.weights_how}
 
     def has_file(self, ref: ModelRef, models_folder: Optional[str]) -> Optional[str]:
         return find_local(ref, models_folder)
@@ -119,7 +120,7 @@ class RankWorker:
                 state = ray.get(source.shipped)
                 self.adapter = FluxAdapter.from_state_dict(dict(state), ref.torch_dtype, self.device,
                                                            source=f"{ref.path!r} (object store)")
-            self.model_key = key
+            self.model_key, self.weights_how = key, source.how
         if self.engine_key != (*key, parallel):
             self.engine = engine_bridge.build_engine(self.adapter, parallel, info.rank)
             self.engine_key = (*key, parallel)
@@ -143,8 +144,10 @@ class RankWorker:
 
         self.busy = True
         try:
-            latent = self.engine.generate(request, on_step=on_step if info.rank == 0 else None,
-                                          should_stop=should_stop)
+            # Rank 0 asks the channel; the engine makes every rank agree on the step (a tiny all-reduce).
+            first = info.rank == 0
+            latent = self.engine.generate(request, on_step=on_step if first else None,
+                                          should_stop=should_stop if first else None)
         except Exception:
             logger.exception("rank %d failed in generate", info.rank)
             raise

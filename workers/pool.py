@@ -250,14 +250,14 @@ class XDiTPool:
             refs = [a.ping.remote() for a in world.actors]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.settings.timeouts.rpc_s)
             for info, ref in zip(world.ranks, refs):
-                state, model = "no answer", None
+                state, model, weights = "no answer", None, None
                 if ref in ready:
                     try:
                         answer = ray.get(ref, timeout=1.0)
-                        state, model = ("busy" if answer["busy"] else "idle"), answer["model"]
+                        state, model, weights = ("busy" if answer["busy"] else "idle"), answer["model"], answer["weights"]
                     except Exception:  # noqa: BLE001 - a dead actor is a status, not an error
                         state = "dead"
-                ranks.append(RankStatus(info.rank, info.host, info.pid, info.device, state, model))
+                ranks.append(RankStatus(info.rank, info.host, info.pid, info.device, state, model, weights))
         running = self._running
         layout = world.loaded[2].describe() if world is not None and world.loaded else None
         assert self._runtime is not None

@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass
 
 from .errors import PoolUnreachable
-from .security import embedded_init_kwargs, refuse_disabled_auth, require_token_auth
+from .security import embedded_init_kwargs, loopback_runtime, refuse_disabled_auth, require_token_auth
 from .settings import PoolSettings
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ def start_or_join(settings: PoolSettings) -> RayRuntime:
         return RayRuntime(address=str(ray.get_runtime_context().gcs_address), owned=False)
     runtime_env = code_runtime_env() if settings.sends_code else None
     if settings.embedded:
-        ray.init(**embedded_init_kwargs(settings), runtime_env=runtime_env)
+        with loopback_runtime():
+            ray.init(**embedded_init_kwargs(settings), runtime_env=runtime_env)
     else:
         probe(settings.address, settings.timeouts.connect_s)
         ray.init(address=settings.address, namespace=settings.namespace, runtime_env=runtime_env)

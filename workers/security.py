@@ -1,26 +1,50 @@
-"""Security of the Ray runtime the pool uses: token authentication always on, loopback where Ray allows.
+"""Security of the Ray runtime the pool uses: token authentication always on, loopback when embedded.
 
-Measured with Ray 2.60.0 (read in ``ray/_private/services.py``, ``parameter.py`` and the gcs/raylet
-binaries): ``_node_ip_address="127.0.0.1"`` makes Ray advertise and connect over loopback and binds
-the dashboard agent's HTTP port there, but the C++ gRPC servers (gcs_server, raylet, every core
-worker) always bind all interfaces (``GetAllInterfacesIP()``: ``::``/``0.0.0.0``) and there is no
-setting to change that; the dashboard agent's gRPC port and the runtime-env agent also listen beyond
-loopback. What protects those ports is Ray's token authentication: every gRPC and HTTP call must
-carry the cluster token (``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN``). So the pool refuses to run
-unless token authentication is on, and a test checks that every non-loopback listener of the
-embedded runtime rejects a call without the token.
+Measured with Ray 2.60.0 (``ray/_private/worker.py``, ``services.py``, ``ray_constants.py``,
+``dashboard/head.py``, ``autoscaler/_private/monitor.py``): ``ray.init(_node_ip_address="127.0.0.1")``
+is not enough, because ``resolve_ip_for_localhost`` swaps loopback for the machine's address on
+Linux, and every server then binds all interfaces (gcs_server, raylet and workers on ``::``, the
+metrics servers on ``0.0.0.0``, the runtime-env agent on the machine's address). Ray keeps loopback
+only when its cluster mode is off (``ENABLE_RAY_CLUSTER``, the ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``
+switch it uses for laptops): then the node address stays 127.0.0.1, the C++ gRPC servers bind
+loopback, and the metrics servers bind ``get_localhost_ip()``. ``loopback_runtime`` turns that mode
+off for the duration of the embedded ``ray.init`` only (the children inherit it; later connections
+to real clusters in this process are unaffected). On top of that, token authentication stays on
+(Ray's default since 2.52: ``~/.ray/auth_token``); the pool refuses to start or join without it.
+A test lists the listening sockets of every process of the embedded runtime and fails on any
+non-loopback one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import InsecureCluster
 from .settings import PoolSettings
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 LOOPBACK = "127.0.0.1"
+CLUSTER_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_runtime() -> Iterator[None]:
+    """Within: a new local Ray node keeps 127.0.0.1 as its address, so its servers bind loopback."""
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(CLUSTER_MODE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[CLUSTER_MODE_ENV] = "0"  # read by Ray's child processes
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read by this process (the env var was read at import)
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(CLUSTER_MODE_ENV, None)
+        else:
+            os.environ[CLUSTER_MODE_ENV] = saved_env
 
 
 def embedded_init_kwargs(settings: PoolSettings) -> dict[str, Any]:

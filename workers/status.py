@@ -24,6 +24,7 @@ class RankStatus:
     device: str
     state: str  # "idle", "busy", "dead" or "no answer"
     model: Optional[str]
+    weights: Optional[str] = None  # how the model reached this rank: local file, object store, built in
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class PoolStatus:
         lines.append(f"ranks: {len(self.ranks)}" + (f" ({self.layout})" if self.layout else " (created on the first job)"))
         for r in self.ranks:
             lines.append(f"  rank {r.rank:<3} {r.host:<16} pid {r.pid:<8} {r.device:<8} {r.state:<9} "
-                         f"model {r.model or '-'}")
+                         f"model {r.model or '-'}" + (f" ({r.weights})" if r.weights else ""))
         lines.append(f"jobs: {'running ' + self.running if self.running else 'none running'}, {self.queued} queued")
         return "\n".join(lines)
 
