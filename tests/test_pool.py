@@ -1,0 +1,156 @@
+"""The embedded pool on CPU ranks: one local Ray runtime for the whole module (2 CPU ranks)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import torch
+
+from comfyui_xdit.engine import Engine
+from comfyui_xdit.model_loader import load_model, tiny_conditioning
+from comfyui_xdit.models.flux_checkpoint import NAMED_SPECS, write_random_flux
+from comfyui_xdit.parallel_config import ParallelConfig
+from comfyui_xdit.request import GenerationRequest, ModelRef
+from comfyui_xdit.sampling import GenerationCancelled
+from workers import JobState, ModelMissing, NotEnoughDevices, PoolSettings, WorkerLost, XDiTPool
+
+TINY = ModelRef("tiny:flux")
+SETTINGS = PoolSettings(embedded_num_cpus=2, timeouts=__import__("workers").Timeouts(step_s=120, start_s=120))
+
+
+def request(steps: int = 3, seed: int = 0, size: int = 16, parallel: ParallelConfig = ParallelConfig(),
+            model: ModelRef = TINY) -> GenerationRequest:
+    positive, _ = tiny_conditioning(TINY, seed)
+    return GenerationRequest(model=model, latent=torch.zeros(1, 16, size, size), positive=positive, seed=seed,
+                             steps=steps, parallel=parallel)
+
+
+def serial(req: GenerationRequest) -> torch.Tensor:
+    return Engine(load_model(TINY)).generate(req)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    pool = XDiTPool(SETTINGS)
+    try:
+        pool.start()
+        yield pool
+    finally:
+        pool.shutdown()
+
+
+def rank_pids(pool: XDiTPool) -> list[int]:
+    return [r.pid for r in pool.status().ranks]
+
+
+def test_events_stream_and_latent_equals_serial(pool: XDiTPool) -> None:
+    req = request(steps=3, seed=5)
+    job = pool.submit(req)
+    events = list(job.events(timeout=120))
+    latent = job.result(timeout=60)
+    assert [(e.step, e.total) for e in events] == [(1, 3), (2, 3), (3, 3)]
+    assert all(e.preview is not None and e.preview.shape == (1, 16, 16, 16) for e in events)
+    torch.testing.assert_close(latent, serial(req))
+    assert job.state is JobState.DONE
+    status = pool.status()
+    assert [(r.rank, r.state, r.model) for r in status.ranks] == [(0, "idle", "tiny:flux")]
+    assert "rank 0" in status.format() and status.auth == "token"
+
+
+def test_every_listening_socket_is_loopback_and_auth_is_on(pool: XDiTPool) -> None:
+    me = psutil.Process()
+    listening = []
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            connections = process.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        listening += [(process.name(), c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN]
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, f"Ray's processes not found among {names}"
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip.split("%")[0])
+        mapped = getattr(address, "ipv4_mapped", None)
+        return (mapped or address).is_loopback
+
+    exposed = [entry for entry in listening if not loopback(entry[1])]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    assert pool.status().auth == "token"
+
+
+def test_two_jobs_queue_in_order(pool: XDiTPool) -> None:
+    first, second = pool.submit(request(steps=3, seed=1)), pool.submit(request(steps=2, seed=2))
+    a, b = first.result(timeout=120), second.result(timeout=120)
+    torch.testing.assert_close(b, serial(request(steps=2, seed=2)))
+    assert not torch.equal(a, b) and first.state is second.state is JobState.DONE
+
+
+def test_not_enough_devices_names_the_numbers(pool: XDiTPool) -> None:
+    job = pool.submit(request(parallel=ParallelConfig(ulysses_degree=2, pipefusion_degree=2)))
+    with pytest.raises(NotEnoughDevices, match="needs 4 devices, the cluster has 2"):
+        job.result(timeout=60)
+    assert pool.submit(request(steps=1)).result(timeout=120) is not None
+
+
+def test_model_file_and_missing_file(pool: XDiTPool, tmp_path) -> None:
+    path = tmp_path / "tiny-flux.safetensors"
+    write_random_flux(str(path), NAMED_SPECS["flux"], seed=0)
+    req = request(steps=2, model=ModelRef(str(path)))
+    torch.testing.assert_close(pool.submit(req).result(timeout=120), serial(request(steps=2)))
+    assert pool.status().ranks[0].weights == f"local file {path}"
+    missing = pool.submit(request(model=ModelRef(str(tmp_path / "nowhere.safetensors"))))
+    with pytest.raises(ModelMissing, match=r"missing on host\(s\) 127.0.0.1 .*and on this machine"):
+        missing.result(timeout=60)
+
+
+def test_sequence_parallel_world_matches_serial_and_cancel_stops_all_ranks(pool: XDiTPool) -> None:
+    parallel = ParallelConfig(ulysses_degree=2)
+    req = request(steps=3, seed=3, parallel=parallel)
+    torch.testing.assert_close(pool.submit(req).result(timeout=180), serial(request(steps=3, seed=3)),
+                               rtol=1e-4, atol=1e-4)
+    long = pool.submit(request(steps=500, seed=4, parallel=parallel))
+    seen = []
+    for event in long.events(timeout=120):
+        seen.append(event.step)
+        if event.step == 2:
+            long.cancel()
+    with pytest.raises(GenerationCancelled):
+        long.result(timeout=60)
+    assert long.state is JobState.CANCELLED and max(seen) < 10  # stopped within a step or two
+    assert [r.state for r in pool.status().ranks] == ["idle", "idle"]  # both ranks left the job
+    torch.testing.assert_close(pool.submit(req).result(timeout=120), serial(request(steps=3, seed=3)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_killed_worker_is_retried_once_on_a_rebuilt_world(pool: XDiTPool) -> None:
+    pool.submit(request(steps=1)).result(timeout=120)  # world of one rank
+    pid = rank_pids(pool)[0]
+    req = request(steps=8, seed=6)
+    job = pool.submit(req)
+    next(iter(job.events(timeout=120)))
+    os.kill(pid, signal.SIGKILL)
+    torch.testing.assert_close(job.result(timeout=180), serial(req))
+    assert job.attempts == 2 and rank_pids(pool)[0] != pid
+
+
+def test_killed_worker_without_retry_fails_naming_rank_and_host(pool: XDiTPool) -> None:
+    no_retry = XDiTPool(PoolSettings(retry_once=False, timeouts=SETTINGS.timeouts))  # shares the runtime
+    try:
+        no_retry.submit(request(steps=1)).result(timeout=120)
+        pid = rank_pids(no_retry)[0]
+        job = no_retry.submit(request(steps=200, seed=7))
+        next(iter(job.events(timeout=120)))
+        started = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerLost, match=r"rank 0 on host 127.0.0.1 .*pid \d+\) failed in generate"):
+            job.result(timeout=60)
+        assert time.monotonic() - started < 30
+        torch.testing.assert_close(no_retry.submit(request(steps=2)).result(timeout=120), serial(request(steps=2)))
+    finally:
+        no_retry.shutdown()
