@@ -257,7 +257,8 @@ class XDiTPool:
                         state, model, weights = ("busy" if answer["busy"] else "idle"), answer["model"], answer["weights"]
                     except Exception:  # noqa: BLE001 - a dead actor is a status, not an error
                         state = "dead"
-                ranks.append(RankStatus(info.rank, info.host, info.pid, info.device, state, model, weights))
+                ranks.append(RankStatus(info.rank, info.host, info.pid, info.device, state, model, weights,
+                                        info.node_id))
         running = self._running
         layout = world.loaded[2].describe() if world is not None and world.loaded else None
         assert self._runtime is not None

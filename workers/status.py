@@ -25,6 +25,7 @@ class RankStatus:
     state: str  # "idle", "busy", "dead" or "no answer"
     model: Optional[str]
     weights: Optional[str] = None  # how the model reached this rank: local file, object store, built in
+    node_id: str = ""
 
 
 @dataclass(frozen=True)
