@@ -1,0 +1,25 @@
+"""Run ComfyUI's main.py as a user without ``pip install -e .`` of this repo would: the editable
+finder and any path into this checkout are removed before ComfyUI starts, so the plugin copy in
+custom_nodes/ must bring its own packages. Usage: python run_without_editable.py MAIN.py ARGS..."""
+
+import os
+import runpy
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
+                        and "editable" not in type(f).__module__ and "editable" not in repr(f)]
+    script = os.path.abspath(sys.argv[1])
+    sys.path[:] = [os.path.dirname(script)] + [p for p in sys.path[1:]
+                                               if p and not os.path.abspath(p).startswith(REPO)]
+    for name in [m for m in sys.modules if m.split(".")[0] in ("comfyui_xdit", "workers")]:
+        del sys.modules[name]
+    sys.argv = sys.argv[1:]
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
