@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from comfyui_xdit.parallel.launch import run_ranks, stop_fork_server
+from comfyui_xdit.parallel.launch import run_ranks, stop_helper_processes
 from comfyui_xdit.parallel.mesh import AXES, DEFAULT_GROUP_AXES, Mesh, RankCoords, groups_along, rank_grid
 from comfyui_xdit.parallel_config import ParallelConfig
 
@@ -71,7 +71,7 @@ def check_groups(rank: int, world_size: int, configs: list[ParallelConfig]) -> l
 @pytest.fixture(scope="module", autouse=True)
 def _stop_forkserver() -> Iterator[None]:
     yield
-    stop_fork_server()
+    stop_helper_processes()
 
 
 def test_groups_on_four_ranks() -> None:

@@ -11,7 +11,7 @@ from yunchang.kernels import AttnType, select_flash_attn_impl
 
 from comfyui_xdit.attention import sdpa
 from comfyui_xdit.parallel.attention_kernels import cpu_flash_kernel, kernel_for, math_kernel, verify_lse
-from comfyui_xdit.parallel.launch import run_ranks, stop_fork_server
+from comfyui_xdit.parallel.launch import run_ranks, stop_helper_processes
 from comfyui_xdit.parallel.mesh import SEQUENCE_AXES, Mesh
 from comfyui_xdit.parallel.sequence_parallel import SequenceShard
 from comfyui_xdit.parallel.usp_attention import USPAttention, ring_attention
@@ -86,7 +86,7 @@ def usp_errors(rank: int, world_size: int, cases: list[tuple[ParallelConfig, int
 @pytest.fixture(scope="module", autouse=True)
 def _stop_forkserver() -> Iterator[None]:
     yield
-    stop_fork_server()
+    stop_helper_processes()
 
 
 def test_usp_equals_full_attention_on_four_ranks() -> None:

@@ -156,15 +156,16 @@ def generate_local_many(requests: Sequence[GenerationRequest], timeout: float = 
     return run_ranks(sizes.pop(), generate_requests, (list(requests),), timeout)
 
 
-def stop_fork_server() -> None:
-    """Stop the fork server (it otherwise lives, idle, until this process exits), e.g. after a test."""
-    from multiprocessing import forkserver
+def stop_helper_processes() -> None:
+    """Stop multiprocessing's fork server and resource tracker, which otherwise live, idle, until this
+    process exits (e.g. at the end of a test module). Both restart on the next ``run_ranks``."""
+    from multiprocessing import forkserver, resource_tracker
 
-    server = getattr(forkserver, "_forkserver", None)
-    if server is None or not hasattr(server, "_stop"):
-        logger.warning("this Python's multiprocessing has no way to stop the fork server; it exits with us")
-        return
-    server._stop()
+    for helper in (getattr(forkserver, "_forkserver", None), getattr(resource_tracker, "_resource_tracker", None)):
+        if helper is None or not hasattr(helper, "_stop"):
+            logger.warning("cannot stop multiprocessing helper %r on this Python; it exits with this process", helper)
+            continue
+        helper._stop()
 
 
 def generate_local(request: GenerationRequest, timeout: float = RUN_TIMEOUT_S) -> torch.Tensor:
