@@ -9,22 +9,9 @@ from comfy_api.latest import io
 from .comfy_types import CATEGORY, XDiTPoolType
 from .handles import PoolHandle
 from .pool_access import registry
+from .validation import check_address
 
 logger = logging.getLogger(__name__)
-
-
-def check_address(address: str) -> str | None:
-    """None when ``address`` is blank, ``auto`` or HOST:PORT; otherwise what to type instead."""
-    value = address.strip()
-    if not value or value == "auto":
-        return None
-    host, sep, port = value.rpartition(":")
-    if value.startswith("ray://"):
-        host, sep, port = value[len("ray://"):].rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return (f"ray_address {address!r} is not HOST:PORT; give the head's address as printed by "
-                "`ray start --head` (e.g. 192.168.1.10:6379), or leave it blank for the embedded local pool")
-    return None
 
 
 class XDiTPool(io.ComfyNode):

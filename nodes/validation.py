@@ -1,0 +1,73 @@
+"""Checks and conversions of node widget values (pure: no ComfyUI import, unit-tested directly).
+
+Each check returns None when the values are fine, else a message naming the fix, which the nodes'
+``validate_inputs`` hand to ComfyUI so a bad combination is reported before anything runs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from comfyui_xdit.parallel_config import ParallelConfig
+
+from .handles import PoolHandle
+from .model_files import flux_heads
+
+WEIGHT_DTYPES = ["default", "fp32", "bf16", "fp16"]
+MAX_DEGREE = 64
+
+
+def parallel_config(ulysses_degree: int, ring_degree: int, pipefusion_degree: int, num_patches: int,
+                    warmup_steps: int, cfg_parallel: bool) -> ParallelConfig:
+    """The node's widgets -> ``ParallelConfig`` (``num_patches`` 0 = one patch per PipeFusion stage)."""
+    return ParallelConfig(cfg_degree=2 if cfg_parallel else 1, pipefusion_degree=int(pipefusion_degree),
+                          ring_degree=int(ring_degree), ulysses_degree=int(ulysses_degree),
+                          num_patches=int(num_patches) if num_patches else None, warmup_steps=int(warmup_steps))
+
+
+def check_config(unet_path: Optional[str], unet_name: str, **degrees) -> Optional[str]:
+    """None when the widgets make a config that fits the file; otherwise the message naming the fix."""
+    if unet_path is None:
+        return (f"unet_name {unet_name!r} is not in models/diffusion_models; put the Flux .safetensors file there "
+                "and press R in the UI to refresh the list")
+    if degrees["num_patches"] < 0:
+        return f"num_patches must be 0 (one per PipeFusion stage) or positive, got {degrees['num_patches']}"
+    for name in ("ulysses_degree", "ring_degree", "pipefusion_degree"):
+        if not 1 <= degrees[name] <= MAX_DEGREE:
+            return f"{name} must be between 1 and {MAX_DEGREE}, got {degrees[name]}"
+    try:
+        config = parallel_config(**degrees)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        heads = flux_heads(unet_path)
+    except (OSError, ValueError) as exc:
+        return f"cannot read {unet_name!r}: {exc}"
+    if heads is not None and heads % config.ulysses_degree:
+        usable = [d for d in range(1, heads + 1) if heads % d == 0]
+        return (f"ulysses_degree {config.ulysses_degree} does not divide the model's {heads} attention heads; use "
+                f"one of {usable} and put the remaining GPUs on ring_degree")
+    return None
+
+
+def resolve_dtype(weight_dtype: str, pool: PoolHandle) -> str:
+    """``default``: bf16 where the ranks are GPUs (a cluster, or a local GPU), fp32 on CPU ranks."""
+    if weight_dtype != "default":
+        return weight_dtype
+    return "bf16" if pool.address is not None or torch.cuda.is_available() else "fp32"
+
+
+def check_address(address: str) -> Optional[str]:
+    """None when ``address`` is blank, ``auto`` or HOST:PORT; otherwise what to type instead."""
+    value = address.strip()
+    if not value or value == "auto":
+        return None
+    host, sep, port = value.rpartition(":")
+    if value.startswith("ray://"):
+        host, sep, port = value[len("ray://"):].rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return (f"ray_address {address!r} is not HOST:PORT; give the head's address as printed by "
+                "`ray start --head` (e.g. 192.168.1.10:6379), or leave it blank for the embedded local pool")
+    return None

@@ -1,0 +1,166 @@
+"""The nodes' pure pieces without ComfyUI: conversions, widget checks, the job relay loop."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfyui_xdit.sampling import StepEvent
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_nodes_package():
+    """Import our ``nodes/`` under another name: ComfyUI's own top-level ``nodes`` module may be importable."""
+    name = "xdit_nodes_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "nodes" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "nodes")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return name
+
+
+PKG = load_nodes_package()
+convert = importlib.import_module(f"{PKG}.convert")
+validation = importlib.import_module(f"{PKG}.validation")
+progress = importlib.import_module(f"{PKG}.progress")
+handles = importlib.import_module(f"{PKG}.handles")
+
+
+def flux_cond(guidance=3.5, **extra):
+    return [[torch.randn(1, 8, 4096), {"pooled_output": torch.randn(1, 768), "guidance": guidance, **extra}]]
+
+
+def test_conditioning_conversion() -> None:
+    cond = convert.to_conditioning(flux_cond(2.0), "positive")
+    assert cond.context.shape == (1, 8, 4096) and cond.pooled.shape == (1, 768) and cond.guidance == 2.0
+    value = flux_cond()
+    del value[0][1]["guidance"]
+    assert convert.to_conditioning(value, "positive").guidance == 3.5  # ComfyUI's Flux default
+    assert convert.to_conditioning(flux_cond(None), "positive").guidance is None  # FluxDisableGuidance
+
+
+@pytest.mark.parametrize("value, words", [
+    (flux_cond() + flux_cond(), "one conditioning entry"),
+    (flux_cond(area=(8, 8, 0, 0)), "area"),
+    ([[torch.randn(1, 8, 4096), {}]], "pooled_output"),
+    ("text", "CONDITIONING"),
+])
+def test_conditioning_refused_with_the_fix(value, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        convert.to_conditioning(value, "positive")
+
+
+def test_latent_conversion_keeps_the_input_untouched() -> None:
+    latent = {"samples": torch.zeros(1, 16, 16, 16), "extra": 1}
+    out = convert.to_latent_output(latent, torch.ones(1, 16, 16, 16))
+    assert latent["samples"].sum() == 0 and out["samples"].sum() > 0 and out["extra"] == 1
+    assert convert.image_tokens(latent["samples"]) == 64
+    with pytest.raises(ValueError, match="noise mask"):
+        convert.to_latent_tensor({"samples": torch.zeros(1, 16, 8, 8), "noise_mask": torch.ones(1, 8, 8)})
+    with pytest.raises(ValueError, match="batch_index"):
+        convert.to_latent_tensor({"samples": torch.zeros(1, 16, 8, 8), "batch_index": [0]})
+
+
+@pytest.fixture(scope="module")
+def flux_header_file(tmp_path_factory) -> Path:
+    """A file with only Flux's img_in weight: enough for the header-based head count (3072 / 128 = 24)."""
+    path = tmp_path_factory.mktemp("models") / "flux-header.safetensors"
+    save_file({"img_in.weight": torch.zeros(3072, 64, dtype=torch.float16)}, str(path))
+    return path
+
+
+def degrees(**overrides) -> dict:
+    base = dict(ulysses_degree=1, ring_degree=1, pipefusion_degree=1, num_patches=0, warmup_steps=1,
+                cfg_parallel=False)
+    return {**base, **overrides}
+
+
+def test_check_config_accepts_good_degrees(flux_header_file: Path) -> None:
+    for good in (degrees(), degrees(ulysses_degree=3, ring_degree=2), degrees(pipefusion_degree=2, num_patches=4),
+                 degrees(cfg_parallel=True, ulysses_degree=8)):
+        assert validation.check_config(str(flux_header_file), "f", **good) is None, good
+    assert validation.parallel_config(**degrees(cfg_parallel=True, pipefusion_degree=2)).world_size == 4
+
+
+@pytest.mark.parametrize("bad, words", [
+    (degrees(ulysses_degree=5), ["ulysses_degree 5", "24 attention heads", "ring_degree"]),
+    (degrees(pipefusion_degree=2, num_patches=1), ["num_patches", "at least"]),
+    (degrees(num_patches=-1), ["num_patches"]),
+    (degrees(ring_degree=0), ["ring_degree", "between 1"]),
+    (degrees(warmup_steps=-1), ["warmup_steps"]),
+])
+def test_check_config_names_the_fix(flux_header_file: Path, bad: dict, words: list[str]) -> None:
+    message = validation.check_config(str(flux_header_file), "f", **bad)
+    assert message is not None and all(w in message for w in words), message
+
+
+def test_check_config_missing_file() -> None:
+    message = validation.check_config(None, "nope.safetensors", **degrees())
+    assert "models/diffusion_models" in message
+
+
+def test_check_address_and_dtype() -> None:
+    for ok in ("", "  ", "auto", "10.0.0.2:6379", "ray://head:10001", "head.local:6379"):
+        assert validation.check_address(ok) is None, ok
+    for bad in ("10.0.0.2", "head:port", ":6379", "head:70000"):
+        assert "HOST:PORT" in validation.check_address(bad), bad
+    remote = handles.PoolHandle(address="10.0.0.2:6379")
+    assert validation.resolve_dtype("default", remote) == "bf16"
+    assert validation.resolve_dtype("fp16", handles.PoolHandle()) == "fp16"
+
+
+class FakeJob:
+    """Enough of workers.Job for the relay loop: events, wait, result, cancel."""
+
+    def __init__(self, events, stop_after=None) -> None:
+        self._events = list(events)
+        self._done = threading.Event()
+        self.cancelled = False
+        self.stop_after = stop_after
+        self.latent = torch.ones(1, 16, 2, 2)
+
+    def poll_events(self):
+        out, self._events = self._events[:1], self._events[1:]
+        if not self._events and self.stop_after is None:
+            self._done.set()
+        return out
+
+    def wait(self, timeout=None) -> bool:
+        return self._done.wait(0.001)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._done.set()
+
+    def result(self, timeout=None):
+        return self.latent
+
+
+def test_drive_job_relays_every_event_and_returns_the_latent() -> None:
+    events = [StepEvent(i, 3) for i in (1, 2, 3)]
+    seen = []
+    job = FakeJob(events)
+    latent = progress.drive_job(job, seen.append, interrupted=lambda: False, on_interrupt=lambda: None, poll_s=0)
+    assert [e.step for e in seen] == [1, 2, 3] and latent is job.latent
+
+
+def test_drive_job_cancels_on_interrupt() -> None:
+    class Interrupted(Exception):
+        pass
+
+    def raise_interrupt() -> None:
+        raise Interrupted()
+
+    job = FakeJob([StepEvent(1, 100)], stop_after=1)
+    with pytest.raises(Interrupted):
+        progress.drive_job(job, lambda e: None, interrupted=lambda: True, on_interrupt=raise_interrupt, poll_s=0)
+    assert job.cancelled
