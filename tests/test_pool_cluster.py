@@ -36,10 +36,12 @@ def request(steps: int, seed: int = 0, parallel: ParallelConfig = ParallelConfig
 @pytest.fixture(scope="module")
 def cluster_pool():
     import ray
+    from ray._raylet import Config
     from ray.cluster_utils import Cluster
 
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "token"  # the token in ~/.ray; the pool refuses clusters without one
+    Config.initialize("")  # this process re-reads the mode, as `ray.init` does when it turns token auth on
     cluster, pool = None, None
     try:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
@@ -59,6 +61,7 @@ def cluster_pool():
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = saved
+        Config.initialize("")
 
 
 def test_ulysses_groups_stay_on_a_host_pipefusion_groups_cross(cluster_pool) -> None:
