@@ -61,8 +61,9 @@ def check_groups(rank: int, world_size: int, configs: list[ParallelConfig]) -> l
             dist.all_reduce(value, group=group)
             if value.item() != sum(row) or dist.get_rank(group) != mesh.index(axes):
                 problems.append(f"{config.describe()} {axes} rank {rank}: sum {value.item()} != {sum(row)}")
-        if mesh.peer("pipefusion", 1) != mesh.rank_at(pipefusion=(mesh.coords.pipefusion + 1) % config.pipefusion_degree):
-            problems.append("peer")
+        next_stage = (mesh.coords.pipefusion + 1) % config.pipefusion_degree
+        if mesh.peer("pipefusion", 1) != mesh.rank_at(pipefusion=next_stage):
+            problems.append(f"{config.describe()} rank {rank}: peer")
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, problems)
     return [p for per_rank in gathered for p in per_rank]

@@ -28,7 +28,8 @@ def test_world_mismatch_names_a_fitting_config() -> None:
 
 
 def test_heads_not_divisible_by_ulysses() -> None:
-    with pytest.raises(ValueError, match=r"ulysses_degree 3 does not divide the model's 8 attention heads.*\[1, 2, 4, 8\]"):
+    with pytest.raises(ValueError,
+                       match=r"ulysses_degree 3 does not divide the model's 8 attention heads.*\[1, 2, 4, 8\]"):
         ParallelConfig(ulysses_degree=3).validate_for(3, HEADS, 48, cfg=1.0)
 
 

@@ -53,8 +53,9 @@ def expected_bytes(config: ParallelConfig, batch: int) -> dict[str, int]:
     branches = 1 if config.cfg_degree == 2 else 2  # forwards this rank runs per step
     out = {"control": FP32}
     if u > 1:  # q, k, v, out all-to-all (keeping 1/u) + the text output all-gathered over heads
-        per_layer = 4 * batch * local * HEADS * HEAD_DIM * FP32 * (u - 1) // u + (u - 1) * batch * TEXT * (HEADS // u) * HEAD_DIM * FP32
-        out["ulysses"] = LAYERS * branches * per_layer
+        all_to_all = 4 * batch * local * HEADS * HEAD_DIM * FP32 * (u - 1) // u
+        text_gather = (u - 1) * batch * TEXT * (HEADS // u) * HEAD_DIM * FP32
+        out["ulysses"] = LAYERS * branches * (all_to_all + text_gather)
     if r > 1:  # image k and v (u shards after Ulysses, h/u heads) to the next rank, r - 1 times
         out["ring"] = LAYERS * branches * (r - 1) * 2 * batch * local * u * (HEADS // u) * HEAD_DIM * FP32
     if r * u > 1:  # velocity shard all-gathered over the sequence group

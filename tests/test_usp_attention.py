@@ -20,7 +20,8 @@ from comfyui_xdit.parallel_config import ParallelConfig
 B, TEXT, IMAGE, HEADS, DIM = 2, 8, 48, 8, 16
 
 
-def yunchang_torch_math(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def yunchang_torch_math(query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """yunchang's only CPU kernel: right output, but a log-sum-exp of zeros."""
     fn = select_flash_attn_impl(AttnType.TORCH_MATH, stage="fwd-only")
     return fn(query, key, value, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
