@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..attention import AttentionBackend
 from ..conditioning import Conditioning
 from ..models.flux import FluxAdapter
 from ..parallel_config import ParallelConfig
@@ -58,15 +59,13 @@ class ParallelEngine:
         self.parallel.validate_for(self.mesh.world_size, self.adapter.num_heads, plan.x.shape[1], request.cfg)
         if plan.total_steps == 0:  # denoise == 0: ComfyUI hands the input back untouched
             return request.latent.clone()
-        with self._attention(USPAttention.for_device(
-                self.mesh.group(("ulysses",)), self.mesh.group(("ring",)), self.adapter.device, self.adapter.dtype,
-                self.counter)):
-            x = self._run(plan, on_step, should_stop)
+        x = self._run(plan, on_step, should_stop)
         return finish(self.adapter, plan, x.cpu())
 
     # ---- the loops ------------------------------------------------------------------------------
     def _run(self, plan: SamplingPlan, on_step: Optional[OnStep], should_stop: Optional[ShouldStop]) -> torch.Tensor:
-        """Dispatch point: one loop per parallel strategy; each returns the final tokens (B, N, C)."""
+        """Dispatch point: one loop per parallel strategy; each installs its own attention backend in the
+        adapter's seam (see ``_attention``) and returns the final tokens (B, N, C) on every rank."""
         if self.parallel.pipefusion_degree > 1:
             raise NotImplementedError("PipeFusion (pipefusion_degree > 1) is not wired into ParallelEngine yet; "
                                       "set pipefusion_degree 1 and use ring/ulysses/cfg parallel")
@@ -75,6 +74,13 @@ class ParallelEngine:
     def _run_sequence(self, plan: SamplingPlan, on_step: Optional[OnStep],
                       should_stop: Optional[ShouldStop]) -> torch.Tensor:
         """Whole-latent steps; each model forward is split over ring x ulysses, branches over cfg."""
+        usp = USPAttention.for_device(self.mesh.group(("ulysses",)), self.mesh.group(("ring",)), self.adapter.device,
+                                      self.adapter.dtype, self.counter)
+        with self._attention(usp):
+            return self._sequence_loop(plan, on_step, should_stop)
+
+    def _sequence_loop(self, plan: SamplingPlan, on_step: Optional[OnStep],
+                       should_stop: Optional[ShouldStop]) -> torch.Tensor:
         shard = SequenceShard(self.mesh.index(SEQUENCE_AXES), self.mesh.size(SEQUENCE_AXES))
         velocity = SequenceParallelVelocity(self.adapter, shard, self.mesh.group(SEQUENCE_AXES), self.counter)
         x = plan.x.to(self.adapter.device)
@@ -107,7 +113,7 @@ class ParallelEngine:
             raise GenerationCancelled(f"cancelled before step {step}")
 
     @contextmanager
-    def _attention(self, backend: USPAttention) -> Iterator[None]:
+    def _attention(self, backend: AttentionBackend) -> Iterator[None]:
         """Route the adapter's seam through ``backend`` for one generation, then restore it."""
         previous = self.adapter.seam.backend
         self.adapter.seam.backend = backend
