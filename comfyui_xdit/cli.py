@@ -106,6 +106,22 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     par.add_argument("--patches", type=int, default=None, help="PipeFusion patches (default: --pipefusion)")
     par.add_argument("--warmup-steps", type=int, default=1, help="PipeFusion synchronous warm-up steps")
     par.add_argument("--cfg-parallel", action="store_true", help="run the two CFG branches on two rank groups")
+    add_pool_options(p)
+    p.add_argument("--in-process", action="store_true",
+                   help="skip the Ray pool: sample in this process (local processes for parallel configs)")
+
+
+def add_pool_options(p: argparse.ArgumentParser) -> None:
+    pool = p.add_argument_group("pool", "default: an embedded local Ray pool on this machine")
+    pool.add_argument("--address", help="join the Ray cluster at HEAD:6379 (started with `ray start --head`)")
+    pool.add_argument("--network-interface", help="NIC for gloo/NCCL between hosts (GLOO/NCCL_SOCKET_IFNAME)")
+    pool.add_argument("--models-folder", help="where hosts look for a model file by name")
+
+
+def run_pool(args: argparse.Namespace) -> int:
+    from workers import cli_pool  # lazily: the engine package never imports Ray
+
+    return cli_pool.guarded(cli_pool.status, args)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -113,7 +129,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from .model_loader import load_model
 
     request = build_request(args)
-    if request.parallel.is_serial:
+    if not args.in_process:
+        from workers import cli_pool  # lazily: the engine package never imports Ray
+
+        latent = cli_pool.guarded(cli_pool.generate, request, args)
+    elif request.parallel.is_serial:
         def report(event) -> None:
             logger.info("step %d/%d", event.step, event.total)
 
@@ -143,6 +163,8 @@ def make_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    pool = sub.add_parser("pool", help="the Ray worker pool").add_subparsers(dest="pool_command", required=True)
+    add_pool_options(pool.add_parser("status", help="hosts, devices, ranks and their state"))
     return parser
 
 
@@ -150,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    handlers = {"generate": run_generate, "make-tiny": run_make_tiny}
+    handlers = {"generate": run_generate, "make-tiny": run_make_tiny, "pool": run_pool}
     try:
         return handlers[args.command](args)
     except ValueError as exc:

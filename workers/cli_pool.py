@@ -1,0 +1,52 @@
+"""The pool side of the ``comfyui-xdit`` CLI: ``generate`` on the pool and ``pool status``.
+
+``comfyui_xdit.cli`` imports this lazily, so the engine package never imports Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from comfyui_xdit.request import GenerationRequest
+
+from .errors import PoolError
+from .pool import XDiTPool
+from .settings import PoolSettings
+
+logger = logging.getLogger(__name__)
+
+POOL_ERROR_EXIT = 3
+
+
+def settings_from(args: argparse.Namespace) -> PoolSettings:
+    return PoolSettings(address=getattr(args, "address", None) or None,
+                        network_interface=getattr(args, "network_interface", None),
+                        models_folder=getattr(args, "models_folder", None))
+
+
+def generate(request: GenerationRequest, args: argparse.Namespace) -> torch.Tensor:
+    """Run ``request`` on the pool (embedded unless ``--address``), logging each step."""
+    with XDiTPool(settings_from(args)) as pool:
+        job = pool.submit(request)
+        for event in job.events():
+            logger.info("step %d/%d", event.step, event.total)
+        return job.result()
+
+
+def status(args: argparse.Namespace) -> int:
+    with XDiTPool(settings_from(args)) as pool:
+        sys.stdout.write(pool.status().format() + "\n")
+    return 0
+
+
+def guarded(run, *args):
+    """Pool failures as one line on stderr with exit status 3 (bad input stays ValueError -> 2)."""
+    try:
+        return run(*args)
+    except PoolError as exc:
+        sys.stderr.write(f"comfyui-xdit: pool error: {exc}\n")
+        sys.exit(POOL_ERROR_EXIT)
