@@ -192,3 +192,14 @@ def test_runtime_error_reported_and_server_stays_up(comfy_host: ComfyHost, parit
         assert error["node_id"] == "xsample" and "noise mask" in error["exception_message"], error
         again = ws.run({**conditioning_nodes(), **xdit_nodes("x", steps=1), "save": save("xsample", "after_error")})
     assert again.succeeded, again.describe()
+
+
+def test_ulysses_2_matches_stock(comfy_host: ComfyHost, parity_run) -> None:
+    """Sequence parallel through the nodes (2 CPU ranks): the engine's fp32 bound (1e-4 vs serial) holds vs stock."""
+    prompt = {**conditioning_nodes(), **xdit_nodes("x", ulysses_degree=2), "save": save("xsample", "ulysses2")}
+    with comfy_host.connect() as ws:
+        result = ws.run(prompt, timeout=400)
+    assert result.succeeded, result.describe() + "\n" + comfy_host.log_tail()
+    reference = saved_latent(comfy_host, parity_run.of_type("executed"), "save_stock_plain")
+    latent = saved_latent(comfy_host, result.of_type("executed"), "save")
+    assert relative_error(latent, reference) < 1e-3
