@@ -48,7 +48,7 @@ def cluster_pool():
                                                                 "_system_config": FAST_HEALTH})
         hosts = [cluster.add_node(num_cpus=2, env_vars={HOST_NO_LOCAL_WEIGHTS_ENV: "1"}) for _ in range(2)]
         cluster.wait_for_nodes()
-        pool = XDiTPool(PoolSettings(address=cluster.address, ship_code=False,
+        pool = XDiTPool(PoolSettings(address=cluster.address,  # our code travels in the runtime env
                                      timeouts=Timeouts(start_s=60, step_s=60, rpc_s=20))).start()
         yield cluster, pool, hosts
     finally:

@@ -52,12 +52,16 @@ class XDiTPool:
     def start(self) -> "XDiTPool":
         """Connect to (or start) Ray and the job thread; rank actors come with the first job."""
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         with self._lock:
             if self._thread is not None:
                 return self
             self._runtime = start_or_join(self.settings)
-            self._channel = ray.remote(JobChannel).options(num_cpus=0, max_concurrency=1).remote()
+            # On this machine: the channel must outlive any GPU host that leaves.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self._channel = ray.remote(JobChannel).options(num_cpus=0, max_concurrency=1,
+                                                           scheduling_strategy=here).remote()
             ray.get(self._channel.ping.remote(), timeout=self.settings.timeouts.start_s)
             self._stop.clear()
             self._thread = threading.Thread(target=self._serve, name="xdit-pool", daemon=True)
