@@ -52,3 +52,22 @@ def pipefusion_reference(adapter: FluxAdapter, plan: SamplingPlan, num_patches: 
     finally:
         adapter.seam.backend = saved
     return x
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| over the whole latent."""
+    return float((actual - expected).norm() / expected.norm())
+
+
+def serial_tokens(adapter: FluxAdapter, plan: SamplingPlan) -> torch.Tensor:
+    """Final tokens of ordinary serial sampling of ``plan`` (the ground truth PipeFusion approximates)."""
+    from ..sampling import run_loop
+
+    return run_loop(adapter, plan, lambda x, sigma, cond: adapter.velocity(x, plan.image_ids, cond, sigma))
+
+
+def error_table(adapter: FluxAdapter, plan: SamplingPlan, patches: list[int],
+                warmups: list[int]) -> dict[tuple[int, int], float]:
+    """{(patches, warmup_steps): relative error of PipeFusion's final latent against serial sampling}."""
+    truth = serial_tokens(adapter, plan)
+    return {(m, k): relative_error(pipefusion_reference(adapter, plan, m, k), truth) for m in patches for k in warmups}
