@@ -17,10 +17,10 @@ from comfyui_xdit.models.flux_checkpoint import NAMED_SPECS, write_random_flux
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit.sampling import GenerationCancelled
-from workers import JobState, ModelMissing, NotEnoughDevices, PoolSettings, WorkerLost, XDiTPool
+from workers import JobState, ModelMissing, NotEnoughDevices, PoolSettings, Timeouts, WorkerLost, XDiTPool
 
 TINY = ModelRef("tiny:flux")
-SETTINGS = PoolSettings(embedded_num_cpus=2, timeouts=__import__("workers").Timeouts(step_s=120, start_s=120))
+SETTINGS = PoolSettings(embedded_num_cpus=2, timeouts=Timeouts(step_s=120, start_s=120))
 
 
 def request(steps: int = 3, seed: int = 0, size: int = 16, parallel: ParallelConfig = ParallelConfig(),
@@ -131,7 +131,7 @@ def test_sequence_parallel_world_matches_serial_and_cancel_stops_all_ranks(pool:
 def test_killed_worker_is_retried_once_on_a_rebuilt_world(pool: XDiTPool) -> None:
     pool.submit(request(steps=1)).result(timeout=120)  # world of one rank
     pid = rank_pids(pool)[0]
-    req = request(steps=8, seed=6)
+    req = request(steps=60, seed=6, size=8)  # long enough to still run when the kill lands
     job = pool.submit(req)
     next(iter(job.events(timeout=120)))
     os.kill(pid, signal.SIGKILL)

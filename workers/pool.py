@@ -47,6 +47,7 @@ class XDiTPool:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        self._world_lock = threading.RLock()  # the job thread and warm() both build worlds
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "XDiTPool":
@@ -127,8 +128,9 @@ class XDiTPool:
             self._channel.cancel.remote(job.id)
 
     def warm(self, parallel: ParallelConfig = ParallelConfig()) -> None:
-        """Build the world for ``parallel`` now instead of on the first job (from the job thread only
-        when idle: call it before submitting)."""
+        """Build the world for ``parallel`` now instead of on the first job (best called while idle)."""
+        if self._thread is None:
+            self.start()
         self._world_for(parallel)
 
     def _serve(self) -> None:
@@ -198,17 +200,19 @@ class XDiTPool:
 
     # ---- world and model -----------------------------------------------------------------------
     def _world_for(self, parallel: ParallelConfig) -> World:
-        candidate = World(self.settings, parallel)
-        if self._world is not None and not self._world.broken and self._world.key == candidate.key:
+        with self._world_lock:
+            candidate = World(self.settings, parallel)
+            if self._world is not None and not self._world.broken and self._world.key == candidate.key:
+                return self._world
+            self._drop_world()
+            self._world = candidate.build()
             return self._world
-        self._drop_world()
-        self._world = candidate.build()
-        return self._world
 
     def _drop_world(self) -> None:
-        if self._world is not None:
-            self._world.teardown()
-            self._world = None
+        with self._world_lock:
+            if self._world is not None:
+                self._world.teardown()
+                self._world = None
 
     def _load(self, world: World, request: GenerationRequest) -> None:
         import ray

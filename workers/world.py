@@ -174,10 +174,12 @@ class World:
     def gather(self, refs: Sequence[Any], method: str, timeout_s: float,
                on_poll: Optional[Callable[[], None]] = None, ranks: Optional[Sequence[int]] = None,
                poll_s: float = 0.2) -> list[Any]:
-        """Wait for every ref; the first real failure is raised at once (a stuck collective won't free
-        the others), a cancellation only after every rank stopped. ``on_poll`` may raise to give up
-        and may extend nothing: ``timeout_s`` bounds the whole wait unless ``on_poll`` resets it by
-        returning True (progress)."""
+        """Wait for every ref and return their values in order.
+
+        The first real failure is raised at once (ranks stuck in a collective with a dead peer would
+        never answer); a cancellation only after every rank has stopped. ``timeout_s`` bounds the
+        wait; ``on_poll`` runs between polls and restarts the clock when it returns True (progress).
+        """
         import ray
 
         ranks = list(range(len(refs))) if ranks is None else list(ranks)
