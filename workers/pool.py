@@ -167,6 +167,9 @@ class XDiTPool:
                 if job.request.parallel.world_size > 1:  # other ranks may sit in a collective
                     self._drop_world()
                 job._fail(exc)
+            except PoolError as exc:  # a clear, expected failure: no traceback in the log
+                logger.warning("job %s failed: %s", job.id, exc)
+                job._fail(exc)
             except Exception as exc:  # noqa: BLE001 - every failure must reach the caller
                 logger.exception("job %s failed", job.id)
                 job._fail(exc)

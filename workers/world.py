@@ -201,14 +201,41 @@ class World:
                     results[i] = ray.get(ref, timeout=self.settings.timeouts.rpc_s)
                 except Exception as exc:  # noqa: BLE001 - translated and re-raised below
                     failure = worker_failure(self.ranks[ranks[i]], method, exc)
-                    if not isinstance(failure, GenerationCancelled):
-                        raise failure from exc
-                    cancelled = failure
+                    if isinstance(failure, GenerationCancelled):
+                        cancelled = failure
+                        continue
+                    if isinstance(failure, WorkerError) and not isinstance(failure, WorkerLost):
+                        failure = self._blame_dead_peer(failure)  # a collective error may mean a lost peer
+                    raise failure from exc
             if on_poll is not None and on_poll():
                 deadline = time.monotonic() + timeout_s
         if cancelled is not None:
             raise cancelled
         return results
+
+    def _blame_dead_peer(self, failure: WorkerError, timeout_s: float = 10.0) -> WorkerError:
+        """When another rank is dead or silent, that rank is the cause: say so as ``WorkerLost``."""
+        import ray
+
+        if len(self.actors) < 2:
+            return failure
+        refs = {actor.ping.remote(): info for actor, info in zip(self.actors, self.ranks) if info.rank != failure.rank}
+        ready, silent = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            try:
+                ray.get(ref, timeout=1.0)
+            except Exception as exc:  # noqa: BLE001 - a dead peer is what we are looking for
+                lost = worker_failure(refs[ref], failure.method, exc)
+                if isinstance(lost, WorkerLost):
+                    return WorkerLost(lost.rank, lost.host, lost.method, exc,
+                                      detail=f"the worker process or its host died (rank {failure.rank} then "
+                                             f"failed: {failure.cause})")
+        if silent:
+            info = refs[silent[0]]
+            return WorkerLost(info.rank, f"{info.host} (node {info.node_id[:8]}, pid {info.pid})", failure.method,
+                              detail=f"no answer to a ping within {timeout_s:.0f}s (rank {failure.rank} "
+                                     f"failed: {failure.cause})")
+        return failure
 
     # ---- ending --------------------------------------------------------------------------------
     def teardown(self) -> None:
