@@ -128,10 +128,15 @@ class XDiTPool:
             self._channel.cancel.remote(job.id)
 
     def warm(self, parallel: ParallelConfig = ParallelConfig()) -> None:
-        """Build the world for ``parallel`` now instead of on the first job (best called while idle)."""
+        """Build the world for ``parallel`` now instead of on the first job; waits for a running job."""
         if self._thread is None:
             self.start()
-        self._world_for(parallel)
+        if not self._world_lock.acquire(timeout=self.settings.timeouts.job_s):
+            raise TimeoutError(f"the pool stayed busy for {self.settings.timeouts.job_s:.0f}s")
+        try:
+            self._world_for(parallel)
+        finally:
+            self._world_lock.release()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -143,7 +148,8 @@ class XDiTPool:
                 continue
             self._running = job
             try:
-                self._run(job)
+                with self._world_lock:  # warm() waits for the running job instead of pulling its world away
+                    self._run(job)
             finally:
                 self._running = None
 
