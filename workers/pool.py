@@ -87,7 +87,9 @@ class XDiTPool:
                     self._queue.get_nowait()._fail(PoolError("the pool shut down before this job ran"))
                 except queue.Empty:
                     break
-            self._drop_world()
+            world, self._world = self._world, None  # no lock: a stuck job must not block shutdown
+            if world is not None:
+                world.teardown()
             try:
                 ray.kill(self._channel)
             except Exception as exc:  # noqa: BLE001 - the runtime may already be gone
