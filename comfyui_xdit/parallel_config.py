@@ -29,6 +29,12 @@ class ParallelConfig:
             raise ValueError(f"cfg_degree must be 1 or 2 (one rank per CFG branch), got {self.cfg_degree}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.pipefusion_degree > 1 and self.warmup_steps < 1:
+            # A patch step attends to every other patch's K/V from an earlier step; with no whole-latent
+            # step first there is no earlier K/V to attend to (zeros would be a different model).
+            raise ValueError(f"pipefusion_degree {self.pipefusion_degree} needs warmup_steps >= 1 (a synchronous "
+                             f"whole-latent step fills the stale K/V buffers before patches reuse them); "
+                             f"set warmup_steps (--warmup-steps) to 1 or more")
         if self.num_patches is not None and self.num_patches < self.pipefusion_degree:
             raise ValueError(f"num_patches {self.num_patches} < pipefusion_degree {self.pipefusion_degree}: every "
                              f"stage needs a patch in flight; set num_patches (--patches) to at least "
@@ -55,10 +61,12 @@ class ParallelConfig:
         return (f"cfg {self.cfg_degree} x pipefusion {self.pipefusion_degree} x ring {self.ring_degree} x "
                 f"ulysses {self.ulysses_degree} (patches {self.patches})")
 
-    def validate_for(self, world_size: int, num_heads: int, image_tokens: int, cfg: float) -> None:
+    def validate_for(self, world_size: int, num_heads: int, image_tokens: int, cfg: float,
+                     num_blocks: int | None = None) -> None:
         """Check the fit to a world, a model and a resolution; ``ValueError`` names a working alternative.
 
-        ``image_tokens`` is the packed token count (latent h/2 * w/2); ``cfg`` the request's guidance scale.
+        ``image_tokens`` is the packed token count (latent h/2 * w/2); ``cfg`` the request's guidance scale;
+        ``num_blocks`` the model's transformer blocks (PipeFusion stages split them; None skips that check).
         """
         if self.world_size != world_size:
             raise ValueError(f"{self.describe()} needs {self.world_size} ranks but the world has {world_size}; "
@@ -68,12 +76,21 @@ class ParallelConfig:
             raise ValueError(f"ulysses_degree {self.ulysses_degree} does not divide the model's {num_heads} attention "
                              f"heads; use a ulysses degree from {divisors(num_heads)} and put the remaining ranks on "
                              f"ring, {alternative(world_size, num_heads, image_tokens)}")
+        if num_blocks is not None and self.pipefusion_degree > num_blocks:
+            raise ValueError(f"pipefusion_degree {self.pipefusion_degree} exceeds the model's {num_blocks} transformer "
+                             f"blocks (one stage needs at least one block); use pipefusion_degree <= {num_blocks} "
+                             f"and give the other ranks to ulysses or ring")
         split = self.sequence_degree * self.patches
         if image_tokens % split:
             fit = suggest(world_size, num_heads, image_tokens)
+            per_patch = (f" ({image_tokens} / {self.patches} patches = {image_tokens / self.patches:g} tokens per "
+                         f"patch, each split over ring x ulysses = {self.sequence_degree} ranks)"
+                         if self.patches > 1 else "")
             raise ValueError(f"{image_tokens} image tokens (latent h/2 * w/2) do not split evenly into ring "
                              f"{self.ring_degree} x ulysses {self.ulysses_degree} x patches {self.patches} = {split} "
-                             f"pieces; choose a width and height whose token count is a multiple of {split}"
+                             f"pieces{per_patch}; choose a width and height whose token count is a multiple of "
+                             f"{split}" + (f", fewer patches (--patches)" if self.patches > self.pipefusion_degree
+                                           else "")
                              + (f", or other degrees, e.g. {fit.describe()}" if fit is not None else ""))
         if self.cfg_degree == 2 and cfg == 1.0:
             raise ValueError("cfg_degree 2 runs the positive and negative CFG branches on two rank groups, but cfg is "

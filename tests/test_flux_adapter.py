@@ -54,3 +54,20 @@ def test_bf16_weights_run_in_bf16():
     cond = Conditioning(torch.randn(1, 4, 64), torch.randn(1, 32))
     out = adapter.velocity(torch.randn(1, 16, 64), adapter.image_ids(8, 8), cond, torch.tensor([0.5]))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_embed_context_is_embed_without_tokens():
+    """A later PipeFusion stage gets temb and rotary from ``embed_context``; they equal ``embed``'s."""
+    adapter = FluxAdapter.from_state_dict(random_bfl_state(TINY_FLUX, seed=3))
+    g = torch.Generator().manual_seed(2)
+    cond = Conditioning(torch.randn(1, 5, TINY_FLUX.joint_attention_dim, generator=g),
+                        torch.randn(1, TINY_FLUX.pooled_projection_dim, generator=g), guidance=4.0)
+    ids = adapter.image_ids(8, 8)[4:12]  # a patch in the middle of the image
+    sigmas = torch.tensor([0.7, 0.2])
+    full = adapter.embed(torch.randn(2, 8, 64, generator=g), ids, cond, sigmas)
+    context = adapter.embed_context(ids, cond, sigmas)
+    torch.testing.assert_close(context.temb, full.temb, rtol=0, atol=0)
+    for ours, theirs in zip(context.rotary, full.rotary):
+        assert ours.shape == (5 + 8, TINY_FLUX.attention_head_dim)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert adapter.text_len(cond) == 5 and adapter.hidden_size == full.hidden.shape[-1]

@@ -36,7 +36,9 @@ def test_heads_not_divisible_by_ulysses() -> None:
 def test_tokens_not_divisible() -> None:
     with pytest.raises(ValueError, match=r"66 image tokens .* ring 4 x ulysses 1 x patches 1 = 4 .*multiple of 4"):
         ParallelConfig(ring_degree=4).validate_for(4, HEADS, 66, cfg=1.0)
-    with pytest.raises(ValueError, match=r"= 16 pieces.*multiple of 16, or other degrees, e\.g\. .*ulysses 8"):
+    with pytest.raises(ValueError, match=r"= 16 pieces \(72 / 4 patches = 18 tokens per patch, each split over "
+                                         r"ring x ulysses = 4 ranks\).*multiple of 16, fewer patches \(--patches\), "
+                                         r"or other degrees, e\.g\. .*ulysses 8"):
         ParallelConfig(pipefusion_degree=2, ring_degree=2, ulysses_degree=2, num_patches=4).validate_for(
             8, HEADS, 72, cfg=1.0)
 
@@ -44,6 +46,29 @@ def test_tokens_not_divisible() -> None:
 def test_patches_below_pipefusion() -> None:
     with pytest.raises(ValueError, match=r"num_patches 2 < pipefusion_degree 4.*--patches\) to at least 4"):
         ParallelConfig(pipefusion_degree=4, num_patches=2)
+
+
+def test_pipefusion_needs_a_warmup_step() -> None:
+    with pytest.raises(ValueError, match=r"pipefusion_degree 2 needs warmup_steps >= 1.*--warmup-steps\) to 1"):
+        ParallelConfig(pipefusion_degree=2, warmup_steps=0)
+    ParallelConfig(warmup_steps=0)  # without PipeFusion there is nothing to warm up
+
+
+def test_pipefusion_stages_need_blocks() -> None:
+    config = ParallelConfig(pipefusion_degree=8)
+    config.validate_for(8, HEADS, TOKENS, cfg=1.0)  # the model is not known: no block check
+    with pytest.raises(ValueError, match=r"pipefusion_degree 8 exceeds the model's 4 transformer blocks.*"
+                                         r"pipefusion_degree <= 4"):
+        config.validate_for(8, HEADS, TOKENS, cfg=1.0, num_blocks=4)
+    ParallelConfig(pipefusion_degree=4, ring_degree=2).validate_for(8, HEADS, TOKENS, cfg=1.0, num_blocks=4)
+
+
+def test_tokens_per_patch_split_over_sequence_ranks() -> None:
+    with pytest.raises(ValueError, match=r"(?s)64 image tokens .* ring 2 x ulysses 2 x patches 32 = 128 pieces "
+                                         r"\(64 / 32 patches = 2 tokens per patch, each split over ring x ulysses "
+                                         r"= 4 ranks\).*fewer patches \(--patches\)"):
+        ParallelConfig(pipefusion_degree=2, ring_degree=2, ulysses_degree=2, num_patches=32).validate_for(
+            8, HEADS, TOKENS, cfg=1.0, num_blocks=4)
 
 
 def test_cfg_parallel_needs_cfg() -> None:

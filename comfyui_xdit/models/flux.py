@@ -63,6 +63,17 @@ class SeamFluxAttnProcessor:
         return image_out, attn.to_add_out(text_out.contiguous())
 
 
+@dataclass(frozen=True)
+class BlockContext:
+    """The per-forward inputs every block takes besides the hidden states."""
+
+    temb: torch.Tensor  # (B, hidden) timestep + pooled (+ guidance) embedding
+    rotary: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (L + N_local, head_dim)
+
+    def state(self, hidden: torch.Tensor, encoder_hidden: torch.Tensor) -> "BlockState":
+        return BlockState(hidden=hidden, encoder_hidden=encoder_hidden, temb=self.temb, rotary=self.rotary)
+
+
 @dataclass
 class BlockState:
     """What flows between transformer blocks for one set of image tokens (all, a shard, or a patch)."""
@@ -161,23 +172,45 @@ class FluxAdapter:
         return ids.reshape(rows * cols, 3)
 
     # ---- forward in pieces ----------------------------------------------------------------------
-    def embed(self, tokens: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
-              sigma: torch.Tensor) -> BlockState:
-        """Embeddings for ``tokens`` (B, N_local, 64) at positions ``image_ids`` (N_local, 3); sigma (B,)."""
+    def embed_context(self, image_ids: torch.Tensor, cond: Conditioning, sigma: torch.Tensor) -> BlockContext:
+        """What every block needs besides the hidden states: temb (B, hidden) for ``sigma`` (B,) and the
+        rotary cos/sin of the text positions followed by ``image_ids`` (N_local, 3).
+
+        A PipeFusion stage after the first gets its hidden states from upstream and calls only this.
+        """
         t = self.transformer
         dtype, device = self.dtype, self.device
-        context, pooled = cond.for_batch(tokens.shape[0])
+        _, pooled = cond.for_batch(sigma.shape[0])
         timestep = sigma.to(device=device, dtype=dtype) * 1000
         if self.spec.guidance_embeds:
             g = torch.full_like(timestep, cond.guidance if cond.guidance is not None else 0.0) * 1000
             temb = t.time_text_embed(timestep, g, pooled.to(device=device, dtype=dtype))
         else:
             temb = t.time_text_embed(timestep, pooled.to(device=device, dtype=dtype))
-        text_ids = torch.zeros(context.shape[1], 3)
+        text_ids = torch.zeros(cond.context.shape[1], 3)
+        # (L, 3) ++ (N_local, 3) -> (L + N_local, 3) positions -> cos, sin (L + N_local, head_dim)
         rotary = t.pos_embed(torch.cat([text_ids, image_ids], dim=0).to(device))
+        return BlockContext(temb=temb, rotary=rotary)
+
+    def embed(self, tokens: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
+              sigma: torch.Tensor) -> BlockState:
+        """Embeddings for ``tokens`` (B, N_local, 64) at positions ``image_ids`` (N_local, 3); sigma (B,)."""
+        t = self.transformer
+        dtype, device = self.dtype, self.device
+        context, _ = cond.for_batch(tokens.shape[0])
+        ctx = self.embed_context(image_ids, cond, sigma)
         return BlockState(hidden=t.x_embedder(tokens.to(device=device, dtype=dtype)),
                           encoder_hidden=t.context_embedder(context.to(device=device, dtype=dtype)),
-                          temb=temb, rotary=rotary)
+                          temb=ctx.temb, rotary=ctx.rotary)
+
+    def text_len(self, cond: Conditioning) -> int:
+        """Text tokens the model sees for ``cond`` (the length of its encoder hidden states)."""
+        return cond.context.shape[1]
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the hidden states that flow between blocks."""
+        return self.spec.hidden_size
 
     def run_blocks(self, state: BlockState, start: int, stop: int) -> BlockState:
         text_len = state.encoder_hidden.shape[1]
