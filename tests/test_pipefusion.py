@@ -142,13 +142,12 @@ def test_cancel_stops_every_rank_one_step_late() -> None:
     assert events == [1, 2, 3, 4]  # asked before step 3, honoured before step 4 (the vote lags a step)
 
 
-def test_unsupported_combinations_name_the_fix() -> None:
-    with pytest.raises(ValueError, match="ring 1 x ulysses 1"):
-        check_pipefusion(ParallelConfig(pipefusion_degree=2, ulysses_degree=2), 4)
-    with pytest.raises(ValueError, match="--warmup-steps 1"):
-        check_pipefusion(ParallelConfig(pipefusion_degree=2, warmup_steps=0), 4)
+def test_loop_refuses_what_it_cannot_run() -> None:
     with pytest.raises(ValueError, match="pipefusion_degree <= 4"):
         check_pipefusion(ParallelConfig(pipefusion_degree=8), 4)
+    with pytest.raises(ValueError, match="sequence-parallel loop"):
+        check_pipefusion(ParallelConfig(ulysses_degree=2), 4)
+    check_pipefusion(ParallelConfig(pipefusion_degree=2, ring_degree=2, ulysses_degree=2), 4)  # hybrid is fine
 
 
 def test_reference_with_one_patch_is_serial() -> None:

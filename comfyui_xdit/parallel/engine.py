@@ -4,7 +4,8 @@ Every rank builds the same sampling plan from the request (noise, sigmas, starti
 deterministic), so every rank holds the same ``x``. Each step, the guidance branches' velocities are
 computed sequence-parallel inside the rank's ring x ulysses group (and, with CFG parallel, one branch
 per cfg rank), gathered whole onto every rank, and the sampler step is applied identically
-everywhere. PipeFusion (pipefusion_degree > 1) runs its own loop; ``_run`` is the dispatch point.
+everywhere. PipeFusion (pipefusion_degree > 1) runs its own loop (``pipefusion.py``), with ring x
+ulysses inside each stage; ``_run`` is the dispatch point.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..sampling import (GenerationCancelled, OnStep, SamplingPlan, ShouldStop, S
 from .cfg_parallel import branch_velocities
 from .comm import CommCounter, agree_any
 from .mesh import SEQUENCE_AXES, Mesh
+from .pipefusion import PipeFusionLoop
 from .sequence_parallel import SequenceParallelVelocity, SequenceShard
 from .usp_attention import USPAttention
 
@@ -56,7 +58,8 @@ class ParallelEngine:
             raise ValueError(f"request asks for {request.parallel.describe()} but this engine runs "
                              f"{self.parallel.describe()}; build the engine from request.parallel")
         plan = prepare_plan(self.adapter, request)
-        self.parallel.validate_for(self.mesh.world_size, self.adapter.num_heads, plan.x.shape[1], request.cfg)
+        self.parallel.validate_for(self.mesh.world_size, self.adapter.num_heads, plan.x.shape[1], request.cfg,
+                                   num_blocks=len(self.adapter.blocks))
         if plan.total_steps == 0:  # denoise == 0: ComfyUI hands the input back untouched
             return request.latent.clone()
         x = self._run(plan, on_step, should_stop)
@@ -67,9 +70,15 @@ class ParallelEngine:
         """Dispatch point: one loop per parallel strategy; each installs its own attention backend in the
         adapter's seam (see ``_attention``) and returns the final tokens (B, N, C) on every rank."""
         if self.parallel.pipefusion_degree > 1:
-            raise NotImplementedError("PipeFusion (pipefusion_degree > 1) is not wired into ParallelEngine yet; "
-                                      "set pipefusion_degree 1 and use ring/ulysses/cfg parallel")
+            return self._run_pipefusion(plan, on_step, should_stop)
         return self._run_sequence(plan, on_step, should_stop)
+
+    def _run_pipefusion(self, plan: SamplingPlan, on_step: Optional[OnStep],
+                        should_stop: Optional[ShouldStop]) -> torch.Tensor:
+        """Blocks in pipeline stages, the latent in patches, ring x ulysses inside each stage. The loop
+        installs its stale-K/V backend per item and restores the seam when it returns."""
+        loop = PipeFusionLoop(self.adapter, self.parallel, self.mesh, self.counter)
+        return loop.run(plan, on_step, should_stop)
 
     def _run_sequence(self, plan: SamplingPlan, on_step: Optional[OnStep],
                       should_stop: Optional[ShouldStop]) -> torch.Tensor:

@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ..attention import sdpa
+from .comm import CommCounter, all_gather_cat, group_rank, group_size, heads_to_seq, seq_to_heads
 
 
 class PatchKVBuffer:
@@ -46,15 +48,34 @@ class PatchKVBuffer:
 
 
 class StaleKVAttention:
-    """Attention backend for one CFG branch of one pipeline stage: fresh text + patch, stale elsewhere."""
+    """Attention backend for one CFG branch of one pipeline stage: fresh text + patch, stale elsewhere.
 
-    def __init__(self, num_tokens: int) -> None:
+    With sequence parallel inside the stage (``ulysses_group`` / ``ring_group``), each rank of the
+    stage's ring x ulysses group holds a contiguous shard of the patch's image tokens, shard index
+    ``ring * U + ulysses``. Per layer:
+
+    1. Ulysses all-to-all (scatter heads, gather sequence): the image q, k, v of the U shards of this
+       rank's ring position, for H/U heads; the text keeps this rank's H/U heads.
+    2. Ring all-gather of the image k, v: the whole patch's K/V for these H/U heads on every ring rank,
+       written into the buffer, which holds all image tokens for these heads on every rank of the ring.
+    3. Local attention of this rank's queries [text; its image tokens] over [text; whole buffer]: every
+       key is here, so no log-sum-exp merge is needed. Text outputs are equal on all ring ranks.
+    4. Back: the image output by the inverse all-to-all, the text output all-gathered over heads.
+
+    Without groups this is the single-process stale-K/V attention of ``pipefusion_reference``.
+    """
+
+    def __init__(self, num_tokens: int, ulysses_group: Optional[dist.ProcessGroup] = None,
+                 ring_group: Optional[dist.ProcessGroup] = None, counter: Optional[CommCounter] = None) -> None:
         self.num_tokens = num_tokens
         self.buffers: dict[int, PatchKVBuffer] = {}
         self.start, self.stop = 0, num_tokens
+        self.ulysses_group, self.ring_group, self.counter = ulysses_group, ring_group, counter
+        self.ulysses_size, self.ulysses_rank = group_size(ulysses_group), group_rank(ulysses_group)
 
     def at(self, start: int, stop: int) -> "StaleKVAttention":
-        """Point the backend at image tokens ``[start, stop)`` for the blocks run next."""
+        """Point the backend at the patch of image tokens ``[start, stop)`` (the whole patch, over all
+        sequence-parallel ranks) for the blocks run next."""
         self.start, self.stop = start, stop
         return self
 
@@ -65,17 +86,39 @@ class StaleKVAttention:
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, text_len: int,
                  layer: int) -> torch.Tensor:
-        """q, k, v: (B, L + n, H, D), text first, n = the patch's tokens -> (B, L + n, H, D)."""
-        if key.shape[1] - text_len != self.stop - self.start:
-            raise RuntimeError(f"layer {layer}: got {key.shape[1] - text_len} image tokens for patch "
+        """q, k, v: (B, L + n_local, H, D), text first, n_local = this rank's shard of the patch ->
+        (B, L + n_local, H, D)."""
+        heads = query.shape[2]
+        if heads % self.ulysses_size:
+            raise ValueError(f"{heads} heads do not split over ulysses degree {self.ulysses_size}; "
+                             f"choose a ulysses degree that divides {heads}")
+        local_heads = heads // self.ulysses_size
+        lo = self.ulysses_rank * local_heads  # all_to_all_4D hands head group j to group rank j
+
+        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # (B, L + n_local, H, D) -> text (B, L, H/U, D), image (B, n_local * U, H/U, D)
+            text = t[:, :text_len, lo:lo + local_heads]
+            return text, seq_to_heads(t[:, text_len:], self.ulysses_group, self.counter)
+
+        (text_q, image_q), (text_k, image_k), (text_v, image_v) = split(query), split(key), split(value)
+        # (B, n_local * U, H/U, D) from each ring rank -> (B, n, H/U, D): the whole patch
+        patch_k = all_gather_cat(image_k, 1, self.ring_group, self.counter, "ring")
+        patch_v = all_gather_cat(image_v, 1, self.ring_group, self.counter, "ring")
+        if patch_k.shape[1] != self.stop - self.start:
+            raise RuntimeError(f"layer {layer}: got {patch_k.shape[1]} image tokens for patch "
                                f"[{self.start}, {self.stop})")
         buffer = self.buffer(layer)
-        buffer.refresh(self.start, key[:, text_len:], value[:, text_len:])
+        buffer.refresh(self.start, patch_k, patch_v)
         assert buffer.key is not None and buffer.value is not None
-        # (B, L, H, D) ++ (B, N, H, D) -> (B, L + N, H, D)
-        full_key = torch.cat([key[:, :text_len], buffer.key], dim=1)
-        full_value = torch.cat([value[:, :text_len], buffer.value], dim=1)
-        return sdpa(query, full_key, full_value)
+        # (B, L, H/U, D) ++ (B, N, H/U, D) -> (B, L + N, H/U, D)
+        full_key = torch.cat([text_k, buffer.key], dim=1)
+        full_value = torch.cat([text_v, buffer.value], dim=1)
+        out = sdpa(torch.cat([text_q, image_q], dim=1), full_key, full_value)  # (B, L + n_local * U, H/U, D)
+        if self.ulysses_size == 1:
+            return out
+        image_out = heads_to_seq(out[:, text_len:], self.ulysses_group, self.counter)  # (B, n_local, H, D)
+        text_out = all_gather_cat(out[:, :text_len], 2, self.ulysses_group, self.counter, "ulysses")  # (B, L, H, D)
+        return torch.cat([text_out, image_out], dim=1)
 
     def nbytes(self) -> int:
         """Memory the buffers hold (both K and V, all layers)."""

@@ -15,6 +15,12 @@ per patch per stage boundary. ``pipefusion_reference`` computes the same numbers
 
 Sampler state (DPM++ 2M's previous x0) lives on the last stage, full size, updated patch by patch:
 the steps are elementwise, so a patch's update equals the same slice of a whole-latent update.
+
+Sequence parallel inside a stage (ring x ulysses > 1): each item's tokens are split into equal
+contiguous shards over the stage's ring x ulysses group; activations travel shard by shard to the
+same (ring, ulysses) position of the next stage; ``StaleKVAttention`` gathers what attention needs.
+The last stage all-gathers the patch's x0 prediction over the group and steps the whole patch on
+every rank of the group, then sends stage 0 only the tokens its peer reads next (``returned_range``).
 """
 
 from __future__ import annotations
@@ -32,50 +38,64 @@ from ..samplers import SamplerState
 from ..sampling import (GenerationCancelled, OnStep, SamplingPlan, ShouldStop, StepEvent, apply_cfg, denoised_from,
                         preview_latent)
 from .comm import CommCounter, all_gather_cat
-from .mesh import Mesh
+from .mesh import SEQUENCE_AXES, Mesh
 from .patch_kv_buffer import StaleKVAttention
 from .pipefusion_comm import TAG_ACTIVATIONS, TAG_PATCH, TAG_PREVIEW, LaggedStopVote, PipeLinks
 from .pipefusion_schedule import Work, patch_bounds, producer_of_input, split_stages, stage_work
+from .sequence_parallel import SequenceShard
 
 logger = logging.getLogger(__name__)
 
 
 def check_pipefusion(parallel: ParallelConfig, num_blocks: int) -> None:
-    """What this implementation supports beyond ``ParallelConfig``'s own checks; ValueError names the fix."""
+    """What the loop needs beyond ``ParallelConfig``'s own checks (which ``validate_for`` runs before any
+    rank starts); ValueError names the fix."""
     if parallel.pipefusion_degree < 2:
         raise ValueError(f"PipeFusion needs pipefusion_degree >= 2, got {parallel.pipefusion_degree}; "
                          f"with one stage use the sequence-parallel loop")
-    if parallel.ring_degree * parallel.ulysses_degree > 1:
-        raise ValueError(f"PipeFusion combined with sequence parallel ({parallel.describe()}) is not implemented "
-                         f"yet; use ring 1 x ulysses 1 with pipefusion {parallel.pipefusion_degree}, or pipefusion 1")
-    if parallel.warmup_steps < 1:
-        raise ValueError("PipeFusion needs warmup_steps >= 1 to fill its K/V buffers; set --warmup-steps 1")
     split_stages(num_blocks, parallel.pipefusion_degree)  # raises when there are more stages than blocks
+
+
+def shard_range(shard: SequenceShard, start: int, stop: int) -> tuple[int, int]:
+    """This rank's contiguous share of image tokens ``[start, stop)``, in absolute token indices."""
+    lo, hi = shard.bounds(stop - start)
+    return start + lo, start + hi
+
+
+def returned_range(work: Work, warmup_steps: int, bounds: tuple[tuple[int, int], ...], num_tokens: int,
+                   shard: SequenceShard) -> tuple[int, int]:
+    """The tokens of ``work``'s update that the last stage sends back to its stage-0 peer: the shard that
+    peer reads next. After the last warm-up step that is the whole latent, because the patch shards of
+    the next step do not lie inside one shard of the whole latent."""
+    if work.is_warmup:
+        if work.step + 1 >= warmup_steps:
+            return 0, num_tokens
+        return shard_range(shard, 0, num_tokens)
+    return shard_range(shard, *bounds[work.patch])
 
 
 class _Returns:
     """Stage 0's view of what the last stage sends back: patches in schedule order, a preview per step."""
 
-    def __init__(self, links: PipeLinks, items: list[Work], bounds: tuple[tuple[int, int], ...],
-                 num_tokens: int, preview_like: torch.Tensor, on_step: Optional[OnStep], total: int) -> None:
-        self.links, self.bounds, self.num_tokens = links, bounds, num_tokens
-        self.preview_like, self.on_step, self.total = preview_like, on_step, total
+    def __init__(self, links: PipeLinks, items: list[Work], returned: dict[Work, tuple[int, int]],
+                 patches: int, preview_like: Optional[torch.Tensor], on_step: Optional[OnStep], total: int) -> None:
+        self.links, self.returned, self.patches = links, returned, patches
+        self.preview_like, self.on_step, self.total = preview_like, on_step, total  # no preview_like: none sent
         # the last stage sends a patch for every item but those of the final step
         self._pending = [w for w in items if w.step < total - 1]
         self._received: set[Work] = set()
 
-    def _region(self, work: Work) -> tuple[int, int]:
-        return (0, self.num_tokens) if work.is_warmup else self.bounds[work.patch]
-
     def _take_one(self, x: torch.Tensor) -> None:
         work = self._pending.pop(0)
-        start, stop = self._region(work)
+        start, stop = self.returned[work]
         (x[:, start:stop],) = self.links.recv([x[:, start:stop]], self.links.last, TAG_PATCH)
         self._received.add(work)
-        if work.is_warmup or work.patch == len(self.bounds) - 1:  # the step is complete
+        if work.is_warmup or work.patch == self.patches - 1:  # the step is complete
             self.step_done(work.step)
 
     def step_done(self, step: int) -> None:
+        if self.preview_like is None:
+            return
         (preview,) = self.links.recv([self.preview_like], self.links.last, TAG_PREVIEW)
         if self.on_step is not None:
             self.on_step(StepEvent(step + 1, self.total, preview))
@@ -101,6 +121,9 @@ class PipeFusionLoop:
         self.links = PipeLinks(mesh, counter)
         self.blocks = split_stages(len(adapter.blocks), parallel.pipefusion_degree)[self.links.stage]
         self.cfg_group = mesh.group(("cfg",))
+        self.sequence_group = mesh.group(SEQUENCE_AXES)
+        self.shard = SequenceShard(mesh.index(SEQUENCE_AXES), mesh.size(SEQUENCE_AXES))
+        self.sends_preview = self.shard.index == 0  # one preview per pipeline, to the rank that reports
 
     def _branches(self, plan: SamplingPlan) -> list[Conditioning]:
         """The CFG branches this rank's pipeline runs: both without CFG parallel, else its own."""
@@ -117,13 +140,21 @@ class PipeFusionLoop:
         both = all_gather_cat(denoised[0].unsqueeze(0), 0, self.cfg_group, self.counter, "cfg")
         return apply_cfg(both[0], both[1], cfg)
 
-    def _forward(self, state: BlockState) -> BlockState:
-        """This stage's blocks on one branch of one item, with activations in from / out to neighbours."""
-        links = self.links
-        if not links.is_first:
-            hidden, text = links.recv([state.hidden, state.encoder_hidden], links.prev, TAG_ACTIVATIONS)
-            state = dataclasses.replace(state, hidden=hidden, encoder_hidden=text)
-        state = self.adapter.run_blocks(state, *self.blocks)
+    def _forward(self, part: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
+                 sigma: torch.Tensor) -> BlockState:
+        """This stage's blocks on one branch of one item's shard ``part`` (B, n_local, 64); stage 0 embeds
+        it, later stages receive the activations and embed only the timestep and rotary positions."""
+        adapter, links = self.adapter, self.links
+        if links.is_first:
+            state = adapter.embed(part, image_ids, cond, sigma)
+        else:
+            context = adapter.embed_context(image_ids, cond, sigma)
+            batch, width = part.shape[0], adapter.hidden_size
+            like = [torch.empty(batch, part.shape[1], width, dtype=adapter.dtype, device=adapter.device),  # image
+                    torch.empty(batch, adapter.text_len(cond), width, dtype=adapter.dtype, device=adapter.device)]
+            hidden, text = links.recv(like, links.prev, TAG_ACTIVATIONS)
+            state = context.state(hidden, text)
+        state = adapter.run_blocks(state, *self.blocks)
         if not links.is_last:
             links.send([state.hidden, state.encoder_hidden], links.next, TAG_ACTIVATIONS)
         return state
@@ -135,17 +166,21 @@ class PipeFusionLoop:
         num_tokens, patches, warmup = plan.x.shape[1], self.parallel.patches, self.parallel.warmup_steps
         bounds = patch_bounds(num_tokens, patches)
         items = list(stage_work(total, warmup, patches))
+        returned = {w: returned_range(w, warmup, bounds, num_tokens, self.shard) for w in items}
         branches = self._branches(plan)
-        backends = [StaleKVAttention(num_tokens) for _ in branches]  # one K/V buffer set per branch
+        ulysses, ring = self.mesh.group(("ulysses",)), self.mesh.group(("ring",))
+        # one K/V buffer set per branch
+        backends = [StaleKVAttention(num_tokens, ulysses, ring, self.counter) for _ in branches]
         x = plan.x.to(adapter.device).clone()  # stage 0: inputs as they come back; last stage: the truth
         denoised_full = torch.zeros_like(x)
         sampler_state: SamplerState = None
-        preview_like = preview_latent(adapter, plan, plan.x).to(adapter.device)
-        returns = _Returns(links, items, bounds, num_tokens, preview_like, on_step, total) if links.is_first else None
+        preview_like = preview_latent(adapter, plan, plan.x).to(adapter.device) if self.sends_preview else None
+        returns = _Returns(links, items, returned, patches, preview_like, on_step, total) if links.is_first else None
         vote = LaggedStopVote(should_stop, adapter.device, self.counter)
         saved = adapter.seam.backend
-        logger.debug("rank %d: pipefusion stage %d/%d, blocks %s, %d patches, warm-up %d", self.mesh.rank,
-                     links.stage, links.stages, self.blocks, patches, warmup)
+        logger.debug("rank %d: pipefusion stage %d/%d, blocks %s, %d patches, warm-up %d, shard %d/%d",
+                     self.mesh.rank, links.stage, links.stages, self.blocks, patches, warmup, self.shard.index,
+                     self.shard.count)
         step = 0
         try:
             for work in items:
@@ -157,20 +192,21 @@ class PipeFusionLoop:
                 if returns is not None and step > 0:
                     returns.until(producer_of_input(work, warmup), x)
                 start, stop = (0, num_tokens) if work.is_warmup else bounds[work.patch]
+                lo, hi = shard_range(self.shard, start, stop)
                 sigma = plan.sigmas[step]
-                part = x[:, start:stop]  # (B, n, C_latent)
+                part = x[:, lo:hi]  # (B, n_local, C_latent): this rank's shard of the item
                 sigma_batch = sigma * part.new_ones(part.shape[0])
                 denoised = []
                 for backend, cond in zip(backends, branches):
                     adapter.seam.backend = backend.at(start, stop)
-                    # later stages embed too, only for temb and rotary; hidden and text come from upstream
-                    state = adapter.embed(part if links.is_first else torch.zeros_like(part),
-                                          plan.image_ids[start:stop], cond, sigma_batch)
-                    state = self._forward(state)
+                    state = self._forward(part, plan.image_ids[lo:hi], cond, sigma_batch)
                     if links.is_last:
-                        denoised.append(denoised_from(part, sigma, adapter.head(state)))
+                        local = denoised_from(part, sigma, adapter.head(state))  # (B, n_local, C)
+                        # (B, n_local, C) from each ring x ulysses rank -> (B, n, C), the whole item
+                        denoised.append(all_gather_cat(local, 1, self.sequence_group, self.counter, "sequence"))
                 if links.is_last:
-                    sampler_state = self._step(plan, work, denoised, x, denoised_full, sampler_state, start, stop)
+                    sampler_state = self._step(plan, work, denoised, x, denoised_full, sampler_state, start, stop,
+                                               returned[work])
         except GenerationCancelled:
             if returns is not None:
                 returns.drain(x, step)
@@ -187,9 +223,10 @@ class PipeFusionLoop:
         return links.broadcast_from_last(x)
 
     def _step(self, plan: SamplingPlan, work: Work, denoised: list[torch.Tensor], x: torch.Tensor,
-              denoised_full: torch.Tensor, sampler_state: SamplerState, start: int, stop: int) -> SamplerState:
-        """Last stage: CFG + sampler step on one patch of ``x`` in place; hand the patch (and at a step's
-        end the preview) back to stage 0."""
+              denoised_full: torch.Tensor, sampler_state: SamplerState, start: int, stop: int,
+              back: tuple[int, int]) -> SamplerState:
+        """Last stage: CFG + sampler step on one patch of ``x`` in place; hand tokens ``back`` of it (and at
+        a step's end the preview) to stage 0."""
         links, total = self.links, plan.total_steps
         guided = self._guided(denoised, plan.cfg)
         part_state = None if sampler_state is None else sampler_state[:, start:stop]
@@ -203,7 +240,7 @@ class PipeFusionLoop:
             sampler_state[:, start:stop] = new_state
         step_done = work.is_warmup or work.patch == self.parallel.patches - 1
         if work.step < total - 1:
-            links.send([new_part], links.first, TAG_PATCH)
-        if step_done:
+            links.send([x[:, back[0]:back[1]].clone()], links.first, TAG_PATCH)  # x changes while in flight
+        if step_done and self.sends_preview:
             links.send([preview_latent(self.adapter, plan, denoised_full)], links.first, TAG_PREVIEW)
         return sampler_state
