@@ -126,6 +126,11 @@ def test_sequence_parallel_world_matches_serial_and_cancel_stops_all_ranks(pool:
     assert [r.state for r in pool.status().ranks] == ["idle", "idle"]  # both ranks left the job
     torch.testing.assert_close(pool.submit(req).result(timeout=120), serial(request(steps=3, seed=3)),
                                rtol=1e-4, atol=1e-4)
+    pids = rank_pids(pool)  # same world size and host layout: the actors and the loaded model stay
+    ring = request(steps=2, seed=3, parallel=ParallelConfig(ring_degree=2))
+    torch.testing.assert_close(pool.submit(ring).result(timeout=120), serial(request(steps=2, seed=3)),
+                               rtol=1e-4, atol=1e-4)
+    assert rank_pids(pool) == pids
 
 
 def test_killed_worker_is_retried_once_on_a_rebuilt_world(pool: XDiTPool) -> None:

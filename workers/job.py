@@ -30,6 +30,7 @@ class Job:
     ``events()`` yields ``StepEvent``s (step, total, preview latent or None) until the job ends;
     ``result()`` returns the LATENT (B, C, H, W) or raises the job's error (``WorkerError`` naming
     rank and host, ``GenerationCancelled``, ...); ``cancel()`` stops every rank at the same step.
+    When a rank dies and the pool retries the job once, the events start again from step 1.
     """
 
     def __init__(self, job_id: str, request: GenerationRequest, default_timeout_s: float,
