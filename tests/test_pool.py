@@ -157,5 +157,12 @@ def test_killed_worker_without_retry_fails_naming_rank_and_host(pool: XDiTPool) 
             job.result(timeout=60)
         assert time.monotonic() - started < 30
         torch.testing.assert_close(no_retry.submit(request(steps=2)).result(timeout=120), serial(request(steps=2)))
+        running, queued = no_retry.submit(request(steps=500, seed=8)), no_retry.submit(request(steps=2))
+        next(iter(running.events(timeout=120)))
+        started = time.monotonic()
+        no_retry.shutdown()  # explicit shutdown while a job runs: bounded, and nothing is left hanging
+        assert time.monotonic() - started < 30
+        assert running.wait(timeout=5) and running.state in (JobState.CANCELLED, JobState.FAILED)
+        assert queued.wait(timeout=5) and queued.state is JobState.FAILED
     finally:
         no_retry.shutdown()

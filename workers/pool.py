@@ -146,6 +146,9 @@ class XDiTPool:
                 job = self._queue.get(timeout=0.25)
             except queue.Empty:
                 continue
+            if self._stop.is_set():
+                job._fail(PoolError("the pool shut down before this job ran"))
+                continue
             if not job._start():
                 continue
             self._running = job
