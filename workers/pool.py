@@ -118,7 +118,7 @@ class XDiTPool:
                  timeout: Optional[float] = None) -> torch.Tensor:
         """Submit and wait: calls ``on_step`` for each event, returns the latent."""
         job = self.submit(request)
-        for event in job.events(timeout=timeout if timeout is not None else self.settings.timeouts.step_s + 60):
+        for event in job.events(timeout=timeout):
             if on_step is not None:
                 on_step(event)
         return job.result(timeout=timeout)
@@ -203,7 +203,8 @@ class XDiTPool:
                     job._post(event)
                 return bool(events)
 
-            results = world.call_each("generate", [(job.id, request, channel)] * world.world_size,
+            shared = ray.put(request)  # one copy in the object store for all ranks
+            results = world.call_each("generate", [(job.id, shared, channel)] * world.world_size,
                                       timeout_s=timeouts.step_s, on_poll=on_poll)
             on_poll()
         finally:
