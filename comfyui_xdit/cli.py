@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -78,6 +79,19 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
                              shift=shift, parallel=parallel)
 
 
+def check_parallel_fit(request: GenerationRequest) -> None:
+    """Refuse a parallel config that does not fit the model and resolution before any rank starts. A model
+    file that is not on this machine (a pool with --models-folder) is checked by the ranks instead."""
+    from .model_loader import model_spec
+
+    if request.parallel.is_serial or not (request.model.is_tiny or os.path.isfile(request.model.path)):
+        return
+    spec = model_spec(request.model)
+    tokens = (request.latent.shape[2] // 2) * (request.latent.shape[3] // 2)
+    request.parallel.validate_for(request.parallel.world_size, spec.num_attention_heads, tokens, request.cfg,
+                                  num_blocks=spec.num_layers + spec.num_single_layers)
+
+
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample one latent and save it like ComfyUI's SaveLatent",
                        epilog=COND_KEYS_DOC)
@@ -129,6 +143,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .model_loader import load_model
 
     request = build_request(args)
+    check_parallel_fit(request)
     if not args.in_process:
         from workers import cli_pool  # lazily: the engine package never imports Ray
 
@@ -141,6 +156,8 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         from .parallel.launch import generate_local
 
+        logger.info("sampling on %d local CPU processes: %s", request.parallel.world_size,
+                    request.parallel.describe())
         latent = generate_local(request)
     save_file({"samples": latent.contiguous()}, args.out)
     sys.stdout.write(f"wrote {args.out}: samples {tuple(latent.shape)}\n")

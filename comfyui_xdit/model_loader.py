@@ -6,19 +6,27 @@ import torch
 
 from .conditioning import Conditioning
 from .models.flux import FluxAdapter
-from .models.flux_checkpoint import NAMED_SPECS, random_bfl_state
+from .models.flux_checkpoint import NAMED_SPECS, FluxSpec, random_bfl_state, read_spec
 from .request import TINY_PREFIX, ModelRef
 
 TINY_SEED = 0  # tiny models are always the same weights
 
 
-def tiny_state(name: str) -> dict[str, torch.Tensor]:
+def tiny_spec(name: str) -> FluxSpec:
     try:
-        spec = NAMED_SPECS[name]
+        return NAMED_SPECS[name]
     except KeyError:
         raise ValueError(f"unknown tiny model {TINY_PREFIX}{name}; choose one of "
                          f"{', '.join(TINY_PREFIX + n for n in NAMED_SPECS)}") from None
-    return random_bfl_state(spec, TINY_SEED)
+
+
+def tiny_state(name: str) -> dict[str, torch.Tensor]:
+    return random_bfl_state(tiny_spec(name), TINY_SEED)
+
+
+def model_spec(ref: ModelRef) -> FluxSpec:
+    """The architecture ``ref`` names, without loading weights (a file's header only)."""
+    return tiny_spec(ref.path[len(TINY_PREFIX):]) if ref.is_tiny else read_spec(ref.path)
 
 
 def load_model(ref: ModelRef, device: torch.device | str = "cpu") -> FluxAdapter:

@@ -54,3 +54,16 @@ def test_errors_are_one_line_with_exit_2(tmp_path):
     no_cond = _cli("generate", "--model", str(tmp_path / "m.safetensors"), "--height", "64", "--width", "64",
                    "--out", str(tmp_path / "x.safetensors"), check=False)
     assert no_cond.returncode == 2 and "--cond" in no_cond.stderr
+
+
+def test_pipefusion_in_process_equals_serial_and_bad_stages_fail_before_ranks(tmp_path):
+    common = ["--model", "tiny:flux", "--seed", "2", "--steps", "2", "--cfg", "2.0", "--height", "64", "--width", "64",
+              "--in-process"]
+    _cli("generate", *common, "--out", str(tmp_path / "serial.safetensors"))
+    _cli("generate", *common, "--pipefusion", "2", "--ulysses", "2", "--patches", "4", "--warmup-steps", "2",
+         "--out", str(tmp_path / "pf.safetensors"))
+    serial = load_file(str(tmp_path / "serial.safetensors"))["samples"]
+    torch.testing.assert_close(load_file(str(tmp_path / "pf.safetensors"))["samples"], serial, rtol=1e-4, atol=1e-4)
+    bad = _cli("generate", *common, "--pipefusion", "8", "--out", str(tmp_path / "x.safetensors"), check=False)
+    assert bad.returncode == 2 and "pipefusion_degree <= 4" in bad.stderr and "Traceback" not in bad.stderr
+    assert "xdit-rank" not in bad.stderr  # refused here, not by a rank

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path!r} ({size} bytes) is not a readable safetensors file "
                          f"(truncated or corrupt download?): {exc}") from exc
     return {k[len(_COMFY_PREFIX):] if k.startswith(_COMFY_PREFIX) else k: v for k, v in state.items()}
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A tensor's shape without its data (what ``infer_flux_spec`` reads)."""
+
+    shape: tuple[int, ...]
+
+
+def read_spec(path: str | os.PathLike) -> FluxSpec:
+    """The architecture of a Flux file from its header alone (no weights read), e.g. to check a parallel
+    config before any rank starts."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"model file not found: {path!r}")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            shapes = {k[len(_COMFY_PREFIX):] if k.startswith(_COMFY_PREFIX) else k:
+                      _Shape(tuple(handle.get_slice(k).get_shape())) for k in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt download?): "
+                         f"{exc}") from exc
+    return infer_flux_spec(shapes, repr(path))  # type: ignore[arg-type]
 
 
 def _block_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
