@@ -86,6 +86,11 @@ def test_hosts_without_the_file_receive_it_through_the_object_store(cluster_pool
     expected = Engine(load_model(TINY)).generate(request(steps=2, seed=1))
     torch.testing.assert_close(latent, expected, rtol=1e-4, atol=1e-4)
     assert [r.weights for r in pool.status().ranks] == ["object store", "object store"]
+    stages = ParallelConfig(pipefusion_degree=2, warmup_steps=1)  # each stage receives only its blocks
+    shipped = pool.submit(request(steps=2, seed=1, parallel=stages, model=ModelRef(str(path)))).result(timeout=180)
+    assert sorted(r.weights for r in pool.status().ranks) == ["object store (blocks 0-1 only)",
+                                                              "object store (blocks 2-3 only)"]
+    torch.testing.assert_close(shipped, pool.submit(request(steps=2, seed=1, parallel=stages)).result(timeout=180))
     missing = pool.submit(request(steps=1, model=ModelRef(str(tmp_path / "absent.safetensors"))))
     with pytest.raises(ModelMissing, match=r"missing on host\(s\) \S+ \(ranks \[0\]\) and on this machine"):
         missing.result(timeout=60)

@@ -10,6 +10,7 @@ import torch
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit.model_loader import tiny_conditioning
+from comfyui_xdit.models.flux_checkpoint import NAMED_SPECS
 from comfyui_xdit.sampling import GenerationCancelled
 from workers.channel import JobChannel
 from workers.errors import InsecureCluster, NotEnoughDevices, PoolUnreachable, VersionSkew, WorkerError
@@ -19,7 +20,7 @@ from workers.security import refuse_disabled_auth
 from workers.settings import HOST_MODELS_FOLDER_ENV, HOST_NO_LOCAL_WEIGHTS_ENV, PoolSettings, Timeouts
 from workers.topology import Slot, block_size, group_hosts, order_ranks
 from workers.versions import check_versions
-from workers.weights import find_local
+from workers.weights import block_index, find_local, stage_state, with_placeholders
 
 
 def test_block_keeps_ring_and_ulysses_on_one_host() -> None:
@@ -134,3 +135,21 @@ def test_engine_package_never_imports_ray() -> None:
     code = ("import sys, comfyui_xdit.cli, comfyui_xdit.engine, comfyui_xdit.parallel; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_pipefusion_stage_receives_only_its_blocks() -> None:
+    from comfyui_xdit.model_loader import tiny_state
+    from comfyui_xdit.models.flux import FluxAdapter
+
+    spec = NAMED_SPECS["flux"]  # 2 double + 2 single blocks
+    state = tiny_state("flux")
+    assert block_index("double_blocks.1.img_mod.lin.weight", 2) == 1
+    assert block_index("single_blocks.0.linear1.weight", 2) == 2 and block_index("img_in.weight", 2) is None
+    stage = stage_state(state, spec.num_layers, (2, 4))
+    assert not any(k.startswith("double_blocks.") for k in stage) and "img_in.weight" in stage
+    assert sum(v.numel() for v in stage.values()) < sum(v.numel() for v in state.values())
+    full = FluxAdapter.from_state_dict(state)
+    part = FluxAdapter.from_state_dict(with_placeholders(stage, spec))
+    for index in (2, 3):
+        for (name, a), (_, b) in zip(full.blocks[index].named_parameters(), part.blocks[index].named_parameters()):
+            assert torch.equal(a, b), name

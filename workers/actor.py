@@ -22,7 +22,7 @@ from comfyui_xdit.sampling import StepEvent
 
 from . import engine_bridge
 from .versions import host_versions
-from .weights import WeightSource, find_local
+from .weights import WeightSource, find_local, with_placeholders
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class RankWorker:
     def __init__(self) -> None:
         self.setup_info: Optional[RankSetup] = None
         self.device: Optional[torch.device] = None
-        self.model_key: Optional[tuple[str, str]] = None
+        self.model_key: Optional[tuple[str, str, Optional[tuple[int, int]]]] = None
         self.adapter: Any = None
         self.engine_key: Optional[tuple[str, str, ParallelConfig]] = None
         self.engine: Any = None
@@ -107,7 +107,7 @@ class RankWorker:
 
         info = self._info()
         ref = source.ref
-        key = (ref.path, ref.dtype)
+        key = (ref.path, ref.dtype, source.blocks)  # a stage-only model serves only that stage
         if self.model_key != key:
             self.adapter, self.model_key, self.engine, self.engine_key = None, None, None, None
             if ref.is_tiny:
@@ -117,13 +117,15 @@ class RankWorker:
             else:
                 import ray
 
-                state = ray.get(source.shipped)
-                self.adapter = FluxAdapter.from_state_dict(dict(state), ref.torch_dtype, self.device,
+                state = dict(ray.get(source.shipped))
+                if source.spec is not None:  # one PipeFusion stage's blocks: fill in the others
+                    state = with_placeholders(state, source.spec)
+                self.adapter = FluxAdapter.from_state_dict(state, ref.torch_dtype, self.device,
                                                            source=f"{ref.path!r} (object store)")
             self.model_key, self.weights_how = key, source.how
-        if self.engine_key != (*key, parallel):
+        if self.engine_key != (ref.path, ref.dtype, parallel):
             self.engine = engine_bridge.build_engine(self.adapter, parallel, info.rank)
-            self.engine_key = (*key, parallel)
+            self.engine_key = (ref.path, ref.dtype, parallel)
         return source.how
 
     def generate(self, job: str, request: GenerationRequest, channel: Any) -> Optional[torch.Tensor]:

@@ -27,7 +27,7 @@ from .runtime import RayRuntime, start_or_join
 from .security import auth_mode
 from .settings import PoolSettings
 from .status import PoolStatus, RankStatus, host_statuses
-from .weights import WeightSource, read_for_shipping
+from .weights import WeightSource, read_for_shipping, ship
 from .world import World
 
 logger = logging.getLogger(__name__)
@@ -230,14 +230,11 @@ class XDiTPool:
                 self._world = None
 
     def _load(self, world: World, request: GenerationRequest) -> None:
-        import ray
-
         key = (request.model.path, request.model.dtype, request.parallel)
         if world.loaded == key:
             return
         ref, folder, timeouts = request.model, self.settings.models_folder, self.settings.timeouts
         sources = [WeightSource(ref)] * world.world_size
-        shipped = None
         if not ref.is_tiny:
             local = world.call("has_file", ref, folder, timeout_s=timeouts.rpc_s)
             lacking = [r for r, path in enumerate(local) if path is None]
@@ -252,12 +249,13 @@ class XDiTPool:
                         f"({folder or 'set $COMFYUI_XDIT_MODELS_FOLDER on the host'})") from None
                 logger.info("ranks %s on %s have no copy of %s: sending it through the object store",
                             lacking, ", ".join(hosts), ref.path)
-                shipped = ray.put(state)
+                sources = ship(state, ref, request.parallel, local)
                 del state
-            sources = [WeightSource(ref, local_path=path, shipped=None if path else shipped) for path in local]
+            else:
+                sources = [WeightSource(ref, local_path=path) for path in local]
         world.loaded = None
         hows = world.call_each("load", [(s, request.parallel) for s in sources], timeout_s=timeouts.load_s)
-        del shipped
+        del sources  # the object-store copies go once every rank has its model
         world.loaded = key
         logger.info("loaded %s on %d ranks (%s)", ref.path, world.world_size, ", ".join(sorted(set(hows))))
 

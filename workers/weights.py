@@ -3,14 +3,16 @@
 Resolution on a worker host: the exact path, then the host's models folder (``$COMFYUI_XDIT_MODELS_FOLDER``
 set before ``ray start`` on that host, else the pool's ``models_folder``) by file name. A host with
 ``COMFYUI_XDIT_NO_LOCAL_WEIGHTS=1`` never reads model files and always receives tensors. The ComfyUI
-machine reads the file once and ``ray.put``s the whole state dict; every rank that lacks the file
-gets that one object (Ray moves it once per host). The engine builds a rank's model from a full state
-dict today, so a PipeFusion stage receives all blocks, not only its own.
+machine reads the file once and ``ray.put``s it: the whole state dict, or with PipeFusion one object
+per stage holding the shared tensors and only that stage's blocks. The engine builds a rank's model
+whole, so a stage fills the other blocks with zero-stride placeholders (never run): the network
+carries only the stage's blocks, though the placeholders become real memory if moved to a GPU.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -28,12 +30,16 @@ class WeightSource:
     ref: ModelRef
     local_path: Optional[str] = None
     shipped: Any = None  # ray.ObjectRef of dict[str, torch.Tensor], or None
+    spec: Any = None  # FluxSpec of the file when ``shipped`` holds one stage's blocks only
+    blocks: Optional[tuple[int, int]] = None  # that stage's [start, stop) block range
 
     @property
     def how(self) -> str:
         if self.ref.is_tiny:
             return "built in"
-        return f"local file {self.local_path}" if self.local_path else "object store"
+        if self.local_path:
+            return f"local file {self.local_path}"
+        return "object store" + (f" (blocks {self.blocks[0]}-{self.blocks[1] - 1} only)" if self.blocks else "")
 
 
 def candidate_paths(path: str, models_folder: Optional[str], environ: Mapping[str, str]) -> list[str]:
@@ -68,3 +74,63 @@ def read_for_shipping(ref: ModelRef, models_folder: Optional[str]) -> dict[str, 
         if os.path.isfile(candidate):
             return read_checkpoint(candidate)
     raise FileNotFoundError(ref.path)
+
+
+_BLOCK_KEY = re.compile(r"(double_blocks|single_blocks)\.(\d+)\.")
+
+
+def block_index(key: str, num_double: int) -> Optional[int]:
+    """Position of a BFL key's block in the adapter's block list (double then single); None = shared."""
+    match = _BLOCK_KEY.match(key)
+    if match is None:
+        return None
+    index = int(match.group(2))
+    return index if match.group(1) == "double_blocks" else num_double + index
+
+
+def stage_state(state: Mapping[str, torch.Tensor], num_double: int,
+                blocks: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The shared tensors plus the blocks in ``[start, stop)``."""
+    start, stop = blocks
+    return {k: v for k, v in state.items()
+            if (i := block_index(k, num_double)) is None or start <= i < stop}
+
+
+def with_placeholders(state: Mapping[str, torch.Tensor], spec: Any) -> dict[str, torch.Tensor]:
+    """Fill every tensor a stage does not run with a zero-stride placeholder of the right shape."""
+    from comfyui_xdit.models.flux_checkpoint import bfl_shapes
+
+    dtype = next(iter(state.values())).dtype
+    zero = torch.zeros((), dtype=dtype)
+    out = dict(state)
+    for key, shape in bfl_shapes(spec).items():
+        if key not in out:
+            out[key] = zero.expand(shape)  # (shape) view of one number: no memory, never used
+    return out
+
+
+def ship(state: Mapping[str, torch.Tensor], ref: ModelRef, parallel: Any,
+         local_paths: list[Optional[str]]) -> list[WeightSource]:
+    """Sources for every rank: its own file, else an object-store copy (per PipeFusion stage)."""
+    import ray
+
+    from comfyui_xdit.models.flux_checkpoint import infer_flux_spec
+    from comfyui_xdit.parallel.mesh import RankCoords
+    from comfyui_xdit.parallel.pipefusion_schedule import split_stages
+
+    if parallel.pipefusion_degree == 1:
+        whole = ray.put(dict(state))
+        return [WeightSource(ref, local_path=p, shipped=None if p else whole) for p in local_paths]
+    spec = infer_flux_spec(state, ref.path)
+    bounds = split_stages(spec.num_layers + spec.num_single_layers, parallel.pipefusion_degree)
+    objects: dict[int, Any] = {}
+    sources = []
+    for rank, path in enumerate(local_paths):
+        if path:
+            sources.append(WeightSource(ref, local_path=path))
+            continue
+        stage = RankCoords.of(rank, parallel).pipefusion
+        if stage not in objects:
+            objects[stage] = ray.put(stage_state(state, spec.num_layers, bounds[stage]))
+        sources.append(WeightSource(ref, shipped=objects[stage], spec=spec, blocks=tuple(bounds[stage])))
+    return sources
