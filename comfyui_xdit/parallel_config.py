@@ -89,7 +89,7 @@ class ParallelConfig:
             raise ValueError(f"{image_tokens} image tokens (latent h/2 * w/2) do not split evenly into ring "
                              f"{self.ring_degree} x ulysses {self.ulysses_degree} x patches {self.patches} = {split} "
                              f"pieces{per_patch}; choose a width and height whose token count is a multiple of "
-                             f"{split}" + (f", fewer patches (--patches)" if self.patches > self.pipefusion_degree
+                             f"{split}" + (", fewer patches (--patches)" if self.patches > self.pipefusion_degree
                                            else "")
                              + (f", or other degrees, e.g. {fit.describe()}" if fit is not None else ""))
         if self.cfg_degree == 2 and cfg == 1.0:

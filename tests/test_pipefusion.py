@@ -9,7 +9,6 @@ Plus the bytes each stage sends per step against the formulas, step events on ra
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import pytest

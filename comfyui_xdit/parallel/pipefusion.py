@@ -25,7 +25,6 @@ every rank of the group, then sends stage 0 only the tokens its peer reads next 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Optional
 
