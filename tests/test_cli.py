@@ -11,6 +11,9 @@ from comfyui_xdit.request import ModelRef
 
 
 def _cli(*args, check=True):
+    """Run the CLI; ``generate`` in-process (the pool path has its own tests in test_pool_cli.py)."""
+    if args[0] == "generate":
+        args = (*args, "--in-process")
     result = subprocess.run([sys.executable, "-m", "comfyui_xdit.cli", *args], capture_output=True, text=True,
                             timeout=300)
     if check:
