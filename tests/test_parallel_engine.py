@@ -130,9 +130,10 @@ def test_cancel_stops_all_ranks_at_the_same_step() -> None:
 
 
 def test_failing_rank_is_named_and_no_rank_survives() -> None:
+    before = {p.pid for p in live_children()}  # e.g. a session-wide ComfyUI server is not ours to judge
     with pytest.raises(RankFailed, match="(?s)rank 1 of 2 failed.*boom on purpose"):
         run_ranks(2, fail_on_rank_one, timeout=240)
-    assert [p.cmdline() for p in live_children(keep_helpers=True)] == []
+    assert [p.cmdline() for p in live_children(keep_helpers=True) if p.pid not in before] == []
 
 
 def test_bad_config_is_a_value_error() -> None:

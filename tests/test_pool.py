@@ -63,6 +63,8 @@ def test_events_stream_and_latent_equals_serial(pool: XDiTPool) -> None:
 
 
 def test_every_listening_socket_is_loopback_and_auth_is_on(pool: XDiTPool) -> None:
+    # A 2-rank world, so torch.distributed's rendezvous and gloo's sockets are among those checked.
+    pool.warm(ParallelConfig(ulysses_degree=2))
     me = psutil.Process()
     listening = []
     for process in [me, *me.children(recursive=True)]:

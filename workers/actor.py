@@ -91,10 +91,11 @@ class RankWorker:
             sock.bind((host, 0))
             return host, int(sock.getsockname()[1])
 
-    def join_world(self, master_addr: str, master_port: int, timeout_s: float) -> None:
+    def join_world(self, master_addr: str, master_port: int, timeout_s: float,
+                   store_file: Optional[str] = None) -> None:
         info = self._info()
         backend = "nccl" if info.device_kind == "cuda" else "gloo"
-        engine_bridge.init_world(info.rank, info.world_size, master_addr, master_port, backend, timeout_s)
+        engine_bridge.init_world(info.rank, info.world_size, master_addr, master_port, backend, timeout_s, store_file)
 
     def leave_world(self) -> None:
         self.engine, self.engine_key = None, None

@@ -6,17 +6,18 @@ engine's ``init_distributed`` and ``create_engine`` (collective: every rank call
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from comfyui_xdit.parallel import create_engine, init_distributed, shutdown_distributed
 from comfyui_xdit.parallel_config import ParallelConfig
 
 
 def init_world(rank: int, world_size: int, master_addr: str, master_port: int, backend: str,
-               timeout_s: float) -> None:
-    """Join the world of ``world_size`` ranks (nothing to do for one rank)."""
+               timeout_s: float, store_file: Optional[str] = None) -> None:
+    """Join the world of ``world_size`` ranks (nothing to do for one rank); ``store_file``: see init_distributed."""
     if world_size > 1:
-        init_distributed(rank, world_size, master_addr, master_port, backend=backend, timeout=timeout_s)
+        init_distributed(rank, world_size, master_addr, master_port, backend=backend, timeout=timeout_s,
+                         store_file=store_file)
 
 
 def leave_world() -> None:

@@ -8,7 +8,10 @@ and the first failure is re-raised as ``WorkerError(rank, host, method)`` with t
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -153,8 +156,14 @@ class World:
     def _join(self) -> None:
         if self.world_size == 1:
             return
-        addr, port = self.call_one(0, "free_port", timeout_s=self.settings.timeouts.rpc_s)
-        self.call("join_world", addr, port, self.settings.timeouts.rendezvous_s,
+        if self.settings.embedded:
+            # Every rank is on this machine: meet through a file, so no TCP store listens beyond loopback.
+            addr, port = "127.0.0.1", 0
+            store_file: Optional[str] = os.path.join(tempfile.gettempdir(), f"xdit-world-{uuid.uuid4().hex}")
+        else:
+            addr, port = self.call_one(0, "free_port", timeout_s=self.settings.timeouts.rpc_s)
+            store_file = None
+        self.call("join_world", addr, port, self.settings.timeouts.rendezvous_s, store_file,
                   timeout_s=self.settings.timeouts.rendezvous_s + self.settings.timeouts.rpc_s)
 
     # ---- collective calls ----------------------------------------------------------------------

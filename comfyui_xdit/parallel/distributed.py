@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import socket
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -27,17 +28,23 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str = "gloo",
-                     timeout: float = DEFAULT_TIMEOUT_S) -> None:
-    """Join the world as ``rank``; every collective then fails after ``timeout`` seconds, never hangs."""
+                     timeout: float = DEFAULT_TIMEOUT_S, store_file: Optional[str] = None) -> None:
+    """Join the world as ``rank``; every collective then fails after ``timeout`` seconds, never hangs.
+
+    The rendezvous is rank 0's TCP store at ``master_addr:master_port``, which listens on every
+    interface (torch offers no bind address). When all ranks share one machine, pass ``store_file``
+    (a path that does not exist yet) to meet through a file instead and open no such socket.
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' (CPU) or 'nccl' (GPU), got {backend!r}")
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised in this process; call shutdown_distributed first")
-    dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
-    logger.info("rank %d/%d joined %s world at %s:%d", rank, world_size, backend, master_addr, master_port)
+    init_method = f"file://{store_file}" if store_file is not None else f"tcp://{master_addr}:{master_port}"
+    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout))
+    logger.info("rank %d/%d joined %s world at %s", rank, world_size, backend, init_method)
 
 
 def shutdown_distributed() -> None:

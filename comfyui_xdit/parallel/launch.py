@@ -2,7 +2,7 @@
 
 This is the no-GPU, no-Ray path for the CLI and the tests: ranks forked from a fork server that has
 imported torch and the engine once (not from this possibly threaded process), one torch thread per
-rank, a free port for the rendezvous, a deadline on everything, and every child killed when any rank
+rank, a rendezvous file (no listening socket), a deadline on everything, and every child killed when any rank
 fails or the deadline passes. Results cross back as plain pickles (no shared-memory tensors, so a
 child may exit as soon as it has reported).
 """
@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import queue as queue_module
+import shutil
+import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -21,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..request import GenerationRequest
-from .distributed import DEFAULT_TIMEOUT_S, free_port, init_distributed, shutdown_distributed
+from .distributed import DEFAULT_TIMEOUT_S, init_distributed, shutdown_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +43,13 @@ class RankFailed(RuntimeError):
     """A rank raised, died or timed out; the message names the rank and carries its traceback."""
 
 
-def _rank_main(rank: int, world_size: int, port: int, fn: RankFn, args: tuple, results: Any,
+def _rank_main(rank: int, world_size: int, store_file: str, fn: RankFn, args: tuple, results: Any,
                collective_timeout: float, threads: int) -> None:
     torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets on loopback (this child only)
     try:
-        init_distributed(rank, world_size, HOST, port, "gloo", collective_timeout)
+        init_distributed(rank, world_size, HOST, 0, "gloo", collective_timeout, store_file=store_file)
         result = fn(rank, world_size, *args)
         results.put(("ok", rank, pickle.dumps(result) if rank == 0 else None))
     except ValueError as exc:  # bad user input: the caller re-raises it as a ValueError
@@ -81,9 +87,10 @@ def run_ranks(world_size: int, fn: RankFn, args: tuple = (), timeout: float = RU
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     results = context.Queue()
-    port = free_port(HOST)
+    rendezvous_dir = tempfile.mkdtemp(prefix="xdit-ranks-")
+    store_file = os.path.join(rendezvous_dir, "store")
     processes = [context.Process(target=_rank_main, name=f"xdit-rank-{rank}", daemon=True,
-                                 args=(rank, world_size, port, fn, args, results, collective_timeout,
+                                 args=(rank, world_size, store_file, fn, args, results, collective_timeout,
                                        threads_per_rank))
                  for rank in range(world_size)]
     deadline = time.monotonic() + timeout
@@ -115,6 +122,7 @@ def run_ranks(world_size: int, fn: RankFn, args: tuple = (), timeout: float = RU
     finally:
         _stop(processes)
         results.close()
+        shutil.rmtree(rendezvous_dir, ignore_errors=True)
     assert answer is not None
     return pickle.loads(answer)
 
