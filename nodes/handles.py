@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from comfyui_xdit.models.flux_checkpoint import FluxSpec
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import ModelRef
 
@@ -28,5 +29,5 @@ class ModelHandle:
     pool: PoolHandle
     model: ModelRef
     parallel: ParallelConfig
-    num_heads: int
+    spec: FluxSpec  # the architecture, read from the file's header
     name: str  # the file name as ComfyUI lists it

@@ -7,11 +7,11 @@ import logging
 import folder_paths
 from comfy_api.latest import io
 
+from comfyui_xdit.models.flux_checkpoint import read_spec
 from comfyui_xdit.request import ModelRef
 
 from .comfy_types import CATEGORY, XDiTModelType, XDiTPoolType
 from .handles import ModelHandle, PoolHandle
-from .model_files import flux_heads
 from .pool_access import registry
 from .validation import MAX_DEGREE, WEIGHT_DTYPES, check_config, parallel_config, resolve_dtype
 
@@ -63,11 +63,9 @@ class XDiTLoadModel(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         config = parallel_config(ulysses_degree, ring_degree, pipefusion_degree, num_patches, warmup_steps,
                                  cfg_parallel)
-        heads = flux_heads(path)
-        if heads is None:
-            raise ValueError(f"{unet_name!r} does not look like a Flux model (no img_in.weight); xDiT runs Flux today")
+        spec = read_spec(path)  # ValueError naming what the file holds when it is not Flux
         ref = ModelRef(path=path, dtype=resolve_dtype(weight_dtype, pool))
         live = registry().get(pool)
         live.warm(config)  # build the ranks now, so a shortage of devices shows on this node
         logger.info("xDiT model %s (%s) on %s", unet_name, config.describe(), pool.describe())
-        return io.NodeOutput(ModelHandle(pool=pool, model=ref, parallel=config, num_heads=heads, name=unet_name))
+        return io.NodeOutput(ModelHandle(pool=pool, model=ref, parallel=config, spec=spec, name=unet_name))

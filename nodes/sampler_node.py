@@ -38,9 +38,8 @@ def build_request(model: ModelHandle, positive, negative, latent_image: dict, se
                                 negative=to_conditioning(negative, "negative"), seed=int(seed), steps=int(steps),
                                 cfg=float(cfg), sampler=sampler_name, scheduler=scheduler, denoise=float(denoise),
                                 shift=shift, parallel=model.parallel)
-    check_fit = getattr(model.parallel, "validate_for", None)
-    if check_fit is not None:
-        check_fit(model.parallel.world_size, model.num_heads, image_tokens(latent), request.cfg)
+    model.parallel.validate_for(model.parallel.world_size, model.spec.num_attention_heads, image_tokens(latent),
+                                request.cfg, num_blocks=model.spec.num_layers + model.spec.num_single_layers)
     return request
 
 

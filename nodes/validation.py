@@ -10,10 +10,10 @@ from typing import Optional
 
 import torch
 
+from comfyui_xdit.models.flux_checkpoint import read_spec
 from comfyui_xdit.parallel_config import ParallelConfig
 
 from .handles import PoolHandle
-from .model_files import flux_heads
 
 WEIGHT_DTYPES = ["default", "fp32", "bf16", "fp16"]
 MAX_DEGREE = 64
@@ -42,13 +42,18 @@ def check_config(unet_path: Optional[str], unet_name: str, **degrees) -> Optiona
     except ValueError as exc:
         return str(exc)
     try:
-        heads = flux_heads(unet_path)
-    except (OSError, ValueError) as exc:
-        return f"cannot read {unet_name!r}: {exc}"
-    if heads is not None and heads % config.ulysses_degree:
+        spec = read_spec(unet_path)
+    except ValueError as exc:
+        return f"cannot use {unet_name!r}: {exc}"
+    heads = spec.num_attention_heads
+    if heads % config.ulysses_degree:
         usable = [d for d in range(1, heads + 1) if heads % d == 0]
         return (f"ulysses_degree {config.ulysses_degree} does not divide the model's {heads} attention heads; use "
                 f"one of {usable} and put the remaining GPUs on ring_degree")
+    blocks = spec.num_layers + spec.num_single_layers
+    if config.pipefusion_degree > blocks:
+        return (f"pipefusion_degree {config.pipefusion_degree} exceeds the model's {blocks} transformer blocks; use "
+                f"pipefusion_degree <= {blocks} and put the remaining GPUs on ulysses_degree or ring_degree")
     return None
 
 

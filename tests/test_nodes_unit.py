@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from comfyui_xdit.models.flux_checkpoint import FluxSpec, write_random_flux
 from comfyui_xdit.sampling import StepEvent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,9 +73,11 @@ def test_latent_conversion_keeps_the_input_untouched() -> None:
 
 @pytest.fixture(scope="module")
 def flux_header_file(tmp_path_factory) -> Path:
-    """A file with only Flux's img_in weight: enough for the header-based head count (3072 / 128 = 24)."""
+    """A narrow Flux with 24 heads (of width 32) and 2 blocks: the header is all validation reads."""
     path = tmp_path_factory.mktemp("models") / "flux-header.safetensors"
-    save_file({"img_in.weight": torch.zeros(3072, 64, dtype=torch.float16)}, str(path))
+    spec = FluxSpec(num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=24,
+                    joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True)
+    write_random_flux(path, spec, dtype=torch.float16)
     return path
 
 
@@ -97,6 +100,7 @@ def test_check_config_accepts_good_degrees(flux_header_file: Path) -> None:
     (degrees(num_patches=-1), ["num_patches"]),
     (degrees(ring_degree=0), ["ring_degree", "between 1"]),
     (degrees(warmup_steps=-1), ["warmup_steps"]),
+    (degrees(pipefusion_degree=4), ["pipefusion_degree 4", "2 transformer blocks", "ulysses_degree"]),
 ])
 def test_check_config_names_the_fix(flux_header_file: Path, bad: dict, words: list[str]) -> None:
     message = validation.check_config(str(flux_header_file), "f", **bad)
