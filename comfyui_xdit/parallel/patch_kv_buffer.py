@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from ..attention import sdpa
-from .comm import CommCounter, all_gather_cat, group_rank, group_size, heads_to_seq, seq_to_heads
+from .comm import CommCounter, all_gather_cat
+from .joint_ulysses import JointUlysses
 
 
 class PatchKVBuffer:
@@ -70,8 +71,8 @@ class StaleKVAttention:
         self.num_tokens = num_tokens
         self.buffers: dict[int, PatchKVBuffer] = {}
         self.start, self.stop = 0, num_tokens
-        self.ulysses_group, self.ring_group, self.counter = ulysses_group, ring_group, counter
-        self.ulysses_size, self.ulysses_rank = group_size(ulysses_group), group_rank(ulysses_group)
+        self.ring_group, self.counter = ring_group, counter
+        self.ulysses = JointUlysses(ulysses_group, counter)
 
     def at(self, start: int, stop: int) -> "StaleKVAttention":
         """Point the backend at the patch of image tokens ``[start, stop)`` (the whole patch, over all
@@ -88,19 +89,8 @@ class StaleKVAttention:
                  layer: int) -> torch.Tensor:
         """q, k, v: (B, L + n_local, H, D), text first, n_local = this rank's shard of the patch ->
         (B, L + n_local, H, D)."""
-        heads = query.shape[2]
-        if heads % self.ulysses_size:
-            raise ValueError(f"{heads} heads do not split over ulysses degree {self.ulysses_size}; "
-                             f"choose a ulysses degree that divides {heads}")
-        local_heads = heads // self.ulysses_size
-        lo = self.ulysses_rank * local_heads  # all_to_all_4D hands head group j to group rank j
-
-        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # (B, L + n_local, H, D) -> text (B, L, H/U, D), image (B, n_local * U, H/U, D)
-            text = t[:, :text_len, lo:lo + local_heads]
-            return text, seq_to_heads(t[:, text_len:], self.ulysses_group, self.counter)
-
-        (text_q, image_q), (text_k, image_k), (text_v, image_v) = split(query), split(key), split(value)
+        split = self.ulysses.scatter_heads
+        (text_q, image_q), (text_k, image_k), (text_v, image_v) = (split(t, text_len) for t in (query, key, value))
         # (B, n_local * U, H/U, D) from each ring rank -> (B, n, H/U, D): the whole patch
         patch_k = all_gather_cat(image_k, 1, self.ring_group, self.counter, "ring")
         patch_v = all_gather_cat(image_v, 1, self.ring_group, self.counter, "ring")
@@ -114,11 +104,9 @@ class StaleKVAttention:
         full_key = torch.cat([text_k, buffer.key], dim=1)
         full_value = torch.cat([text_v, buffer.value], dim=1)
         out = sdpa(torch.cat([text_q, image_q], dim=1), full_key, full_value)  # (B, L + n_local * U, H/U, D)
-        if self.ulysses_size == 1:
+        if self.ulysses.size == 1:
             return out
-        image_out = heads_to_seq(out[:, text_len:], self.ulysses_group, self.counter)  # (B, n_local, H, D)
-        text_out = all_gather_cat(out[:, :text_len], 2, self.ulysses_group, self.counter, "ulysses")  # (B, L, H, D)
-        return torch.cat([text_out, image_out], dim=1)
+        return self.ulysses.gather_heads(out, text_len)  # (B, L + n_local, H, D)
 
     def nbytes(self) -> int:
         """Memory the buffers hold (both K and V, all layers)."""

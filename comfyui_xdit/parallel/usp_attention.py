@@ -27,7 +27,8 @@ import torch.distributed as dist
 from yunchang.ring.utils import RingComm, update_out_and_lse
 
 from .attention_kernels import LseKernel, kernel_for, verify_lse
-from .comm import CommCounter, all_gather_cat, group_rank, group_size, heads_to_seq, nbytes, seq_to_heads
+from .comm import CommCounter, group_size, nbytes
+from .joint_ulysses import JointUlysses
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +76,10 @@ class USPAttention:
 
     def __init__(self, ulysses_group: Optional[dist.ProcessGroup], ring_group: Optional[dist.ProcessGroup],
                  kernel: LseKernel, counter: Optional[CommCounter] = None) -> None:
-        self.ulysses_group = ulysses_group
         self.ring_group = ring_group
         self.kernel = kernel
         self.counter = counter
-        self.ulysses_size = group_size(ulysses_group)
-        self.ulysses_rank = group_rank(ulysses_group)
+        self.ulysses = JointUlysses(ulysses_group, counter)
 
     @classmethod
     def for_device(cls, ulysses_group: Optional[dist.ProcessGroup], ring_group: Optional[dist.ProcessGroup],
@@ -94,21 +93,8 @@ class USPAttention:
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, text_len: int,
                  layer: int) -> torch.Tensor:
-        heads = query.shape[2]
-        if heads % self.ulysses_size:
-            raise ValueError(f"{heads} heads do not split over ulysses degree {self.ulysses_size}; "
-                             f"choose a ulysses degree that divides {heads}")
-        local_heads = heads // self.ulysses_size
-        lo = self.ulysses_rank * local_heads  # all_to_all_4D hands head group j to group rank j
-
-        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # (B, L + N_local, H, D) -> text (B, L, H/U, D), image (B, N_local * U, H/U, D)
-            text = t[:, :text_len, lo:lo + local_heads]
-            return text, seq_to_heads(t[:, text_len:], self.ulysses_group, self.counter)
-
-        (text_q, image_q), (text_k, image_k), (text_v, image_v) = split(query), split(key), split(value)
+        split = self.ulysses.scatter_heads
+        (text_q, image_q), (text_k, image_k), (text_v, image_v) = (split(t, text_len) for t in (query, key, value))
         out = ring_attention(torch.cat([text_q, image_q], dim=1), image_k, image_v, self.ring_group, self.kernel,
                              self.counter, local_key=text_k, local_value=text_v)  # (B, L + N_local * U, H/U, D)
-        image_out = heads_to_seq(out[:, text_len:], self.ulysses_group, self.counter)  # (B, N_local, H, D)
-        text_out = all_gather_cat(out[:, :text_len], 2, self.ulysses_group, self.counter, "ulysses")  # (B, L, H, D)
-        return torch.cat([text_out, image_out], dim=1)
+        return self.ulysses.gather_heads(out, text_len)  # (B, L + N_local, H, D)
