@@ -64,6 +64,14 @@ def check_groups(rank: int, world_size: int, configs: list[ParallelConfig]) -> l
         next_stage = (mesh.coords.pipefusion + 1) % config.pipefusion_degree
         if mesh.peer("pipefusion", 1) != mesh.rank_at(pipefusion=next_stage):
             problems.append(f"{config.describe()} rank {rank}: peer")
+        released = [g for g in (mesh.group(axes) for axes in DEFAULT_GROUP_AXES) if g is not None]
+        mesh.destroy()  # a new layout must not pile up groups
+        for group in released:
+            try:
+                dist.get_rank(group)
+                problems.append(f"{config.describe()} rank {rank}: a group survived destroy()")
+            except ValueError:
+                pass
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, problems)
     return [p for per_rank in gathered for p in per_rank]

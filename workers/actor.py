@@ -110,6 +110,8 @@ class RankWorker:
         ref = source.ref
         key = (ref.path, ref.dtype, source.blocks)  # a stage-only model serves only that stage
         if self.model_key != key:
+            if self.engine is not None:
+                engine_bridge.release_engine(self.engine)
             self.adapter, self.model_key, self.engine, self.engine_key = None, None, None, None
             if ref.is_tiny:
                 self.adapter = load_model(ref, self.device)
@@ -125,6 +127,8 @@ class RankWorker:
                                                            source=f"{ref.path!r} (object store)")
             self.model_key, self.weights_how = key, source.how
         if self.engine_key != (ref.path, ref.dtype, parallel):
+            if self.engine is not None:
+                engine_bridge.release_engine(self.engine)
             self.engine = engine_bridge.build_engine(self.adapter, parallel, info.rank)
             self.engine_key = (ref.path, ref.dtype, parallel)
         return source.how

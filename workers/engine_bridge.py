@@ -24,6 +24,13 @@ def leave_world() -> None:
     shutdown_distributed()
 
 
+def release_engine(engine: Any) -> None:
+    """Free the process groups of an engine that a new layout replaces (every rank does it alike)."""
+    mesh = getattr(engine, "mesh", None)  # the serial Engine has none
+    if mesh is not None:
+        mesh.destroy()
+
+
 def build_engine(adapter: Any, parallel: ParallelConfig, rank: int) -> Any:
     """The engine for this rank: serial for world size 1, else the parallel engine."""
     return create_engine(adapter, parallel, rank)

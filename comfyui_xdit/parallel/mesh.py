@@ -93,6 +93,13 @@ class Mesh:
         self.coords = RankCoords.of(rank, parallel)
         self._groups = {self._key(axes): group for axes, group in groups.items()}
 
+    def destroy(self) -> None:
+        """Release this mesh's groups (all ranks alike, e.g. before building the mesh of a new layout)."""
+        for group in self._groups.values():
+            if group is not None:
+                dist.destroy_process_group(group)
+        self._groups = {axes: None for axes in self._groups}
+
     @staticmethod
     def _key(axes: tuple[str, ...]) -> tuple[str, ...]:
         _check_axes(axes)
