@@ -59,3 +59,18 @@ def sampler_step(name: str) -> SamplerStep:
         return _SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}") from None
+
+
+def step_patch(step: SamplerStep, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+               state: SamplerState, start: int, stop: int) -> SamplerState:
+    """Apply ``step`` to tokens ``[start, stop)`` of ``x`` (B, N, C) in place; ``denoised`` covers just
+    those tokens. Returns the whole-latent state with that slice updated (created by a whole-latent step)."""
+    part_state = None if state is None else state[:, start:stop]
+    x[:, start:stop], new_state = step(x[:, start:stop], denoised, sigmas, i, part_state)
+    if new_state is None:
+        return state
+    if state is None:
+        assert (start, stop) == (0, x.shape[1]), "a sampler's state must be created by a whole-latent step"
+        state = torch.empty_like(new_state)
+    state[:, start:stop] = new_state
+    return state

@@ -33,7 +33,7 @@ import torch
 from ..conditioning import Conditioning
 from ..models.flux import BlockState, FluxAdapter
 from ..parallel_config import ParallelConfig
-from ..samplers import SamplerState
+from ..samplers import SamplerState, step_patch
 from ..sampling import (GenerationCancelled, OnStep, SamplingPlan, ShouldStop, StepEvent, apply_cfg, denoised_from,
                         preview_latent)
 from .comm import CommCounter, all_gather_cat
@@ -228,15 +228,8 @@ class PipeFusionLoop:
         a step's end the preview) to stage 0."""
         links, total = self.links, plan.total_steps
         guided = self._guided(denoised, plan.cfg)
-        part_state = None if sampler_state is None else sampler_state[:, start:stop]
-        new_part, new_state = plan.step(x[:, start:stop], guided, plan.sigmas, work.step, part_state)
-        x[:, start:stop] = new_part
+        sampler_state = step_patch(plan.step, x, guided, plan.sigmas, work.step, sampler_state, start, stop)
         denoised_full[:, start:stop] = guided
-        if new_state is not None:
-            if sampler_state is None:
-                assert work.is_warmup, "a sampler's state must be created by a whole-latent step"
-                sampler_state = torch.empty_like(new_state)
-            sampler_state[:, start:stop] = new_state
         step_done = work.is_warmup or work.patch == self.parallel.patches - 1
         if work.step < total - 1:
             links.send([x[:, back[0]:back[1]].clone()], links.first, TAG_PATCH)  # x changes while in flight

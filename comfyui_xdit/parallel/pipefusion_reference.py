@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..models.flux import FluxAdapter
-from ..samplers import SamplerState
+from ..samplers import step_patch
 from ..sampling import SamplingPlan, apply_cfg, denoised_from
 from .patch_kv_buffer import StaleKVAttention
 from .pipefusion_schedule import patch_bounds, stage_work
@@ -41,14 +41,7 @@ def pipefusion_reference(adapter: FluxAdapter, plan: SamplingPlan, num_patches: 
                 velocity = adapter.velocity(part, plan.image_ids[start:stop], cond, sigma * part.new_ones(len(part)))
                 denoised.append(denoised_from(part, sigma, velocity))
             guided = apply_cfg(denoised[0], denoised[1] if len(denoised) > 1 else None, plan.cfg)
-            part_state = None if state is None else state[:, start:stop]
-            new_part, new_state = plan.step(part, guided, plan.sigmas, work.step, part_state)
-            x[:, start:stop] = new_part
-            if new_state is not None:
-                if state is None:
-                    assert work.is_warmup, "a sampler's state must be created by a whole-latent step"
-                    state = torch.empty_like(new_state)
-                state[:, start:stop] = new_state
+            state = step_patch(plan.step, x, guided, plan.sigmas, work.step, state, start, stop)
     finally:
         adapter.seam.backend = saved
     return x
