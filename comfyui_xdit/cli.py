@@ -133,7 +133,7 @@ def add_pool_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_pool(args: argparse.Namespace) -> int:
-    from workers import cli_pool  # lazily: the engine package never imports Ray
+    from comfyui_xdit_workers import cli_pool  # lazily: the engine package never imports Ray
 
     return cli_pool.guarded(cli_pool.status, args)
 
@@ -145,7 +145,7 @@ def run_generate(args: argparse.Namespace) -> int:
     request = build_request(args)
     check_parallel_fit(request)
     if not args.in_process:
-        from workers import cli_pool  # lazily: the engine package never imports Ray
+        from comfyui_xdit_workers import cli_pool  # lazily: the engine package never imports Ray
 
         latent = cli_pool.guarded(cli_pool.generate, request, args)
     elif request.parallel.is_serial:

@@ -22,11 +22,11 @@ class PoolUnavailable(RuntimeError):
 
 def _workers():
     try:
-        import workers
+        import comfyui_xdit_workers
     except ImportError as exc:
-        raise PoolUnavailable(f"the xDiT worker pool (package workers) cannot be imported: {exc}; "
+        raise PoolUnavailable(f"the xDiT worker pool (package comfyui_xdit_workers) cannot be imported: {exc}; "
                               "install the plugin's requirements.txt") from exc
-    return workers
+    return comfyui_xdit_workers
 
 
 def pool_settings(handle: PoolHandle):

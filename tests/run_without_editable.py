@@ -15,7 +15,7 @@ def main() -> None:
     script = os.path.abspath(sys.argv[1])
     sys.path[:] = [os.path.dirname(script)] + [p for p in sys.path[1:]
                                                if p and not os.path.abspath(p).startswith(REPO)]
-    for name in [m for m in sys.modules if m.split(".")[0] in ("comfyui_xdit", "workers")]:
+    for name in [m for m in sys.modules if m.split(".")[0] in ("comfyui_xdit", "comfyui_xdit_workers")]:
         del sys.modules[name]
     sys.argv = sys.argv[1:]
     runpy.run_path(script, run_name="__main__")

@@ -17,7 +17,7 @@ from comfyui_xdit.models.flux_checkpoint import NAMED_SPECS, write_random_flux
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit.sampling import GenerationCancelled
-from workers import JobState, ModelMissing, NotEnoughDevices, PoolSettings, Timeouts, WorkerLost, XDiTPool
+from comfyui_xdit_workers import JobState, ModelMissing, NotEnoughDevices, PoolSettings, Timeouts, WorkerLost, XDiTPool
 
 TINY = ModelRef("tiny:flux")
 SETTINGS = PoolSettings(embedded_num_cpus=2, timeouts=Timeouts(step_s=120, start_s=120))

@@ -17,9 +17,9 @@ from comfyui_xdit.model_loader import load_model, tiny_conditioning
 from comfyui_xdit.models.flux_checkpoint import NAMED_SPECS, write_random_flux
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
-from workers import ModelMissing, PoolSettings, Timeouts, WorkerLost, XDiTPool
-from workers.settings import HOST_NO_LOCAL_WEIGHTS_ENV
-from workers.topology import group_hosts
+from comfyui_xdit_workers import ModelMissing, PoolSettings, Timeouts, WorkerLost, XDiTPool
+from comfyui_xdit_workers.settings import HOST_NO_LOCAL_WEIGHTS_ENV
+from comfyui_xdit_workers.topology import group_hosts
 
 TINY = ModelRef("tiny:flux")
 FAST_HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_timeout_ms": 500,

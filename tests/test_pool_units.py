@@ -12,15 +12,15 @@ from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit.model_loader import tiny_conditioning
 from comfyui_xdit.models.flux_checkpoint import NAMED_SPECS
 from comfyui_xdit.sampling import GenerationCancelled
-from workers.channel import JobChannel
-from workers.errors import InsecureCluster, NotEnoughDevices, PoolUnreachable, VersionSkew, WorkerError
-from workers.job import Job, JobState
-from workers.runtime import probe, split_address
-from workers.security import refuse_disabled_auth
-from workers.settings import HOST_MODELS_FOLDER_ENV, HOST_NO_LOCAL_WEIGHTS_ENV, PoolSettings, Timeouts
-from workers.topology import Slot, block_size, group_hosts, order_ranks
-from workers.versions import check_versions
-from workers.weights import block_index, find_local, stage_state, with_placeholders
+from comfyui_xdit_workers.channel import JobChannel
+from comfyui_xdit_workers.errors import InsecureCluster, NotEnoughDevices, PoolUnreachable, VersionSkew, WorkerError
+from comfyui_xdit_workers.job import Job, JobState
+from comfyui_xdit_workers.runtime import probe, split_address
+from comfyui_xdit_workers.security import refuse_disabled_auth
+from comfyui_xdit_workers.settings import HOST_MODELS_FOLDER_ENV, HOST_NO_LOCAL_WEIGHTS_ENV, PoolSettings, Timeouts
+from comfyui_xdit_workers.topology import Slot, block_size, group_hosts, order_ranks
+from comfyui_xdit_workers.versions import check_versions
+from comfyui_xdit_workers.weights import block_index, find_local, stage_state, with_placeholders
 
 
 def test_block_keeps_ring_and_ulysses_on_one_host() -> None:

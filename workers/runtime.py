@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import pathlib
+import shutil
 import socket
+import tempfile
 from dataclasses import dataclass
 
 from .errors import PoolUnreachable
@@ -47,12 +51,40 @@ def probe(address: str, timeout_s: float) -> None:
             f"private network, or leave the address empty for the embedded local pool") from exc
 
 
-def code_runtime_env() -> dict:
-    """Ship our two packages to remote hosts so they need only the dependencies installed."""
-    import comfyui_xdit
-    import workers
+def staged_package(folder: str, name: str) -> str:
+    """A directory named ``name`` holding ``folder``'s Python files, for Ray's ``py_modules`` (which imports
+    a directory by its base name): ``folder`` itself when the names agree, else a copy kept by content."""
+    if os.path.basename(os.path.normpath(folder)) == name:
+        return folder
+    files = sorted(p for p in pathlib.Path(folder).rglob("*.py") if "__pycache__" not in p.parts)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    base = pathlib.Path(tempfile.gettempdir()) / "comfyui-xdit-code"
+    target = base / digest.hexdigest()[:16] / name
+    if not target.is_dir():
+        base.mkdir(parents=True, exist_ok=True)
+        staging = pathlib.Path(tempfile.mkdtemp(dir=base))  # renamed into place whole: never half-written
+        for path in files:
+            out = staging / name / path.relative_to(folder)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, out)
+        try:
+            staging.rename(target.parent)
+        except OSError:  # another process staged the same content first
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
 
-    return {"py_modules": [os.path.dirname(comfyui_xdit.__file__), os.path.dirname(workers.__file__)]}
+
+def code_runtime_env() -> dict:
+    """Ship our two packages to remote hosts so they need only the dependencies installed. The pool's
+    folder is ``workers/``; it is shipped under its import name ``comfyui_xdit_workers``."""
+    import comfyui_xdit
+    import comfyui_xdit_workers
+
+    workers_folder = os.path.dirname(comfyui_xdit_workers.__file__)
+    return {"py_modules": [os.path.dirname(comfyui_xdit.__file__),
+                           staged_package(workers_folder, comfyui_xdit_workers.__name__)]}
 
 
 def start_or_join(settings: PoolSettings) -> RayRuntime:
