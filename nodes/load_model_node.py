@@ -7,6 +7,8 @@ import logging
 import folder_paths
 from comfy_api.latest import io
 
+from comfyui_xdit.environment import require_environment
+
 from comfyui_xdit.models.flux_checkpoint import read_spec
 from comfyui_xdit.request import ModelRef
 
@@ -60,6 +62,7 @@ class XDiTLoadModel(io.ComfyNode):
     @classmethod
     def execute(cls, pool: PoolHandle, unet_name: str, weight_dtype: str, ulysses_degree: int, ring_degree: int,
                 pipefusion_degree: int, num_patches: int, warmup_steps: int, cfg_parallel: bool) -> io.NodeOutput:
+        require_environment()
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         config = parallel_config(ulysses_degree, ring_degree, pipefusion_degree, num_patches, warmup_steps,
                                  cfg_parallel)

@@ -11,6 +11,8 @@ import logging
 import threading
 from typing import Any, Optional
 
+from comfyui_xdit.environment import require_environment
+
 from .handles import PoolHandle
 
 logger = logging.getLogger(__name__)
@@ -21,6 +23,7 @@ class PoolUnavailable(RuntimeError):
 
 
 def _workers():
+    require_environment()  # a broken ray/torch/diffusers is named with its fix, not as an ImportError
     try:
         import comfyui_xdit_workers
     except ImportError as exc:

@@ -6,6 +6,8 @@ import logging
 
 from comfy_api.latest import io
 
+from comfyui_xdit.environment import require_environment
+
 from .comfy_types import CATEGORY, XDiTPoolType
 from .handles import PoolHandle
 from .pool_access import registry
@@ -43,6 +45,7 @@ class XDiTPool(io.ComfyNode):
 
     @classmethod
     def execute(cls, ray_address: str, network_interface: str) -> io.NodeOutput:
+        require_environment()
         handle = PoolHandle(address=ray_address.strip() or None, network_interface=network_interface.strip() or None)
         registry().get(handle)  # start or reach the pool here, so connection errors show on this node
         return io.NodeOutput(handle)

@@ -6,6 +6,9 @@ import logging
 
 from comfy_api.latest import io
 
+from comfyui_xdit.environment import require_environment
+
+from comfyui_xdit.input_checks import NODE_INPUTS, check_inputs
 from comfyui_xdit.request import GenerationRequest, SigmaShift
 from comfyui_xdit.samplers import SAMPLER_NAMES
 from comfyui_xdit.sigmas import SCHEDULER_NAMES
@@ -38,6 +41,7 @@ def build_request(model: ModelHandle, positive, negative, latent_image: dict, se
                                 negative=to_conditioning(negative, "negative"), seed=int(seed), steps=int(steps),
                                 cfg=float(cfg), sampler=sampler_name, scheduler=scheduler, denoise=float(denoise),
                                 shift=shift, parallel=model.parallel)
+    check_inputs(model.spec, latent, request.positive, request.negative if request.uses_cfg else None, NODE_INPUTS)
     model.parallel.validate_for(model.parallel.world_size, model.spec.num_attention_heads, image_tokens(latent),
                                 request.cfg, num_blocks=model.spec.num_layers + model.spec.num_single_layers)
     return request
@@ -78,6 +82,7 @@ class XDiTSampler(io.ComfyNode):
     def execute(cls, model: ModelHandle, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
                 sampler_name: str, scheduler: str, denoise: float, sigma_shift: str, max_shift: float,
                 base_shift: float, width: int, height: int) -> io.NodeOutput:
+        require_environment()
         shift = make_sigma_shift(sigma_shift, max_shift, base_shift, width, height)
         request = build_request(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                                 denoise, shift)

@@ -117,7 +117,8 @@ class ComfyHost:
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
     def start(cls, base_dir: Path, plugin_mode: str = "symlink", with_model: bool = True,
-              extra_args: Iterable[str] = (), python_prefix: Iterable[str] = ()) -> "ComfyHost":
+              extra_args: Iterable[str] = (), python_prefix: Iterable[str] = (),
+              python: str = sys.executable) -> "ComfyHost":
         comfy = require_comfyui()
         custom_nodes = base_dir / "custom_nodes"
         custom_nodes.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ class ComfyHost:
             write_model(base_dir / "models")
         port = free_port()
         log_path = base_dir / "comfyui.log"
-        cmd = [sys.executable, *python_prefix, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1",
+        cmd = [python, *python_prefix, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1",
                "--port", str(port), "--base-directory", str(base_dir), "--disable-auto-launch",
                "--database-url", "sqlite:///:memory:", *extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")

@@ -194,6 +194,18 @@ def test_runtime_error_reported_and_server_stays_up(comfy_host: ComfyHost, parit
     assert again.succeeded, again.describe()
 
 
+def test_sdxl_conditioning_refused_naming_the_node(comfy_host: ComfyHost, parity_run) -> None:
+    """An SDXL text encoder's tokens (2048 wide) into Flux: our message, not a rank's matmul error."""
+    prompt = {**conditioning_nodes(), **xdit_nodes("x", steps=1), "save": save("xsample", "sdxl_cond")}
+    prompt["pos"]["inputs"].update(width=2048, pooled_width=1280)
+    with comfy_host.connect() as ws:
+        result = ws.run(prompt)
+    (error,) = result.of_type("execution_error")
+    message = error["exception_message"]
+    assert error["node_id"] == "xsample" and "xDiT Sampler's positive input" in message, error
+    assert "CLIP-L + CLIP-G (SDXL)" in message and "DualCLIPLoader" in message and "mat1" not in message, message
+
+
 def test_ulysses_2_matches_stock(comfy_host: ComfyHost, parity_run) -> None:
     """Sequence parallel through the nodes (2 CPU ranks): the engine's fp32 bound (1e-4 vs serial) holds vs stock."""
     prompt = {**conditioning_nodes(), **xdit_nodes("x", ulysses_degree=2), "save": save("xsample", "ulysses2")}

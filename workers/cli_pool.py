@@ -30,7 +30,10 @@ def settings_from(args: argparse.Namespace) -> PoolSettings:
 
 def generate(request: GenerationRequest, args: argparse.Namespace) -> torch.Tensor:
     """Run ``request`` on the pool (embedded unless ``--address``), logging each step."""
-    with XDiTPool(settings_from(args)) as pool:
+    settings = settings_from(args)
+    logger.info("starting the pool (%s)", "embedded local Ray" if settings.embedded else f"Ray at {settings.address}")
+    with XDiTPool(settings) as pool:
+        logger.info("sampling %d steps as %s", request.steps, request.parallel.describe())
         job = pool.submit(request)
         for event in job.events():
             logger.info("step %d/%d", event.step, event.total)

@@ -254,6 +254,7 @@ class XDiTPool:
             else:
                 sources = [WeightSource(ref, local_path=path) for path in local]
         world.loaded = None
+        logger.info("loading %s (%s) on %d ranks", ref.path, ref.dtype, world.world_size)
         hows = world.call_each("load", [(s, request.parallel) for s in sources], timeout_s=timeouts.load_s)
         del sources  # the object-store copies go once every rank has its model
         world.loaded = key

@@ -1,7 +1,8 @@
-"""Test-only ComfyUI node (linked into the test host's custom_nodes, never shipped).
+"""Test-only ComfyUI nodes (linked into the test host's custom_nodes, never shipped).
 
 Flux conditioning needs T5 and CLIP weights that tests do not have; this node draws a Flux-shaped
-CONDITIONING (T5 tokens (1, L, 4096), pooled CLIP (1, 768), guidance) from a seed instead.
+CONDITIONING (T5 tokens (1, L, 4096), pooled CLIP (1, 768), guidance) from a seed instead. A probe
+node consumes a pool so that a prompt can run the pool node alone.
 """
 
 import torch
@@ -16,14 +17,33 @@ class XDiTTestConditioning:
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
                              "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
-                             "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1})}}
+                             "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1})},
+                "optional": {"width": ("INT", {"default": 4096, "min": 1, "max": 8192}),
+                             "pooled_width": ("INT", {"default": 768, "min": 1, "max": 8192})}}
 
-    def make(self, seed, tokens, guidance):
+    def make(self, seed, tokens, guidance, width=4096, pooled_width=768):
         generator = torch.Generator().manual_seed(seed)
-        context = torch.randn(1, tokens, 4096, generator=generator)
-        pooled = torch.randn(1, 768, generator=generator)
+        context = torch.randn(1, tokens, width, generator=generator)  # another width: another text encoder
+        pooled = torch.randn(1, pooled_width, generator=generator)
         return ([[context, {"pooled_output": pooled, "guidance": guidance}]],)
 
 
-NODE_CLASS_MAPPINGS = {"XDiTTestConditioning": XDiTTestConditioning}
-NODE_DISPLAY_NAME_MAPPINGS = {"XDiTTestConditioning": "xDiT Test Conditioning (tests only)"}
+class XDiTTestPoolProbe:
+    """An output node that takes an XDIT_POOL, so a prompt of just the pool node runs (it returns nothing)."""
+
+    CATEGORY = "testing/xdit"
+    RETURN_TYPES = ()
+    FUNCTION = "probe"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"pool": ("XDIT_POOL",)}}
+
+    def probe(self, pool):
+        return ()
+
+
+NODE_CLASS_MAPPINGS = {"XDiTTestConditioning": XDiTTestConditioning, "XDiTTestPoolProbe": XDiTTestPoolProbe}
+NODE_DISPLAY_NAME_MAPPINGS = {"XDiTTestConditioning": "xDiT Test Conditioning (tests only)",
+                              "XDiTTestPoolProbe": "xDiT Test Pool Probe (tests only)"}

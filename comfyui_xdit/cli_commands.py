@@ -1,0 +1,252 @@
+"""The commands of ``comfyui-xdit`` (generate, make-tiny, pool status); ``cli.main`` is the entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .conditioning import Conditioning
+from .cli import ENVIRONMENT_EXIT
+from .environment import ENGINE, POOL, BrokenEnvironment, require_environment
+from .input_checks import CLI_INPUTS, check_inputs
+from .parallel_config import ParallelConfig
+from .models.flux_checkpoint import NAMED_SPECS, write_random_flux
+from .request import DTYPES, GenerationRequest, ModelRef, SigmaShift
+from .samplers import SAMPLER_NAMES
+from .sigmas import SCHEDULER_NAMES
+
+logger = logging.getLogger(__name__)
+
+COND_KEYS_DOC = ("--cond FILE.safetensors holds: 'positive_context' (1, L, 4096) T5 tokens, "
+                 "'positive_pooled' (1, 768) CLIP pooled vector, optional 'negative_context' and "
+                 "'negative_pooled' (needed when cfg != 1), optional 'guidance' (a 1-element tensor, default 3.5)")
+
+
+def default_dtype() -> str:
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def read_tensors(path: str, what: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"cannot read the {what} file {path!r}: {exc}") from exc
+
+
+def read_cond_file(path: str) -> tuple[Conditioning, Optional[Conditioning]]:
+    tensors = read_tensors(path, "--cond")
+    guidance = float(tensors["guidance"].reshape(-1)[0]) if "guidance" in tensors else 3.5
+    for key in ("positive_context", "positive_pooled"):
+        if key not in tensors:
+            raise ValueError(f"{path!r} lacks {key!r}. {COND_KEYS_DOC}")
+    if ("negative_context" in tensors) != ("negative_pooled" in tensors):
+        raise ValueError(f"{path!r} has only one of 'negative_context' and 'negative_pooled'; give both or neither. "
+                         f"{COND_KEYS_DOC}")
+    try:
+        positive = Conditioning(tensors["positive_context"], tensors["positive_pooled"], guidance)
+        negative = None
+        if "negative_context" in tensors:
+            negative = Conditioning(tensors["negative_context"], tensors["negative_pooled"], guidance)
+    except ValueError as exc:
+        raise ValueError(f"{path!r}: {exc}. {COND_KEYS_DOC}") from None
+    return positive, negative
+
+
+def build_request(args: argparse.Namespace) -> GenerationRequest:
+    from .model_loader import tiny_conditioning
+
+    if args.height % 16 or args.width % 16:
+        raise ValueError(f"--height and --width must be multiples of 16 for Flux, got {args.height}x{args.width}")
+    model = ModelRef(args.model, args.dtype or default_dtype())
+    if model.is_tiny:
+        positive, negative = tiny_conditioning(model, args.seed)
+    elif args.cond:
+        positive, negative = read_cond_file(args.cond)
+    else:
+        raise ValueError(f"a model file needs --cond FILE.safetensors with the text conditioning. {COND_KEYS_DOC}")
+    if args.init_latent:
+        latent = read_tensors(args.init_latent, "--init-latent").get("samples")
+        if latent is None:
+            raise ValueError(f"{args.init_latent!r} has no 'samples' tensor (the layout of ComfyUI's SaveLatent)")
+    else:
+        latent = torch.zeros(1, 16, args.height // 8, args.width // 8)
+    shift = SigmaShift(mode="resolution", max_shift=args.max_shift, base_shift=args.base_shift) \
+        if args.resolution_shift else SigmaShift()
+    parallel = ParallelConfig(cfg_degree=2 if args.cfg_parallel else 1, pipefusion_degree=args.pipefusion,
+                              ring_degree=args.ring, ulysses_degree=args.ulysses, num_patches=args.patches,
+                              warmup_steps=args.warmup_steps)
+    return GenerationRequest(model=model, latent=latent, positive=positive,
+                             negative=negative if args.cfg != 1.0 else None, seed=args.seed, steps=args.steps,
+                             cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, denoise=args.denoise,
+                             shift=shift, parallel=parallel)
+
+
+def check_request_fits(request: GenerationRequest) -> None:
+    """Refuse inputs and a parallel config that do not fit the model and resolution before any rank starts.
+    A model file that is not on this machine (a pool with --models-folder) is checked by the ranks instead."""
+    from .model_loader import model_spec
+
+    if not (request.model.is_tiny or os.path.isfile(request.model.path)):
+        return
+    spec = model_spec(request.model)
+    check_inputs(spec, request.latent, request.positive, request.negative, CLI_INPUTS)
+    if request.parallel.is_serial:
+        return
+    tokens = (request.latent.shape[2] // 2) * (request.latent.shape[3] // 2)
+    request.parallel.validate_for(request.parallel.world_size, spec.num_attention_heads, tokens, request.cfg,
+                                  num_blocks=spec.num_layers + spec.num_single_layers)
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample one latent and save it like ComfyUI's SaveLatent",
+                       epilog=COND_KEYS_DOC)
+    p.add_argument("--model", required=True, help="a Flux .safetensors file, or tiny:flux")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=1.0)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--sampler", default="euler", choices=SAMPLER_NAMES)
+    p.add_argument("--scheduler", default="simple", choices=SCHEDULER_NAMES)
+    p.add_argument("--denoise", type=float, default=1.0)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--cond", help="conditioning file for real models")
+    p.add_argument("--init-latent", help="a SaveLatent file to start from (image-to-image with --denoise < 1)")
+    p.add_argument("--resolution-shift", action="store_true",
+                   help="use ModelSamplingFlux's resolution-dependent shift instead of the model default")
+    p.add_argument("--max-shift", type=float, default=1.15)
+    p.add_argument("--base-shift", type=float, default=0.5)
+    p.add_argument("--out", required=True, help="output .safetensors (key 'samples')")
+    par = p.add_argument_group("parallel", "world size = ulysses x ring x pipefusion x (2 with --cfg-parallel); "
+                               "without a GPU each rank is a local CPU process")
+    par.add_argument("--ulysses", type=int, default=1, help="Ulysses (all-to-all over heads) degree")
+    par.add_argument("--ring", type=int, default=1, help="ring attention degree")
+    par.add_argument("--pipefusion", type=int, default=1, help="PipeFusion stages")
+    par.add_argument("--patches", type=int, default=None, help="PipeFusion patches (default: --pipefusion)")
+    par.add_argument("--warmup-steps", type=int, default=1, help="PipeFusion synchronous warm-up steps")
+    par.add_argument("--cfg-parallel", action="store_true", help="run the two CFG branches on two rank groups")
+    add_pool_options(p)
+    p.add_argument("--in-process", action="store_true",
+                   help="skip the Ray pool: sample in this process (local processes for parallel configs)")
+
+
+def add_pool_options(p: argparse.ArgumentParser) -> None:
+    pool = p.add_argument_group("pool", "default: an embedded local Ray pool on this machine")
+    pool.add_argument("--address", help="join the Ray cluster at HEAD:6379 (started with `ray start --head`)")
+    pool.add_argument("--network-interface", help="NIC for gloo/NCCL between hosts (GLOO/NCCL_SOCKET_IFNAME)")
+    pool.add_argument("--models-folder", help="where hosts look for a model file by name")
+
+
+def run_pool(args: argparse.Namespace) -> int:
+    from comfyui_xdit_workers import cli_pool  # lazily: the engine package never imports Ray
+
+    return cli_pool.guarded(cli_pool.status, args)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .model_loader import load_model
+
+    request = build_request(args)
+    check_request_fits(request)
+    if not args.in_process:
+        from comfyui_xdit_workers import cli_pool  # lazily: the engine package never imports Ray
+
+        latent = cli_pool.guarded(cli_pool.generate, request, args)
+    elif request.parallel.is_serial:
+        def report(event) -> None:
+            logger.info("step %d/%d", event.step, event.total)
+
+        logger.info("loading %s (%s) in this process", request.model.path, request.model.dtype)
+        engine = Engine(load_model(request.model))
+        logger.info("sampling %d steps", request.steps)
+        latent = engine.generate(request, on_step=report)
+    else:
+        from .parallel.launch import generate_local
+
+        logger.info("sampling on %d local CPU processes: %s", request.parallel.world_size,
+                    request.parallel.describe())
+        latent = generate_local(request)
+    save_file({"samples": latent.contiguous()}, args.out)
+    sys.stdout.write(f"wrote {args.out}: samples {tuple(latent.shape)}\n")
+    return 0
+
+
+def run_make_tiny(args: argparse.Namespace) -> int:
+    write_random_flux(args.out, NAMED_SPECS[args.name], seed=args.seed, dtype=DTYPES[args.dtype])
+    sys.stdout.write(f"wrote {args.out}: random {args.name} in the BFL layout\n")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comfyui-xdit",
+                                     description="generate a latent, write a tiny model file, inspect the pool")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    tiny = sub.add_parser("make-tiny", help="write a deterministic random-weight model file")
+    tiny.add_argument("name", choices=list(NAMED_SPECS))
+    tiny.add_argument("out")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    pool = sub.add_parser("pool", help="the Ray worker pool").add_subparsers(dest="pool_command", required=True)
+    add_pool_options(pool.add_parser("status", help="hosts, devices, ranks and their state"))
+    return parser
+
+
+# Loggers whose INFO lines are the stages a user sees without -v: pool start, model load, steps.
+STAGE_LOGGERS = ("comfyui_xdit.cli_commands", "comfyui_xdit_workers.cli_pool", "comfyui_xdit_workers.runtime",
+                 "comfyui_xdit_workers.world", "comfyui_xdit_workers.pool")
+
+
+class StageLines(logging.Handler):
+    """``comfyui-xdit: <message>`` on whatever ``sys.stderr`` is when a stage is logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("comfyui-xdit: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
+
+
+def report_stages() -> None:
+    """One line per stage on stderr; the rest of the logging stays at WARNING. Idempotent."""
+    for name in STAGE_LOGGERS:
+        stage_logger = logging.getLogger(name)
+        stage_logger.setLevel(logging.INFO)
+        if not any(isinstance(h, StageLines) for h in stage_logger.handlers):
+            stage_logger.addHandler(StageLines())
+        stage_logger.propagate = False
+
+
+PARTS = {"generate": (ENGINE, POOL), "make-tiny": (ENGINE,), "pool": (ENGINE, POOL)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:
+        report_stages()
+    handlers = {"generate": run_generate, "make-tiny": run_make_tiny, "pool": run_pool}
+    parts = (ENGINE,) if getattr(args, "in_process", False) else PARTS[args.command]
+    try:
+        require_environment(parts)
+        return handlers[args.command](args)
+    except BrokenEnvironment as exc:
+        sys.stderr.write(f"comfyui-xdit: error: {exc}\n")
+        return ENVIRONMENT_EXIT
+    except ValueError as exc:
+        sys.stderr.write(f"comfyui-xdit: error: {exc}\n")
+        return 2

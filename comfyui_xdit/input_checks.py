@@ -1,0 +1,101 @@
+"""Checks that a request's inputs fit the model, run before any rank starts.
+
+Without them a wrong input fails deep inside a rank: an SDXL or SD1.5 CLIP's tokens (width 2048 or
+768) reach Flux's ``context_embedder`` (width 4096) as "mat1 and mat2 shapes cannot be multiplied".
+Each message names the input, what the model needs, and where to change it: ``InputNames`` says
+how the caller's user knows each input (a node's socket, or a CLI flag).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .conditioning import Conditioning
+from .latent_format import FLUX_LATENT_FORMAT
+from .models.flux_checkpoint import FluxSpec
+
+FLUX_PATCH = 2  # latent pixels per token side (image pixels: 16)
+T5_WIDTHS = {4096: "T5-XXL"}
+CLIP_WIDTHS = {768: "CLIP-L (SD1.5)", 1024: "OpenCLIP-H (SD2)", 1280: "CLIP-G", 2048: "CLIP-L + CLIP-G (SDXL)"}
+
+
+@dataclass(frozen=True)
+class InputNames:
+    """Where the user sets each input, and what to do about a wrong text encoder or latent."""
+
+    positive: str
+    negative: str
+    latent: str
+    text_encoder_fix: str
+    latent_fix: str
+
+
+NODE_INPUTS = InputNames(
+    positive="xDiT Sampler's positive input",
+    negative="xDiT Sampler's negative input",
+    latent="xDiT Sampler's latent_image input",
+    text_encoder_fix="encode the prompt with Flux's text encoders: DualCLIPLoader (type flux, clip_l + t5xxl) -> "
+                     "CLIPTextEncode (or CLIPTextEncodeFlux)",
+    latent_fix="use EmptySD3LatentImage (16 channels) or VAEEncode with the Flux VAE (ae.safetensors)",
+)
+
+CLI_INPUTS = InputNames(
+    positive="--cond's positive_context/positive_pooled",
+    negative="--cond's negative_context/negative_pooled",
+    latent="--init-latent's samples",
+    text_encoder_fix="write the --cond file from Flux's text encoders (T5-XXL tokens, CLIP-L pooled vector)",
+    latent_fix="pass a latent saved from a Flux graph (16 channels), or drop --init-latent",
+)
+
+
+def _encoder_name(width: int, known: dict[int, str]) -> str:
+    return f" (looks like {known[width]})" if width in known else ""
+
+
+def check_conditioning(cond: Conditioning, spec: FluxSpec, where: str, names: InputNames, latent_batch: int) -> None:
+    """``ValueError`` unless ``cond`` has the token and pooled widths of ``spec`` and a batch that divides the latent's."""
+    width = cond.context.shape[-1]
+    if width != spec.joint_attention_dim:
+        raise ValueError(f"{where}: text tokens have width {width}{_encoder_name(width, {**CLIP_WIDTHS, **T5_WIDTHS})}, "
+                         f"but this Flux model takes tokens of width {spec.joint_attention_dim}"
+                         f"{_encoder_name(spec.joint_attention_dim, T5_WIDTHS)}; {names.text_encoder_fix}")
+    pooled = cond.pooled.shape[-1]
+    if pooled != spec.pooled_projection_dim:
+        raise ValueError(f"{where}: the pooled vector has width {pooled}{_encoder_name(pooled, CLIP_WIDTHS)}, but this "
+                         f"Flux model takes a pooled vector of width {spec.pooled_projection_dim}; "
+                         f"{names.text_encoder_fix}")
+    for tensor, what in ((cond.context, "text tokens"), (cond.pooled, "pooled vector")):
+        if latent_batch % tensor.shape[0]:
+            raise ValueError(f"{where}: the {what} have batch {tensor.shape[0]}, which does not divide the latent "
+                             f"batch {latent_batch}; encode one prompt (batch 1) or match the latent batch")
+
+
+def check_latent(latent: torch.Tensor, names: InputNames) -> None:
+    """``ValueError`` unless ``latent`` is a Flux LATENT (B, 16, H, W) with H and W even (image sides % 16).
+
+    An all-zero latent of another channel count is accepted: ComfyUI widens an empty latent to the
+    model's channels (``fix_empty_latent_channels``)."""
+    if latent.ndim != 4:
+        raise ValueError(f"{names.latent}: expected an image LATENT (batch, channels, height, width), got shape "
+                         f"{tuple(latent.shape)}; {names.latent_fix}")
+    channels = FLUX_LATENT_FORMAT.channels
+    if latent.shape[1] != channels and torch.count_nonzero(latent) > 0:
+        raise ValueError(f"{names.latent}: the latent has {latent.shape[1]} channels (an SD1.5/SDXL VAE?), Flux needs "
+                         f"{channels}; {names.latent_fix}")
+    h, w = latent.shape[2], latent.shape[3]
+    if h % FLUX_PATCH or w % FLUX_PATCH:
+        raise ValueError(f"{names.latent}: image size {w * 8}x{h * 8} px (latent {w}x{h}) is not a multiple of 16 px "
+                         f"on each side, which Flux's 2x2 patches need; use a width and height divisible by 16, e.g. "
+                         f"{(w // FLUX_PATCH) * FLUX_PATCH * 8 or 16}x{(h // FLUX_PATCH) * FLUX_PATCH * 8 or 16}")
+
+
+def check_inputs(spec: FluxSpec, latent: torch.Tensor, positive: Conditioning, negative: Optional[Conditioning],
+                 names: InputNames) -> None:
+    """Every input of one request against ``spec``; ``ValueError`` naming the first that does not fit."""
+    check_latent(latent, names)
+    check_conditioning(positive, spec, names.positive, names, latent.shape[0])
+    if negative is not None:
+        check_conditioning(negative, spec, names.negative, names, latent.shape[0])
