@@ -142,6 +142,8 @@ def add_pool_options(p: argparse.ArgumentParser) -> None:
     pool.add_argument("--address", help="join the Ray cluster at HEAD:6379 (started with `ray start --head`)")
     pool.add_argument("--network-interface", help="NIC for gloo/NCCL between hosts (GLOO/NCCL_SOCKET_IFNAME)")
     pool.add_argument("--models-folder", help="where hosts look for a model file by name")
+    pool.add_argument("--gpus", default="auto", help="embedded pool: 'auto' (every GPU of this machine), 'all', or "
+                      "cuda numbers such as 1,2,3; a cluster chooses on each host")
 
 
 def run_pool(args: argparse.Namespace) -> int:

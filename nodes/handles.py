@@ -16,10 +16,12 @@ class PoolHandle:
 
     address: Optional[str] = None
     network_interface: Optional[str] = None
+    gpus: str = "auto"  # embedded pool: 'auto' (leave ComfyUI's GPU when there are others), 'all', or '1,2,3'
 
     def describe(self) -> str:
         where = self.address or "embedded local Ray"
-        return where + (f" via {self.network_interface}" if self.network_interface else "")
+        return (where + (f" via {self.network_interface}" if self.network_interface else "")
+                + (f", gpus {self.gpus}" if self.gpus != "auto" else ""))
 
 
 @dataclass(frozen=True)

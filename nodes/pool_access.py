@@ -32,9 +32,24 @@ def _workers():
     return comfyui_xdit_workers
 
 
+def comfyui_gpu() -> Optional[int]:
+    """The cuda ordinal ComfyUI computes on (its text encoders and VAE), None on CPU or outside ComfyUI."""
+    try:
+        import comfy.model_management as model_management
+    except ImportError:
+        return None
+    device = model_management.get_torch_device()
+    if getattr(device, "type", None) != "cuda":
+        return None
+    return device.index if device.index is not None else 0
+
+
 def pool_settings(handle: PoolHandle):
     """``PoolHandle`` -> the pool's own settings object."""
-    return _workers().PoolSettings(address=handle.address, network_interface=handle.network_interface)
+    from comfyui_xdit_workers.gpu_choice import parse_gpus
+
+    return _workers().PoolSettings(address=handle.address, network_interface=handle.network_interface,
+                                   gpus=parse_gpus(handle.gpus), host_gpu=comfyui_gpu())
 
 
 class PoolRegistry:
@@ -65,7 +80,7 @@ class PoolRegistry:
         report = []
         for handle, pool in items:
             entry: dict[str, Any] = {"address": handle.address or "embedded", "network_interface":
-                                     handle.network_interface}
+                                     handle.network_interface, "gpus": handle.gpus}
             try:
                 entry["status"] = _jsonable(pool.status())
             except Exception as exc:  # a broken pool is reported, not raised, by the status route

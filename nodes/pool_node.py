@@ -11,7 +11,7 @@ from comfyui_xdit.environment import require_environment
 from .comfy_types import CATEGORY, XDiTPoolType
 from .handles import PoolHandle
 from .pool_access import registry
-from .validation import check_address
+from .validation import check_address, check_gpus, normal_gpus
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +30,17 @@ class XDiTPool(io.ComfyNode):
                                 "the ComfyUI machine). Blank = an embedded local pool with this machine's GPUs."),
                 io.String.Input("network_interface", default="", tooltip="Network interface gloo/NCCL use "
                                 "between hosts (e.g. eth0); blank lets them choose."),
+                io.String.Input("gpus", default="auto", optional=True, tooltip="Embedded pool: which GPUs of this "
+                                "machine run ranks. auto = all but the one ComfyUI uses for text encoders and VAE "
+                                "(when there are others); all; or numbers such as 1,2,3. A cluster chooses on each "
+                                "host (CUDA_VISIBLE_DEVICES before `ray start`)."),
             ],
             outputs=[XDiTPoolType.Output(display_name="pool")],
         )
 
     @classmethod
-    def validate_inputs(cls, ray_address: str, network_interface: str) -> bool | str:
-        problem = check_address(ray_address)
+    def validate_inputs(cls, ray_address: str, network_interface: str, gpus: str = "auto") -> bool | str:
+        problem = check_address(ray_address) or check_gpus(gpus, ray_address)
         if problem:
             return problem
         if any(ch.isspace() for ch in network_interface.strip()):
@@ -44,8 +48,9 @@ class XDiTPool(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, ray_address: str, network_interface: str) -> io.NodeOutput:
+    def execute(cls, ray_address: str, network_interface: str, gpus: str = "auto") -> io.NodeOutput:
         require_environment()
-        handle = PoolHandle(address=ray_address.strip() or None, network_interface=network_interface.strip() or None)
+        handle = PoolHandle(address=ray_address.strip() or None, network_interface=network_interface.strip() or None,
+                            gpus=normal_gpus(gpus))
         registry().get(handle)  # start or reach the pool here, so connection errors show on this node
         return io.NodeOutput(handle)

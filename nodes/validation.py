@@ -64,6 +64,26 @@ def resolve_dtype(weight_dtype: str, pool: PoolHandle) -> str:
     return "bf16" if pool.address is not None or torch.cuda.is_available() else "fp32"
 
 
+def normal_gpus(gpus: Optional[str]) -> str:
+    """The widget's text in one spelling ('auto', 'all' or '1,2,3'), so equal choices share one pool."""
+    value = (gpus or "").strip().lower().replace(" ", "")
+    return value if value and value != "auto" else "auto"
+
+
+def check_gpus(gpus: Optional[str], address: str) -> Optional[str]:
+    """None when ``gpus`` is 'auto', 'all' or a list of GPU numbers (and the pool is embedded)."""
+    value = normal_gpus(gpus)
+    if value in ("auto", "all") or all(part.isdigit() for part in value.split(",")):
+        if value != "auto" and address.strip():
+            return (f"gpus {value} chooses GPUs of the embedded pool only; with a ray_address choose them on each "
+                    "host (CUDA_VISIBLE_DEVICES or --num-gpus before `ray start`) and set gpus to auto")
+        parts = value.split(",")
+        if len(set(parts)) != len(parts):
+            return f"gpus {value} lists a GPU twice; give distinct numbers such as 1,2,3"
+        return None
+    return f"gpus {gpus!r} must be auto, all, or GPU numbers such as 1,2,3"
+
+
 def check_address(address: str) -> Optional[str]:
     """None when ``address`` is blank, ``auto`` or HOST:PORT; otherwise what to type instead."""
     value = address.strip()

@@ -79,15 +79,17 @@ def test_pool_settings_are_defaults_of_new_pool_nodes(page) -> None:
     values = page.evaluate("""async () => {
         await app.extensionManager.setting.set('xDiT.Pool.RayAddress', '10.1.2.3:6379');
         await app.extensionManager.setting.set('xDiT.Pool.NetworkInterface', 'eth1');
+        await app.extensionManager.setting.set('xDiT.Pool.GPUs', '1,2,3');
         const node = LiteGraph.createNode('XDiTPool');
         app.graph.add(node);
         const values = Object.fromEntries(node.widgets.map(w => [w.name, w.value]));
         app.graph.remove(node);
         await app.extensionManager.setting.set('xDiT.Pool.RayAddress', '');
         await app.extensionManager.setting.set('xDiT.Pool.NetworkInterface', '');
+        await app.extensionManager.setting.set('xDiT.Pool.GPUs', 'auto');
         return values;
     }""")
-    assert values == {"ray_address": "10.1.2.3:6379", "network_interface": "eth1"}
+    assert values == {"ray_address": "10.1.2.3:6379", "network_interface": "eth1", "gpus": "1,2,3"}
 
 
 def test_settings_dialog_shows_our_settings(page) -> None:
@@ -97,6 +99,7 @@ def test_settings_dialog_shows_our_settings(page) -> None:
     dialog.get_by_text("xDiT", exact=True).first.click()
     dialog.get_by_text("Ray address", exact=False).first.wait_for(state="visible")
     dialog.get_by_text("Network interface", exact=False).first.wait_for(state="visible")
+    dialog.get_by_text("GPUs of the embedded pool", exact=False).first.wait_for(state="visible")
     page.keyboard.press("Escape")
     dialog.wait_for(state="hidden")
 

@@ -168,3 +168,14 @@ def test_drive_job_cancels_on_interrupt() -> None:
     with pytest.raises(Interrupted):
         progress.drive_job(job, lambda e: None, interrupted=lambda: True, on_interrupt=raise_interrupt, poll_s=0)
     assert job.cancelled
+
+
+def test_gpus_widget_checks() -> None:
+    assert validation.check_gpus("auto", "") is None and validation.check_gpus("", "") is None
+    assert validation.check_gpus(" 1, 2 ", "") is None and validation.check_gpus("all", "") is None
+    assert "GPU numbers such as 1,2,3" in validation.check_gpus("gpu0", "")
+    assert "twice" in validation.check_gpus("1,1", "")
+    assert "embedded pool only" in validation.check_gpus("1,2", "10.0.0.1:6379")
+    assert validation.check_gpus("auto", "10.0.0.1:6379") is None
+    assert validation.normal_gpus(" 1, 2 ") == "1,2" and validation.normal_gpus("") == "auto"
+    assert handles.PoolHandle(gpus="1,2").describe() == "embedded local Ray, gpus 1,2"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,7 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_installs_only_our_names_and_every_package(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+    source = tmp_path / "src"  # a copy: setuptools writes build/ and egg-info into the tree it builds
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info",
+                                                                "__pycache__", "*.safetensors"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
                    check=True, timeout=600)
     (wheel,) = tmp_path.glob("comfyui_xdit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

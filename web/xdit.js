@@ -4,6 +4,7 @@ import { api } from "../../scripts/api.js";
 
 const SETTING_ADDRESS = "xDiT.Pool.RayAddress";
 const SETTING_INTERFACE = "xDiT.Pool.NetworkInterface";
+const SETTING_GPUS = "xDiT.Pool.GPUs";
 const STATUS_ROUTE = "/xdit/pool/status";
 
 function setting(id) {
@@ -14,10 +15,12 @@ function setting(id) {
 
 // New XDiTPool nodes start from the settings; loaded workflows keep their saved values.
 function applyPoolDefaults(node) {
-  const defaults = { ray_address: setting(SETTING_ADDRESS), network_interface: setting(SETTING_INTERFACE) };
+  const defaults = { ray_address: setting(SETTING_ADDRESS), network_interface: setting(SETTING_INTERFACE),
+    gpus: setting(SETTING_GPUS) };
   for (const widget of node.widgets ?? []) {
     const value = defaults[widget.name];
-    if (typeof value === "string" && value && !widget.value) widget.value = value.trim();
+    const unset = !widget.value || (widget.name === "gpus" && widget.value === "auto");
+    if (typeof value === "string" && value.trim() && unset) widget.value = value.trim();
   }
 }
 
@@ -67,7 +70,8 @@ function renderPool(pool) {
   const state = document.createElement("div");
   state.className = "xdit-pool-state";
   state.textContent = `state: ${status.running ? "running " + status.running : "idle"}, ${status.queued ?? 0} queued` +
-    (status.layout ? `; layout ${status.layout}` : "") + (status.auth ? `; auth ${status.auth}` : "");
+    (status.layout ? `; layout ${status.layout}` : "") + (status.auth ? `; auth ${status.auth}` : "") +
+    (status.gpus ? `; GPUs ${status.gpus}` : "");
   box.appendChild(state);
   const hosts = status.hosts ?? [];
   if (hosts.length) {
@@ -135,6 +139,14 @@ app.registerExtension({
       tooltip: "Default network_interface of new xDiT GPU Pool nodes.",
       type: "text",
       defaultValue: "",
+    },
+    {
+      id: SETTING_GPUS,
+      category: ["xDiT", "Pool", "GPUs"],
+      name: "GPUs of the embedded pool (auto = all but ComfyUI's own GPU when there are others; all; or 1,2,3)",
+      tooltip: "Default gpus of new xDiT GPU Pool nodes.",
+      type: "text",
+      defaultValue: "auto",
     },
   ],
   async setup() {

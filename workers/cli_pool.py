@@ -14,6 +14,7 @@ import torch
 from comfyui_xdit.request import GenerationRequest
 
 from .errors import PoolError
+from .gpu_choice import parse_gpus
 from .pool import XDiTPool
 from .settings import PoolSettings
 
@@ -25,7 +26,8 @@ POOL_ERROR_EXIT = 3
 def settings_from(args: argparse.Namespace) -> PoolSettings:
     return PoolSettings(address=getattr(args, "address", None) or None,
                         network_interface=getattr(args, "network_interface", None),
-                        models_folder=getattr(args, "models_folder", None))
+                        models_folder=getattr(args, "models_folder", None),
+                        gpus=parse_gpus(getattr(args, "gpus", None)))
 
 
 def generate(request: GenerationRequest, args: argparse.Namespace) -> torch.Tensor:

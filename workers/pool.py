@@ -286,7 +286,9 @@ class XDiTPool:
         assert self._runtime is not None
         return PoolStatus(address=self._runtime.address, embedded=self.settings.embedded, auth=auth_mode(),
                           hosts=host_statuses(ray.nodes()), ranks=tuple(ranks), layout=layout,
-                          queued=self._queue.qsize(), running=running.id if running else None)
+                          queued=self._queue.qsize(), running=running.id if running else None,
+                          gpus=self._runtime.gpus.describe() if self._runtime.gpus is not None else
+                          "chosen on each host (cluster)" if not self.settings.embedded else "as Ray was started")
 
 
 WorkerPool = XDiTPool

@@ -10,8 +10,10 @@ import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
+from typing import Optional
 
 from .errors import PoolUnreachable
+from .gpu_choice import GpuPlan, local_gpu_plan, only_these_gpus
 from .security import embedded_init_kwargs, loopback_runtime, refuse_disabled_auth, require_token_auth
 from .settings import PoolSettings
 
@@ -22,10 +24,12 @@ DEFAULT_GCS_PORT = 6379
 
 @dataclass(frozen=True)
 class RayRuntime:
-    """The Ray connection the pool uses; ``owned`` when the pool started it and must stop it."""
+    """The Ray connection the pool uses; ``owned`` when the pool started it and must stop it; ``gpus``
+    what the embedded runtime was given (None when joined or reused)."""
 
     address: str
     owned: bool
+    gpus: Optional[GpuPlan] = None
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -97,9 +101,12 @@ def start_or_join(settings: PoolSettings) -> RayRuntime:
         require_token_auth()
         return RayRuntime(address=str(ray.get_runtime_context().gcs_address), owned=False)
     runtime_env = code_runtime_env() if settings.sends_code else None
+    plan = None
     if settings.embedded:
-        with loopback_runtime():
-            ray.init(**embedded_init_kwargs(settings), runtime_env=runtime_env)
+        plan = local_gpu_plan(settings.gpus, settings.host_gpu)
+        logger.info("embedded pool GPUs: %s", plan.describe())
+        with loopback_runtime(), only_these_gpus(plan):
+            ray.init(**embedded_init_kwargs(settings, len(plan.ordinals)), runtime_env=runtime_env)
     else:
         probe(settings.address, settings.timeouts.connect_s)
         ray.init(address=settings.address, namespace=settings.namespace, runtime_env=runtime_env)
@@ -110,4 +117,4 @@ def start_or_join(settings: PoolSettings) -> RayRuntime:
         raise
     address = str(ray.get_runtime_context().gcs_address)
     logger.info("pool connected to Ray at %s (%s)", address, "embedded" if settings.embedded else "cluster")
-    return RayRuntime(address=address, owned=True)
+    return RayRuntime(address=address, owned=True, gpus=plan)

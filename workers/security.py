@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from .errors import InsecureCluster
 from .settings import PoolSettings
@@ -47,15 +47,16 @@ def loopback_runtime() -> Iterator[None]:
             os.environ[CLUSTER_MODE_ENV] = saved_env
 
 
-def embedded_init_kwargs(settings: PoolSettings) -> dict[str, Any]:
-    """``ray.init`` arguments for the embedded runtime: a new local instance, loopback, no dashboard."""
+def embedded_init_kwargs(settings: PoolSettings, num_gpus: Optional[int] = None) -> dict[str, Any]:
+    """``ray.init`` arguments for the embedded runtime: a new local instance, loopback, no dashboard, and
+    ``num_gpus`` GPUs (the chosen ones; ``settings.embedded_num_gpus`` overrides)."""
     kwargs: dict[str, Any] = {
         "address": "local",
         "_node_ip_address": LOOPBACK,
         "include_dashboard": False,
         "namespace": settings.namespace,
         "num_cpus": settings.embedded_num_cpus,
-        "num_gpus": settings.embedded_num_gpus,
+        "num_gpus": settings.embedded_num_gpus if settings.embedded_num_gpus is not None else num_gpus,
     }
     if settings.system_config:
         kwargs["_system_config"] = dict(settings.system_config)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .gpu_choice import AUTO, GpuRequest, format_gpus
+
 HOST_MODELS_FOLDER_ENV = "COMFYUI_XDIT_MODELS_FOLDER"  # set on a GPU host (before `ray start`): its models folder
 HOST_NO_LOCAL_WEIGHTS_ENV = "COMFYUI_XDIT_NO_LOCAL_WEIGHTS"  # "1" on a host: never read model files from its disk
 
@@ -38,13 +40,16 @@ class PoolSettings:
     ``NCCL_SOCKET_IFNAME``), for hosts with several interfaces; None lets them pick (loopback when
     embedded). ``models_folder``: where workers look for a model file by name when the exact path
     is missing on their host. ``use_gpus``: None = one rank per GPU when the cluster has GPUs, else
-    CPU ranks. ``retry_once``: after a worker or host dies, rebuild the world and run the job again once.
+    CPU ranks. ``gpus``: ``auto`` (every GPU but ``host_gpu`` when there are others), ``all``, or cuda
+    ordinals (embedded pool only). ``retry_once``: after a worker or host dies, rebuild the world and run the job again once.
     """
 
     address: Optional[str] = None
     network_interface: Optional[str] = None
     models_folder: Optional[str] = None
     use_gpus: Optional[bool] = None
+    gpus: GpuRequest = AUTO  # embedded pool: which of this machine's GPUs (gpu_choice.py)
+    host_gpu: Optional[int] = None  # the GPU ComfyUI itself computes on; ``auto`` leaves it when others exist
     cpus_per_rank: float = 1.0
     embedded_num_cpus: Optional[int] = None  # CPUs the embedded runtime offers (None: all of them)
     embedded_num_gpus: Optional[int] = None
@@ -59,6 +64,10 @@ class PoolSettings:
             raise ValueError(f"cpus_per_rank must be positive, got {self.cpus_per_rank}")
         if self.address is not None and not self.address.strip():
             raise ValueError("address must be HOST:PORT or None for the embedded runtime, got an empty string")
+        if self.address is not None and self.gpus != AUTO:
+            raise ValueError(f"gpus {format_gpus(self.gpus)} chooses GPUs of the embedded pool only; on a cluster "
+                             "choose them on each host (CUDA_VISIBLE_DEVICES or --num-gpus before `ray start`) "
+                             "and leave gpus at auto")
 
     @property
     def embedded(self) -> bool:

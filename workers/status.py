@@ -38,10 +38,12 @@ class PoolStatus:
     layout: Optional[str]  # the parallel config the world is built for
     queued: int
     running: Optional[str]  # id of the running job
+    gpus: str = "chosen on each host"  # the embedded pool's GPUs (and the one left to ComfyUI)
 
     def format(self) -> str:
         lines = [f"Ray at {self.address} ({'embedded, this machine only' if self.embedded else 'cluster'}), "
                  f"authentication: {self.auth}",
+                 f"GPUs: {self.gpus}",
                  f"hosts: {len(self.hosts)}"]
         for h in self.hosts:
             lines.append(f"  {h.address:<16} node {h.node_id[:12]} {'alive' if h.alive else 'DEAD':<5} "
