@@ -14,7 +14,8 @@ from typing import Optional
 
 from .errors import PoolUnreachable
 from .gpu_choice import GpuPlan, local_gpu_plan, only_these_gpus
-from .security import embedded_init_kwargs, loopback_runtime, refuse_disabled_auth, require_token_auth
+from .security import (check_loopback, embedded_init_kwargs, loopback_runtime, refuse_disabled_auth,
+                       require_token_auth)
 from .settings import PoolSettings
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,11 @@ def start_or_join(settings: PoolSettings) -> RayRuntime:
         logger.info("embedded pool GPUs: %s", plan.describe())
         with loopback_runtime(), only_these_gpus(plan):
             ray.init(**embedded_init_kwargs(settings, len(plan.ordinals)), runtime_env=runtime_env)
+        try:
+            check_loopback([str(n.get("NodeManagerAddress", "")) for n in ray.nodes()])
+        except Exception:
+            ray.shutdown()
+            raise
     else:
         probe(settings.address, settings.timeouts.connect_s)
         ray.init(address=settings.address, namespace=settings.namespace, runtime_env=runtime_env)

@@ -18,8 +18,9 @@ non-loopback one.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from .errors import InsecureCluster
 from .settings import PoolSettings
@@ -27,6 +28,26 @@ from .settings import PoolSettings
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 LOOPBACK = "127.0.0.1"
 CLUSTER_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+CLUSTER_MODE_FLAG = "ENABLE_RAY_CLUSTER"
+
+logger = logging.getLogger(__name__)
+
+
+def ray_version() -> str:
+    import ray
+
+    return str(getattr(ray, "__version__", "?"))
+
+
+def check_loopback(node_addresses: Sequence[str]) -> None:
+    """``InsecureCluster`` unless every node of the embedded runtime has a loopback address (what
+    ``loopback_runtime`` achieves; checked after start because it leans on Ray internals)."""
+    exposed = sorted({a for a in node_addresses if not a.startswith("127.")})
+    if exposed:
+        raise InsecureCluster(f"the embedded Ray runtime (Ray {ray_version()}) took the address(es) {', '.join(exposed)} "
+                              f"instead of 127.0.0.1, so its ports would be reachable from the network; comfyui-xdit "
+                              f"is checked with Ray 2.60. Install ray==2.60.0, or run `ray start --head "
+                              f"--node-ip-address=127.0.0.1` yourself and give the pool that address")
 
 
 @contextlib.contextmanager
@@ -34,13 +55,20 @@ def loopback_runtime() -> Iterator[None]:
     """Within: a new local Ray node keeps 127.0.0.1 as its address, so its servers bind loopback."""
     from ray._private import ray_constants
 
-    saved_env, saved_flag = os.environ.get(CLUSTER_MODE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    has_flag = hasattr(ray_constants, CLUSTER_MODE_FLAG)
+    if not has_flag:  # a private constant of Ray 2.60; the env var alone still reaches child processes
+        logger.warning("Ray %s has no ray_constants.%s (checked with Ray 2.60); the embedded runtime relies on %s=0 "
+                       "and is checked for loopback-only addresses after it starts", ray_version(), CLUSTER_MODE_FLAG,
+                       CLUSTER_MODE_ENV)
+    saved_env, saved_flag = os.environ.get(CLUSTER_MODE_ENV), getattr(ray_constants, CLUSTER_MODE_FLAG, None)
     os.environ[CLUSTER_MODE_ENV] = "0"  # read by Ray's child processes
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read by this process (the env var was read at import)
+    if has_flag:
+        setattr(ray_constants, CLUSTER_MODE_FLAG, False)  # read by this process (the env var was read at import)
     try:
         yield
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if has_flag:
+            setattr(ray_constants, CLUSTER_MODE_FLAG, saved_flag)
         if saved_env is None:
             os.environ.pop(CLUSTER_MODE_ENV, None)
         else:
@@ -73,8 +101,13 @@ def refuse_disabled_auth() -> None:
 
 def auth_mode() -> str:
     """The authentication mode this process's Ray connection uses: 'token' or 'disabled'."""
-    from ray._raylet import AuthenticationMode, get_authentication_mode
-
+    try:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+    except ImportError as exc:  # private in Ray 2.60: decide as Ray documents it (token unless switched off)
+        mode = "disabled" if os.environ.get(AUTH_MODE_ENV, "").lower() == "disabled" else "token"
+        logger.warning("Ray %s no longer has ray._raylet.get_authentication_mode (%s; checked with Ray 2.60); taking "
+                       "the mode from %s: %s", ray_version(), exc, AUTH_MODE_ENV, mode)
+        return mode
     return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
 
 

@@ -81,3 +81,22 @@ def verify_lse(kernel: LseKernel, device: torch.device, dtype: torch.dtype) -> N
                            f"log-sum-exp on {device} {dtype} (got shape {tuple(lse.shape)}, first values "
                            f"{lse.flatten()[:3].tolist()}, expected {expected.flatten()[:3].tolist()}); ring "
                            f"attention would merge blocks wrongly. Use kernel_for(device, dtype)")
+
+
+def checked_kernel(device: torch.device, dtype: torch.dtype) -> LseKernel:
+    """``kernel_for``'s private ATen kernel when it exists in this torch and returns a true LSE; otherwise
+    ``math_kernel`` (plain torch: same numbers, slower), with a warning naming the op and the torch version.
+
+    The ATen entry points with an LSE (``_scaled_dot_product_flash_attention_for_cpu``, ``..._flash_attention``,
+    ``..._efficient_attention``) are private: a torch release may rename them or change what they return.
+    """
+    kernel = kernel_for(device, dtype)
+    try:
+        verify_lse(kernel, device, dtype)
+    except (AttributeError, RuntimeError, TypeError, ValueError, IndexError) as exc:
+        logger.warning("torch %s: attention kernel %s is missing or changed (%s); ring attention uses the plain-torch "
+                       "math kernel instead (same result, slower). Tested with torch 2.14.", torch.__version__,
+                       getattr(kernel, "__name__", kernel), " ".join(str(exc).split())[:300])
+        verify_lse(math_kernel, device, dtype)
+        return math_kernel
+    return kernel

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from yunchang.ring.utils import RingComm, update_out_and_lse
 
-from .attention_kernels import LseKernel, kernel_for, verify_lse
+from .attention_kernels import LseKernel, checked_kernel, kernel_for
 from .comm import CommCounter, group_size, nbytes
 from .joint_ulysses import JointUlysses
 
@@ -85,10 +85,9 @@ class USPAttention:
     def for_device(cls, ulysses_group: Optional[dist.ProcessGroup], ring_group: Optional[dist.ProcessGroup],
                    device: torch.device, dtype: torch.dtype,
                    counter: Optional[CommCounter] = None) -> "USPAttention":
-        """Pick the device's LSE kernel and check it once (a zero LSE would break the ring merge)."""
-        kernel = kernel_for(device, dtype)
-        if group_size(ring_group) > 1:
-            verify_lse(kernel, device, dtype)
+        """Pick the device's LSE kernel and, when a ring merges blocks, check it once (a zero LSE would break the
+        merge; a private kernel missing from this torch falls back to the math kernel)."""
+        kernel = checked_kernel(device, dtype) if group_size(ring_group) > 1 else kernel_for(device, dtype)
         return cls(ulysses_group, ring_group, kernel, counter)
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, text_len: int,
