@@ -17,6 +17,7 @@ from typing import Iterable
 
 # A real torchaudio built for an older torch (2.9): next to torch 2.14 its library fails to load.
 OLD_TORCHAUDIO = "torchaudio==2.9.1"
+OLD_YUNCHANG = "yunchang==0.5.1"  # below our floor of 0.6
 
 
 def _distribution_of(entry: str) -> str:

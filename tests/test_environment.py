@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from broken_env import OLD_TORCHAUDIO, download_wheel, make_env
+from broken_env import OLD_TORCHAUDIO, OLD_YUNCHANG, download_wheel, make_env
 from comfy_host import ComfyHost, comfyui_path
 from comfyui_xdit.environment import DEPENDENCIES, TESTED_TORCH_SET, _version_tuple, diagnose
 
@@ -38,6 +38,12 @@ def broken_torchaudio_python(workdir: Path) -> Path:
 @pytest.fixture(scope="module")
 def no_ray_python(workdir: Path) -> Path:
     return make_env(workdir / "no-ray-env", drop=["ray"])
+
+
+@pytest.fixture(scope="module")
+def old_yunchang_python(workdir: Path) -> Path:
+    wheel = download_wheel(OLD_YUNCHANG, workdir / "wheels")
+    return make_env(workdir / "old-yunchang-env", drop=["yunchang"], add=[wheel])
 
 
 def run(python: Path, args: list[str], out: Path) -> subprocess.CompletedProcess:
@@ -80,6 +86,13 @@ def test_cli_names_missing_ray_and_runs_in_process_without_it(no_ray_python: Pat
     proc = run(no_ray_python, GENERATE + ["--in-process"], workdir / "c.safetensors")
     assert proc.returncode == 0, proc.stderr
     assert (workdir / "c.safetensors").is_file()
+
+
+def test_cli_names_a_too_old_yunchang(old_yunchang_python: Path, workdir: Path) -> None:
+    proc = run(old_yunchang_python, GENERATE + ["--in-process"], workdir / "d.safetensors")
+    assert proc.returncode == 4, proc.stderr
+    assert "needs yunchang >= 0.6, this Python has 0.5.1" in proc.stderr, proc.stderr
+    assert 'pip install --upgrade "yunchang>=0.6"' in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_comfyui_lists_the_nodes_and_running_one_names_the_broken_package(broken_torchaudio_python: Path,
