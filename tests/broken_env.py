@@ -38,9 +38,9 @@ def download_wheel(requirement: str, folder: Path) -> Path:
     return wheel
 
 
-def make_env(target: Path, drop: Iterable[str] = (), add: Iterable[Path] = ()) -> Path:
-    """A venv at ``target`` seeing this environment's packages except ``drop``, plus wheels ``add``;
-    returns its python."""
+def make_env(target: Path, drop: Iterable[str] = (), add: Iterable[Path] = (), hide: Iterable[str] = ()) -> Path:
+    """A venv at ``target`` seeing this environment's packages except ``drop`` (distribution names) and
+    entries whose name contains one of ``hide``, plus wheels ``add``; returns its python."""
     dropped = {name.lower() for name in drop}
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)], check=True, timeout=120)
     here = Path(sysconfig.get_paths()["purelib"])
@@ -48,7 +48,7 @@ def make_env(target: Path, drop: Iterable[str] = (), add: Iterable[Path] = ()) -
     there = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                 check=True, capture_output=True, text=True, timeout=60).stdout.strip())
     for entry in here.iterdir():
-        if _distribution_of(entry.name) in dropped or entry.name in ("__pycache__",):
+        if _distribution_of(entry.name) in dropped or entry.name == "__pycache__" or any(h in entry.name for h in hide):
             continue
         (there / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
     for wheel in add:

@@ -10,6 +10,7 @@ import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Optional
 
 from .errors import PoolUnreachable
@@ -21,6 +22,7 @@ from .settings import PoolSettings
 logger = logging.getLogger(__name__)
 
 DEFAULT_GCS_PORT = 6379
+DISTRIBUTION = "comfyui-xdit"
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,16 @@ def staged_package(folder: str, name: str) -> str:
     return str(target)
 
 
+def installed() -> bool:
+    """Whether this Python has comfyui-xdit installed (pip, editable or not), so that Ray's worker processes
+    import our packages as this process does. A plain copy in ComfyUI's custom_nodes is not installed."""
+    try:
+        metadata.distribution(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def code_runtime_env() -> dict:
     """Ship our two packages to remote hosts so they need only the dependencies installed. The pool's
     folder is ``workers/``; it is shipped under its import name ``comfyui_xdit_workers``."""
@@ -101,7 +113,11 @@ def start_or_join(settings: PoolSettings) -> RayRuntime:
         logger.info("reusing the Ray connection this process already has")
         require_token_auth()
         return RayRuntime(address=str(ray.get_runtime_context().gcs_address), owned=False)
-    runtime_env = code_runtime_env() if settings.sends_code else None
+    ship = settings.sends_code or (settings.ship_code is None and not installed())
+    if ship and not settings.sends_code:
+        logger.info("comfyui-xdit is not installed in this Python (a plain copy in custom_nodes): the pool ships "
+                    "its code to the workers")
+    runtime_env = code_runtime_env() if ship else None
     plan = None
     if settings.embedded:
         plan = local_gpu_plan(settings.gpus, settings.host_gpu)

@@ -53,7 +53,8 @@ class PoolSettings:
     cpus_per_rank: float = 1.0
     embedded_num_cpus: Optional[int] = None  # CPUs the embedded runtime offers (None: all of them)
     embedded_num_gpus: Optional[int] = None
-    ship_code: Optional[bool] = None  # send our packages through Ray's runtime env; None = when address is set
+    ship_code: Optional[bool] = None  # send our packages through Ray's runtime env; None = with an address, or
+    # when comfyui-xdit is not installed in this Python (a plain copy in custom_nodes)
     retry_once: bool = True
     namespace: str = "comfyui-xdit"
     system_config: tuple[tuple[str, object], ...] = ()  # extra Ray _system_config for the embedded runtime
