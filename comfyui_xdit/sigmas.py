@@ -18,7 +18,9 @@ import numpy
 import scipy.stats
 import torch
 
-SCHEDULER_NAMES = ("simple", "normal", "beta")
+# KSampler's scheduler list, in ComfyUI's order.
+SCHEDULER_NAMES = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                   "linear_quadratic", "kl_optimal")
 
 
 @dataclass(frozen=True)
@@ -107,11 +109,89 @@ def beta_scheduler(sampling: ModelSampling, steps: int, alpha: float = 0.6, beta
     return torch.FloatTensor(sigs)
 
 
+def _sigma_range(sampling: ModelSampling) -> tuple[float, float]:
+    """(sigma_min, sigma_max) of the table as Python floats, as ComfyUI hands them to k-diffusion schedules."""
+    table = sampling.table()
+    return float(table[0]), float(table[-1])
+
+
+def _with_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+
+def sgm_uniform_scheduler(sampling: ModelSampling, steps: int) -> torch.Tensor:
+    """Uniform in timestep from sigma_max, ``steps`` points out of ``steps + 1`` (SGM's spacing), then 0."""
+    table = sampling.table()
+    timesteps = torch.linspace(sampling.timestep(table[-1]), sampling.timestep(table[0]), steps + 1)[:-1]
+    return torch.FloatTensor([float(sampling.sigma(ts)) for ts in timesteps] + [0.0])
+
+
+def karras_scheduler(sampling: ModelSampling, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022), eq. 5: sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho, then 0."""
+    sigma_min, sigma_max = _sigma_range(sampling)
+    ramp = torch.linspace(0, 1, steps)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _with_zero((hi + ramp * (lo - hi)) ** rho)
+
+
+def exponential_scheduler(sampling: ModelSampling, steps: int) -> torch.Tensor:
+    """Log-uniform from sigma_max down to sigma_min, then 0."""
+    sigma_min, sigma_max = _sigma_range(sampling)
+    return _with_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps).exp())
+
+
+def ddim_uniform_scheduler(sampling: ModelSampling, steps: int) -> torch.Tensor:
+    """Every ``len(table) // steps``-th table entry from the second one up, highest first, ending in 0."""
+    table = sampling.table()
+    if math.isclose(float(table[1]), 0, abs_tol=0.00001):
+        steps, sigs = steps + 1, []
+    else:
+        sigs = [0.0]
+    stride = max(len(table) // steps, 1)
+    sigs += [float(table[x]) for x in range(1, len(table), stride)]
+    return torch.FloatTensor(sigs[::-1])
+
+
+def linear_quadratic_scheduler(sampling: ModelSampling, steps: int, threshold_noise: float = 0.025) -> torch.Tensor:
+    """Mochi's schedule: noise falls linearly to ``threshold_noise`` over the first half of the steps, then
+    quadratically to 0; scaled by sigma_max."""
+    sigma_max = sampling.table()[-1]
+    if steps == 1:
+        return torch.FloatTensor([1.0, 0.0]) * sigma_max
+    linear = steps // 2
+    quadratic = steps - linear
+    step_diff = linear - threshold_noise * steps
+    quad_coef = step_diff / (linear * quadratic ** 2)
+    lin_coef = threshold_noise / linear - 2 * step_diff / (quadratic ** 2)
+    const = quad_coef * (linear ** 2)
+    noise = ([i * threshold_noise / linear for i in range(linear)]
+             + [quad_coef * (i ** 2) + lin_coef * i + const for i in range(linear, steps)] + [1.0])
+    return torch.FloatTensor([1.0 - x for x in noise]) * sigma_max
+
+
+def kl_optimal_scheduler(sampling: ModelSampling, steps: int) -> torch.Tensor:
+    """Uniform in arctan(sigma) from sigma_max to sigma_min (the KL-optimal schedule), then 0."""
+    if steps < 2:  # the spacing divides by steps - 1 (ComfyUI returns NaN sigmas and a black image)
+        raise ValueError("scheduler kl_optimal needs at least 2 steps; raise steps or choose another scheduler")
+    sigma_min, sigma_max = _sigma_range(sampling)
+    frac = torch.arange(steps, dtype=torch.float).div_(steps - 1)
+    sigmas = frac.new_zeros(steps + 1)
+    sigmas[:-1] = (frac * math.atan(sigma_min) + (1 - frac) * math.atan(sigma_max)).tan_()
+    return sigmas
+
+
 _SCHEDULERS: dict[str, Callable[[ModelSampling, int], torch.Tensor]] = {
     "simple": simple_scheduler,
-    "normal": normal_scheduler,
+    "sgm_uniform": sgm_uniform_scheduler,
+    "karras": karras_scheduler,
+    "exponential": exponential_scheduler,
+    "ddim_uniform": ddim_uniform_scheduler,
     "beta": beta_scheduler,
+    "normal": normal_scheduler,
+    "linear_quadratic": linear_quadratic_scheduler,
+    "kl_optimal": kl_optimal_scheduler,
 }
+assert tuple(_SCHEDULERS) == SCHEDULER_NAMES
 
 
 def scheduler_sigmas(sampling: ModelSampling, scheduler: str, steps: int) -> torch.Tensor:

@@ -71,6 +71,9 @@ CASES = {
     "euler-simple-default-shift": dict(sampler="euler", scheduler="simple"),
     "euler-beta-modelsamplingflux": dict(sampler="euler", scheduler="beta", shift=SigmaShift(mode="resolution")),
     "dpmpp2m-normal-cfg": dict(sampler="dpmpp_2m", scheduler="normal", cfg=2.5, negative=_conditioning(2)),
+    "dpmpp2m-karras": dict(sampler="dpmpp_2m", scheduler="karras"),
+    "euler-kl-optimal": dict(sampler="euler", scheduler="kl_optimal"),
+    "euler-ddim-uniform": dict(sampler="euler", scheduler="ddim_uniform"),
     "img2img-denoise": dict(sampler="euler", scheduler="simple", denoise=0.6,
                             latent=torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(5))),
 }
