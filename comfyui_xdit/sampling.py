@@ -107,16 +107,18 @@ def apply_cfg(cond: torch.Tensor, uncond: Optional[torch.Tensor], cfg: float) ->
 
 
 def finish(adapter: FluxAdapter, plan: SamplingPlan, x: torch.Tensor) -> torch.Tensor:
-    """Tokens back into a ComfyUI LATENT (inverse noise scaling, then ``process_latent_out``)."""
-    x = x / (1.0 - plan.sigmas[-1])
+    """Tokens (on any device) back into a ComfyUI LATENT on the CPU (inverse noise scaling, then
+    ``process_latent_out``)."""
+    x = x.cpu() / (1.0 - plan.sigmas[-1])
     return adapter.latent_format.process_out(adapter.unpack(x.float(), plan.height, plan.width))
 
 
 def preview_latent(adapter: FluxAdapter, plan: SamplingPlan, denoised: torch.Tensor) -> torch.Tensor:
-    """First image of the x0 prediction as a LATENT, average-pooled to at most PREVIEW_MAX_SIDE a side."""
+    """First image of the x0 prediction as a LATENT, average-pooled to at most PREVIEW_MAX_SIDE a side,
+    on the CPU (pooled where ``denoised`` lives, so only the small preview leaves the device)."""
     latent = adapter.latent_format.process_out(adapter.unpack(denoised[:1].float(), plan.height, plan.width))
     factor = max(1, -(-max(plan.height, plan.width) // PREVIEW_MAX_SIDE))
-    return torch.nn.functional.avg_pool2d(latent, factor) if factor > 1 else latent
+    return (torch.nn.functional.avg_pool2d(latent, factor) if factor > 1 else latent).cpu()
 
 
 def check_stop(should_stop: Optional[ShouldStop], step: int) -> None:
@@ -132,9 +134,10 @@ def run_loop(adapter: FluxAdapter, plan: SamplingPlan, velocity: VelocityFn, on_
     """The whole-latent loop: ``velocity(x, sigma_batch, cond)`` per branch, CFG, one sampler step.
 
     Serial sampling passes the adapter's forward; sequence/CFG parallel pass a velocity that shards
-    and gathers. Returns the final tokens (B, N, 64).
+    and gathers. The tokens live on the model's device (sigmas stay 0-dim CPU scalars, which every
+    device accepts). Returns the final tokens (B, N, 64) on that device.
     """
-    x, state = plan.x, None  # type: torch.Tensor, SamplerState
+    x, state = plan.x.to(adapter.device), None  # type: torch.Tensor, SamplerState
     batch = x.shape[0]
     for i in range(plan.total_steps):
         check_stop(should_stop, i)

@@ -73,7 +73,7 @@ def test_step_events_and_cancel(engine):
     (dict(latent=torch.zeros(1, 16, 7, 8)), "divisible by 16"),
     (dict(latent=torch.ones(1, 4, 8, 8)), "EmptySD3LatentImage"),
     (dict(sampler="heun"), "euler, dpmpp_2m"),
-    (dict(scheduler="karras"), "simple, normal, beta"),
+    (dict(scheduler="karas"), "simple, sgm_uniform, karras"),
     (dict(steps=0), "steps must be at least 1"),
     (dict(denoise=1.5), "denoise must be within"),
 ])

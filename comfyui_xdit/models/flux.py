@@ -181,7 +181,9 @@ class FluxAdapter:
         t = self.transformer
         dtype, device = self.dtype, self.device
         _, pooled = cond.for_batch(sigma.shape[0])
-        timestep = sigma.to(device=device, dtype=dtype) * 1000
+        # Timesteps stay float32 (x1000 included) up to the sinusoidal embedding, which is cast to the model
+        # dtype only afterwards, as ComfyUI does; scaling a bf16 sigma would round the timestep itself.
+        timestep = sigma.to(device=device, dtype=torch.float32) * 1000
         if self.spec.guidance_embeds:
             g = torch.full_like(timestep, cond.guidance if cond.guidance is not None else 0.0) * 1000
             temb = t.time_text_embed(timestep, g, pooled.to(device=device, dtype=dtype))

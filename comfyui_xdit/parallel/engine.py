@@ -63,7 +63,7 @@ class ParallelEngine:
         if plan.total_steps == 0:  # denoise == 0: ComfyUI hands the input back untouched
             return request.latent.clone()
         x = self._run(plan, on_step, should_stop)
-        return finish(self.adapter, plan, x.cpu())
+        return finish(self.adapter, plan, x)
 
     # ---- the loops ------------------------------------------------------------------------------
     def _run(self, plan: SamplingPlan, on_step: Optional[OnStep], should_stop: Optional[ShouldStop]) -> torch.Tensor:
@@ -111,7 +111,7 @@ class ParallelEngine:
             denoised = apply_cfg(denoised_from(x, sigma, v_cond), uncond, plan.cfg)
             x, state = plan.step(x, denoised, plan.sigmas, i, state)
             if on_step is not None:
-                on_step(StepEvent(i + 1, plan.total_steps, preview_latent(self.adapter, plan, denoised.cpu())))
+                on_step(StepEvent(i + 1, plan.total_steps, preview_latent(self.adapter, plan, denoised)))
         return x
 
     # ---- helpers --------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ class _Returns:
             return
         (preview,) = self.links.recv([self.preview_like], self.links.last, TAG_PREVIEW)
         if self.on_step is not None:
-            self.on_step(StepEvent(step + 1, self.total, preview))
+            self.on_step(StepEvent(step + 1, self.total, preview.cpu()))  # received on the device
 
     def until(self, work: Work, x: torch.Tensor) -> None:
         """Receive into ``x`` until the patch ``work`` was produced is here."""
