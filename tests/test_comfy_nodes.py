@@ -215,3 +215,17 @@ def test_ulysses_2_matches_stock(comfy_host: ComfyHost, parity_run) -> None:
     reference = saved_latent(comfy_host, parity_run.of_type("executed"), "save_stock_plain")
     latent = saved_latent(comfy_host, result.of_type("executed"), "save")
     assert relative_error(latent, reference) < 1e-3
+
+
+def test_bf16_matches_stock_within_its_bound(comfy_host: ComfyHost, parity_run) -> None:
+    """XDiTLoadModel weight_dtype bf16 against UNETLoader + KSampler of the same bf16 file. On a CPU host
+    ComfyUI computes the bf16 weights in fp32, ours computes in bf16 (as both do on a GPU): measured 3.5e-3
+    relative in process (tests/test_same_seed_as_comfyui.py), asserted here at 1e-2."""
+    prompt = {**conditioning_nodes(), **xdit_nodes("x", weight_dtype="bf16"), "save": save("xsample", "bf16")}
+    with comfy_host.connect() as ws:
+        result = ws.run(prompt, timeout=400)
+    assert result.succeeded, result.describe() + "\n" + comfy_host.log_tail()
+    reference = saved_latent(comfy_host, parity_run.of_type("executed"), "save_stock_plain")
+    latent = saved_latent(comfy_host, result.of_type("executed"), "save")
+    error = relative_error(latent, reference)
+    assert 1e-5 < error < 1e-2, error  # really bf16 (not fp32 again), and close
