@@ -52,7 +52,11 @@ def test_zero_lse_kernel_is_refused() -> None:
 
 def test_unknown_device_is_refused() -> None:
     with pytest.raises(ValueError, match="ring_degree 1"):
-        kernel_for(torch.device("meta"), torch.float32)
+        kernel_for(torch.device("xpu"), torch.float32)
+
+
+def test_meta_device_gets_the_plain_torch_kernel() -> None:
+    assert kernel_for(torch.device("meta"), torch.float32) is math_kernel
 
 
 def test_single_rank_joint_attention_is_sdpa() -> None:
