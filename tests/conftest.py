@@ -1,4 +1,5 @@
-"""Suite-wide rules: in CI (CI=true), host and browser tests must run, so their skips count as failures."""
+"""Suite-wide rules: in CI (CI=true), host and browser tests must run, so their skips count as failures;
+every local gloo run obeys NCCL's rules (``comfyui_xdit/parallel/nccl_semantics.py``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,24 @@ import os
 import pytest
 
 MUST_RUN_IN_CI = ("COMFYUI_PATH", "chromium", "playwright")
+NCCL_SEMANTICS_ENV = "COMFYUI_XDIT_NCCL_SEMANTICS"  # read by comfyui_xdit.parallel.launch.run_ranks
+NCCL_WAIT_ENV = "COMFYUI_XDIT_NCCL_WAIT_S"
+SUITE_WAIT_BOUND_S = "120"  # a stage may wait this long for its neighbour with 8 ranks on 2 cores
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nccl_semantics_everywhere():
+    """Ranks started with ``run_ranks`` enforce NCCL's point-to-point and ordering rules on gloo, so a
+    schedule that only gloo's buffering lets finish fails a test here instead of hanging on GPUs."""
+    saved = {name: os.environ.get(name) for name in (NCCL_SEMANTICS_ENV, NCCL_WAIT_ENV)}
+    os.environ[NCCL_SEMANTICS_ENV] = "1"
+    os.environ.setdefault(NCCL_WAIT_ENV, SUITE_WAIT_BOUND_S)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -64,7 +64,16 @@ def check_groups(rank: int, world_size: int, configs: list[ParallelConfig]) -> l
         next_stage = (mesh.coords.pipefusion + 1) % config.pipefusion_degree
         if mesh.peer("pipefusion", 1) != mesh.rank_at(pipefusion=next_stage):
             problems.append(f"{config.describe()} rank {rank}: peer")
+        twin = mesh.twin(("pipefusion",))
+        if (twin is None) != (config.pipefusion_degree == 1) or (twin is not None and twin is mesh.group(("pipefusion",))):
+            problems.append(f"{config.describe()} rank {rank}: PipeFusion's return group")
+        elif twin is not None:
+            value = torch.tensor([rank])
+            dist.all_reduce(value, group=twin)
+            row = next(r for r in groups_along(config, ("pipefusion",)) if rank in r)
+            problems += [] if value.item() == sum(row) else [f"{config.describe()} rank {rank}: twin sum"]
         released = [g for g in (mesh.group(axes) for axes in DEFAULT_GROUP_AXES) if g is not None]
+        released += [twin] if twin is not None else []
         mesh.destroy()  # a new layout must not pile up groups
         for group in released:
             try:

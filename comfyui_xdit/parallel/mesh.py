@@ -26,6 +26,9 @@ SEQUENCE_AXES: tuple[str, ...] = ("ring", "ulysses")
 # Groups every mesh creates: each axis alone, plus the sequence-parallel pair that gathers a shard.
 DEFAULT_GROUP_AXES: tuple[tuple[str, ...], ...] = (("cfg",), ("pipefusion",), ("ring",), ("ulysses",),
                                                    SEQUENCE_AXES)
+# Axes that also get a second group over the same ranks: NCCL runs one communicator's operations in
+# order, so PipeFusion's patches going back to stage 0 travel apart from the activations going forward.
+DEFAULT_TWIN_AXES: tuple[tuple[str, ...], ...] = (("pipefusion",),)
 
 
 def degrees(parallel: ParallelConfig) -> tuple[int, ...]:
@@ -79,6 +82,19 @@ class RankCoords:
         return index
 
 
+def _new_groups(parallel: ParallelConfig, axes: tuple[str, ...], rank: int) -> Optional[dist.ProcessGroup]:
+    """Every group along ``axes`` (``new_group`` is collective: every rank creates every group, in the same
+    order); return this rank's, or ``None`` when it would hold this rank alone."""
+    rows = groups_along(parallel, axes)
+    mine: Optional[dist.ProcessGroup] = None
+    if len(rows[0]) > 1:
+        for row in rows:
+            group = dist.new_group(row)
+            if rank in row:
+                mine = group
+    return mine
+
+
 class Mesh:
     """This rank's coordinates and the torch.distributed groups it belongs to.
 
@@ -87,18 +103,21 @@ class Mesh:
     """
 
     def __init__(self, parallel: ParallelConfig, rank: int,
-                 groups: dict[tuple[str, ...], Optional[dist.ProcessGroup]]) -> None:
+                 groups: dict[tuple[str, ...], Optional[dist.ProcessGroup]],
+                 twins: Optional[dict[tuple[str, ...], Optional[dist.ProcessGroup]]] = None) -> None:
         self.parallel = parallel
         self.rank = rank
         self.coords = RankCoords.of(rank, parallel)
         self._groups = {self._key(axes): group for axes, group in groups.items()}
+        self._twins = {self._key(axes): group for axes, group in (twins or {}).items()}
 
     def destroy(self) -> None:
         """Release this mesh's groups (all ranks alike, e.g. before building the mesh of a new layout)."""
-        for group in self._groups.values():
+        for group in [*self._groups.values(), *self._twins.values()]:
             if group is not None:
                 dist.destroy_process_group(group)
         self._groups = {axes: None for axes in self._groups}
+        self._twins = {axes: None for axes in self._twins}
 
     @staticmethod
     def _key(axes: tuple[str, ...]) -> tuple[str, ...]:
@@ -107,26 +126,20 @@ class Mesh:
 
     @classmethod
     def build(cls, parallel: ParallelConfig, rank: int,
-              group_axes: tuple[tuple[str, ...], ...] = DEFAULT_GROUP_AXES) -> "Mesh":
-        """Create the groups along each of ``group_axes`` (collective: call on all ranks alike)."""
+              group_axes: tuple[tuple[str, ...], ...] = DEFAULT_GROUP_AXES,
+              twin_axes: tuple[tuple[str, ...], ...] = DEFAULT_TWIN_AXES) -> "Mesh":
+        """Create the groups along each of ``group_axes``, and a second one along each of ``twin_axes``
+        (collective: call on all ranks alike)."""
         if parallel.world_size > 1:
             if not dist.is_initialized():
                 raise RuntimeError("torch.distributed is not initialised; call init_distributed first")
             if dist.get_world_size() != parallel.world_size:
                 raise ValueError(f"{parallel.describe()} needs {parallel.world_size} ranks but torch.distributed has "
                                  f"{dist.get_world_size()}; start the world with {parallel.world_size} ranks")
-        groups: dict[tuple[str, ...], Optional[dist.ProcessGroup]] = {}
-        for axes in group_axes:
-            rows = groups_along(parallel, axes)
-            mine: Optional[dist.ProcessGroup] = None
-            if len(rows[0]) > 1:
-                for row in rows:  # every rank creates every group, in the same order
-                    group = dist.new_group(row)
-                    if rank in row:
-                        mine = group
-            groups[axes] = mine
+        groups = {axes: _new_groups(parallel, axes, rank) for axes in group_axes}
+        twins = {axes: _new_groups(parallel, axes, rank) for axes in twin_axes}
         logger.debug("rank %d: mesh %s, coords %s", rank, parallel.describe(), RankCoords.of(rank, parallel))
-        return cls(parallel, rank, groups)
+        return cls(parallel, rank, groups, twins)
 
     @property
     def world_size(self) -> int:
@@ -138,6 +151,13 @@ class Mesh:
         if key not in self._groups:
             raise KeyError(f"no group along {axes}; build the mesh with group_axes containing it")
         return self._groups[key]
+
+    def twin(self, axes: tuple[str, ...]) -> Optional[dist.ProcessGroup]:
+        """The second group along ``axes`` (same ranks as ``group(axes)``, its own message stream)."""
+        key = self._key(axes)
+        if key not in self._twins:
+            raise KeyError(f"no twin group along {axes}; build the mesh with twin_axes containing it")
+        return self._twins[key]
 
     def size(self, axes: tuple[str, ...]) -> int:
         return math.prod(degrees(self.parallel)[AXES.index(a)] for a in self._key(axes))

@@ -39,7 +39,7 @@ from ..sampling import (GenerationCancelled, OnStep, SamplingPlan, ShouldStop, S
 from .comm import CommCounter, all_gather_cat
 from .mesh import SEQUENCE_AXES, Mesh
 from .patch_kv_buffer import StaleKVAttention
-from .pipefusion_comm import TAG_ACTIVATIONS, TAG_PATCH, TAG_PREVIEW, LaggedStopVote, PipeLinks
+from .pipefusion_comm import LaggedStopVote, PipeLinks
 from .pipefusion_schedule import Work, patch_bounds, producer_of_input, split_stages, stage_work
 from .sequence_parallel import SequenceShard
 
@@ -87,7 +87,7 @@ class _Returns:
     def _take_one(self, x: torch.Tensor) -> None:
         work = self._pending.pop(0)
         start, stop = self.returned[work]
-        (x[:, start:stop],) = self.links.recv([x[:, start:stop]], self.links.last, TAG_PATCH)
+        (x[:, start:stop],) = self.links.recv_back([x[:, start:stop]])
         self._received.add(work)
         if work.is_warmup or work.patch == self.patches - 1:  # the step is complete
             self.step_done(work.step)
@@ -95,7 +95,7 @@ class _Returns:
     def step_done(self, step: int) -> None:
         if self.preview_like is None:
             return
-        (preview,) = self.links.recv([self.preview_like], self.links.last, TAG_PREVIEW)
+        (preview,) = self.links.recv_back([self.preview_like])
         if self.on_step is not None:
             self.on_step(StepEvent(step + 1, self.total, preview.cpu()))  # received on the device
 
@@ -151,11 +151,11 @@ class PipeFusionLoop:
             batch, width = part.shape[0], adapter.hidden_size
             like = [torch.empty(batch, part.shape[1], width, dtype=adapter.dtype, device=adapter.device),  # image
                     torch.empty(batch, adapter.text_len(cond), width, dtype=adapter.dtype, device=adapter.device)]
-            hidden, text = links.recv(like, links.prev, TAG_ACTIVATIONS)
+            hidden, text = links.recv_activations(like)
             state = context.state(hidden, text)
         state = adapter.run_blocks(state, *self.blocks)
         if not links.is_last:
-            links.send([state.hidden, state.encoder_hidden], links.next, TAG_ACTIVATIONS)
+            links.send_activations([state.hidden, state.encoder_hidden])
         return state
 
     @torch.no_grad()
@@ -232,7 +232,7 @@ class PipeFusionLoop:
         denoised_full[:, start:stop] = guided
         step_done = work.is_warmup or work.patch == self.parallel.patches - 1
         if work.step < total - 1:
-            links.send([x[:, back[0]:back[1]].clone()], links.first, TAG_PATCH)  # x changes while in flight
+            links.send_back([x[:, back[0]:back[1]].clone()])  # x changes while in flight
         if step_done and self.sends_preview:
-            links.send([preview_latent(self.adapter, plan, denoised_full)], links.first, TAG_PREVIEW)
+            links.send_back([preview_latent(self.adapter, plan, denoised_full)])
         return sampler_state

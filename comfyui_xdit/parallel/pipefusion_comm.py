@@ -1,9 +1,16 @@
 """The messages PipeFusion exchanges: activations forward along the pipeline, updated patches and step
 previews from the last stage back to the first, and a stop vote that never stalls the pipeline.
 
-Sends are non-blocking (``isend``) and kept alive until done: the pipeline is a ring (the last stage
-feeds the first), so blocking sends could wait on each other forever. Receives block, in the order
-the schedule fixes on both sides; one tag per kind of message keeps the kinds apart.
+Written for NCCL's rules (``nccl_semantics.py`` enforces them in the tests): no tags, since messages
+between two ranks of a group match in posting order; one communicator runs its operations in order.
+The two directions therefore travel on two groups over the same ranks: ``forward`` carries activations
+from stage s to s + 1, ``back`` carries patches and previews from the last stage to the first. On each
+group every rank's messages form a chain that only ever waits on a later stage (forward) or on the
+last stage (back), so no schedule can wait in a circle: stage 0 posts forward sends and receives on
+``back``; a middle stage receives from s - 1 and then sends to s + 1 on ``forward``; the last stage
+receives on ``forward`` and sends on ``back``. Within one group both sides post in the order the
+schedule fixes, which is what matches a message to its receive. Sends are non-blocking and kept alive
+until done.
 """
 
 from __future__ import annotations
@@ -20,13 +27,10 @@ from .mesh import Mesh
 
 logger = logging.getLogger(__name__)
 
-TAG_ACTIVATIONS = 101  # stage s -> s + 1: hidden + text hidden of one patch, per CFG branch
-TAG_PATCH = 102  # last stage -> first: a patch after the sampler step
-TAG_PREVIEW = 103  # last stage -> first: the step's downscaled x0 prediction
-
 
 class PipeLinks:
-    """This rank's neighbours along the pipefusion axis (global ranks) and its in-flight sends."""
+    """This rank's neighbours along the pipefusion axis (global ranks), the two groups that carry the
+    two directions, and its in-flight sends."""
 
     def __init__(self, mesh: Mesh, counter: Optional[CommCounter]) -> None:
         self.stage = mesh.coords.pipefusion
@@ -35,7 +39,8 @@ class PipeLinks:
         self.next = mesh.peer("pipefusion", 1)
         self.first = mesh.rank_at(pipefusion=0)
         self.last = mesh.rank_at(pipefusion=self.stages - 1)
-        self.group = mesh.group(("pipefusion",))
+        self.forward = mesh.group(("pipefusion",))  # activations, stage s -> s + 1
+        self.back = mesh.twin(("pipefusion",))  # patches and previews, last stage -> first
         self.counter = counter
         self._in_flight: list[tuple[dist.Work, torch.Tensor]] = []
 
@@ -47,20 +52,35 @@ class PipeLinks:
     def is_last(self) -> bool:
         return self.stage == self.stages - 1
 
-    def send(self, tensors: Sequence[torch.Tensor], dst: int, tag: int) -> None:
+    def send_activations(self, tensors: Sequence[torch.Tensor]) -> None:
+        self._send(tensors, self.next, self.forward)
+
+    def recv_activations(self, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self._recv(like, self.prev, self.forward)
+
+    def send_back(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Last stage: a patch or a preview to stage 0."""
+        self._send(tensors, self.first, self.back)
+
+    def recv_back(self, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Stage 0: what the last stage sent back, in the order it sent it."""
+        return self._recv(like, self.last, self.back)
+
+    def _send(self, tensors: Sequence[torch.Tensor], dst: int, group: Optional[dist.ProcessGroup]) -> None:
         for tensor in tensors:
             tensor = tensor.contiguous()
-            self._in_flight.append((dist.isend(tensor, dst, tag=tag), tensor))
+            self._in_flight.append((dist.isend(tensor, dst, group=group), tensor))
             if self.counter is not None:
                 self.counter.add("pipefusion", nbytes(tensor))
         self._in_flight = [(work, t) for work, t in self._in_flight if not work.is_completed()]
 
-    def recv(self, like: Sequence[torch.Tensor], src: int, tag: int) -> list[torch.Tensor]:
+    @staticmethod
+    def _recv(like: Sequence[torch.Tensor], src: int, group: Optional[dist.ProcessGroup]) -> list[torch.Tensor]:
         """Receive one tensor shaped like each of ``like``, in order."""
         out = []
         for template in like:
             buffer = torch.empty_like(template, memory_format=torch.contiguous_format)
-            dist.recv(buffer, src, tag=tag)
+            dist.recv(buffer, src, group=group)
             out.append(buffer)
         return out
 
@@ -75,7 +95,7 @@ class PipeLinks:
         tensor = tensor.contiguous()
         if self.is_last and self.counter is not None:
             self.counter.add("pipefusion", nbytes(tensor) * (self.stages - 1))
-        dist.broadcast(tensor, self.last, group=self.group)
+        dist.broadcast(tensor, self.last, group=self.forward)
         return tensor
 
 
