@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .conditioning import Conditioning
@@ -29,12 +31,15 @@ def model_spec(ref: ModelRef) -> FluxSpec:
     return tiny_spec(ref.path[len(TINY_PREFIX):]) if ref.is_tiny else read_spec(ref.path)
 
 
-def load_model(ref: ModelRef, device: torch.device | str = "cpu") -> FluxAdapter:
-    """Build the adapter for ``ref`` on ``device`` (only Flux today; the family is detected from keys)."""
+def load_model(ref: ModelRef, device: torch.device | str = "cpu",
+               blocks: Optional[tuple[int, int]] = None) -> FluxAdapter:
+    """Build the adapter for ``ref`` on ``device`` (only Flux today; the family is detected from keys);
+    with ``blocks`` (a PipeFusion stage's ``[start, stop)``) only those blocks and the shared tensors."""
     if ref.is_tiny:
         name = ref.path[len(TINY_PREFIX):]
-        return FluxAdapter.from_state_dict(tiny_state(name), ref.torch_dtype, device, source=ref.path)
-    return FluxAdapter.from_file(ref.path, ref.torch_dtype, device)
+        return FluxAdapter.from_state_dict(tiny_state(name), ref.torch_dtype, device, source=ref.path, blocks=blocks,
+                                           spec=tiny_spec(name))
+    return FluxAdapter.from_file(ref.path, ref.torch_dtype, device, blocks=blocks)
 
 
 def tiny_conditioning(ref: ModelRef, seed: int, text_len: int = 8,

@@ -20,7 +20,7 @@ from comfyui_xdit_workers.security import refuse_disabled_auth
 from comfyui_xdit_workers.settings import HOST_MODELS_FOLDER_ENV, HOST_NO_LOCAL_WEIGHTS_ENV, PoolSettings, Timeouts
 from comfyui_xdit_workers.topology import Slot, block_size, group_hosts, order_ranks
 from comfyui_xdit_workers.versions import check_versions
-from comfyui_xdit_workers.weights import block_index, find_local, stage_state, with_placeholders
+from comfyui_xdit_workers.weights import find_local
 
 
 def test_block_keeps_ring_and_ulysses_on_one_host() -> None:
@@ -140,6 +140,7 @@ def test_engine_package_never_imports_ray() -> None:
 def test_a_pipefusion_stage_receives_only_its_blocks() -> None:
     from comfyui_xdit.model_loader import tiny_state
     from comfyui_xdit.models.flux import FluxAdapter
+    from comfyui_xdit.models.flux_checkpoint import block_index, stage_state
 
     spec = NAMED_SPECS["flux"]  # 2 double + 2 single blocks
     state = tiny_state("flux")
@@ -149,7 +150,7 @@ def test_a_pipefusion_stage_receives_only_its_blocks() -> None:
     assert not any(k.startswith("double_blocks.") for k in stage) and "img_in.weight" in stage
     assert sum(v.numel() for v in stage.values()) < sum(v.numel() for v in state.values())
     full = FluxAdapter.from_state_dict(state)
-    part = FluxAdapter.from_state_dict(with_placeholders(stage, spec))
+    part = FluxAdapter.from_state_dict(stage, blocks=(2, 4), spec=spec)
     for index in (2, 3):
         for (name, a), (_, b) in zip(full.blocks[index].named_parameters(), part.blocks[index].named_parameters()):
             assert torch.equal(a, b), name

@@ -22,7 +22,7 @@ from comfyui_xdit.sampling import StepEvent
 
 from . import engine_bridge
 from .versions import host_versions
-from .weights import WeightSource, find_local, with_placeholders
+from .weights import WeightSource, find_local
 
 logger = logging.getLogger(__name__)
 
@@ -103,29 +103,33 @@ class RankWorker:
 
     def load(self, source: WeightSource, parallel: ParallelConfig) -> str:
         """Load (or reuse) the model, then (re)build the engine only when the config changed."""
-        from comfyui_xdit.model_loader import load_model
+        from comfyui_xdit.model_loader import load_model, model_spec
         from comfyui_xdit.models.flux import FluxAdapter
+        from comfyui_xdit.models.flux_checkpoint import read_spec
+        from comfyui_xdit.parallel.pipefusion_schedule import stage_blocks
 
         info = self._info()
         ref = source.ref
-        key = (ref.path, ref.dtype, source.blocks)  # a stage-only model serves only that stage
+        spec = model_spec(ref) if ref.is_tiny else read_spec(source.local_path) if source.local_path else source.spec
+        # a PipeFusion stage builds only its blocks (shipped weights already hold only those)
+        blocks = None if spec is None else stage_blocks(parallel, info.rank, spec.num_layers + spec.num_single_layers)
+        key = (ref.path, ref.dtype, blocks)  # a stage-only model serves only that stage
         if self.model_key != key:
             if self.engine is not None:
                 engine_bridge.release_engine(self.engine)
             self.adapter, self.model_key, self.engine, self.engine_key = None, None, None, None
             if ref.is_tiny:
-                self.adapter = load_model(ref, self.device)
+                self.adapter = load_model(ref, self.device, blocks=blocks)
             elif source.local_path is not None:
-                self.adapter = FluxAdapter.from_file(source.local_path, ref.torch_dtype, self.device)
+                self.adapter = FluxAdapter.from_file(source.local_path, ref.torch_dtype, self.device, blocks=blocks)
             else:
                 import ray
 
-                state = dict(ray.get(source.shipped))
-                if source.spec is not None:  # one PipeFusion stage's blocks: fill in the others
-                    state = with_placeholders(state, source.spec)
-                self.adapter = FluxAdapter.from_state_dict(state, ref.torch_dtype, self.device,
-                                                           source=f"{ref.path!r} (object store)")
-            self.model_key, self.weights_how = key, source.how
+                self.adapter = FluxAdapter.from_state_dict(dict(ray.get(source.shipped)), ref.torch_dtype, self.device,
+                                                           source=f"{ref.path!r} (object store)", blocks=blocks,
+                                                           spec=spec)
+            how = source.how if blocks is None or source.blocks else f"{source.how} (blocks {blocks[0]}-{blocks[1] - 1})"
+            self.model_key, self.weights_how = key, how
         if self.engine_key != (ref.path, ref.dtype, parallel):
             if self.engine is not None:
                 engine_bridge.release_engine(self.engine)

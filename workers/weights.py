@@ -4,15 +4,14 @@ Resolution on a worker host: the exact path, then the host's models folder (``$C
 set before ``ray start`` on that host, else the pool's ``models_folder``) by file name. A host with
 ``COMFYUI_XDIT_NO_LOCAL_WEIGHTS=1`` never reads model files and always receives tensors. The ComfyUI
 machine reads the file once and ``ray.put``s it: the whole state dict, or with PipeFusion one object
-per stage holding the shared tensors and only that stage's blocks. The engine builds a rank's model
-whole, so a stage fills the other blocks with zero-stride placeholders (never run): the network
-carries only the stage's blocks, though the placeholders become real memory if moved to a GPU.
+per stage holding the shared tensors and only that stage's blocks. Either way a PipeFusion rank builds
+only its stage's blocks (``FluxAdapter.from_state_dict(blocks=...)``), so both the network and the
+rank's memory carry only those.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -76,45 +75,12 @@ def read_for_shipping(ref: ModelRef, models_folder: Optional[str]) -> dict[str, 
     raise FileNotFoundError(ref.path)
 
 
-_BLOCK_KEY = re.compile(r"(double_blocks|single_blocks)\.(\d+)\.")
-
-
-def block_index(key: str, num_double: int) -> Optional[int]:
-    """Position of a BFL key's block in the adapter's block list (double then single); None = shared."""
-    match = _BLOCK_KEY.match(key)
-    if match is None:
-        return None
-    index = int(match.group(2))
-    return index if match.group(1) == "double_blocks" else num_double + index
-
-
-def stage_state(state: Mapping[str, torch.Tensor], num_double: int,
-                blocks: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """The shared tensors plus the blocks in ``[start, stop)``."""
-    start, stop = blocks
-    return {k: v for k, v in state.items()
-            if (i := block_index(k, num_double)) is None or start <= i < stop}
-
-
-def with_placeholders(state: Mapping[str, torch.Tensor], spec: Any) -> dict[str, torch.Tensor]:
-    """Fill every tensor a stage does not run with a zero-stride placeholder of the right shape."""
-    from comfyui_xdit.models.flux_checkpoint import bfl_shapes
-
-    dtype = next(iter(state.values())).dtype
-    zero = torch.zeros((), dtype=dtype)
-    out = dict(state)
-    for key, shape in bfl_shapes(spec).items():
-        if key not in out:
-            out[key] = zero.expand(shape)  # (shape) view of one number: no memory, never used
-    return out
-
-
 def ship(state: Mapping[str, torch.Tensor], ref: ModelRef, parallel: Any,
          local_paths: list[Optional[str]]) -> list[WeightSource]:
     """Sources for every rank: its own file, else an object-store copy (per PipeFusion stage)."""
     import ray
 
-    from comfyui_xdit.models.flux_checkpoint import infer_flux_spec
+    from comfyui_xdit.models.flux_checkpoint import infer_flux_spec, stage_state
     from comfyui_xdit.parallel.mesh import RankCoords
     from comfyui_xdit.parallel.pipefusion_schedule import split_stages
 

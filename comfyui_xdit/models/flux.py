@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,11 +21,33 @@ from ..attention import AttentionSeam
 from ..conditioning import Conditioning
 from ..latent_format import FLUX_LATENT_FORMAT, LatentFormat
 from ..sigmas import DiscreteFlowShift, FluxShift, ModelSampling
-from .flux_checkpoint import FluxSpec, bfl_to_diffusers, infer_flux_spec, read_checkpoint
+from .flux_checkpoint import (FluxSpec, bfl_to_diffusers, in_blocks, infer_flux_spec, read_checkpoint, read_spec,
+                              stage_state, with_placeholders)
 
 logger = logging.getLogger(__name__)
 
 PATCH = 2  # Flux packs 2x2 latent pixels into one token
+_DIFFUSERS_BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+
+
+class AbsentBlock(torch.nn.Module):
+    """Stands where a block of another PipeFusion stage would be: no weights, and running it is an error."""
+
+    def __init__(self, layer: int, present: tuple[int, int]) -> None:
+        super().__init__()
+        self.layer, self.present = layer, present
+
+    def forward(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"block {self.layer} belongs to another PipeFusion stage: this rank loaded blocks "
+                           f"{self.present[0]}..{self.present[1] - 1} only; load it with blocks=None to run all")
+
+
+def _diffusers_block(key: str, num_double: int) -> Optional[int]:
+    match = _DIFFUSERS_BLOCK.match(key)
+    if match is None:
+        return None
+    index = int(match.group(2))
+    return index if match.group(1) == "transformer_blocks" else num_double + index
 
 
 class SeamFluxAttnProcessor:
@@ -90,34 +113,66 @@ class FluxAdapter:
     family = "flux"
     latent_format: LatentFormat = FLUX_LATENT_FORMAT
 
-    def __init__(self, transformer: FluxTransformer2DModel, spec: FluxSpec) -> None:
+    def __init__(self, transformer: FluxTransformer2DModel, spec: FluxSpec,
+                 present: Optional[tuple[int, int]] = None) -> None:
         self.transformer = transformer.eval().requires_grad_(False)
         self.spec = spec
         self.seam = AttentionSeam()
         self.blocks: list[torch.nn.Module] = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        self.present = present if present is not None else (0, len(self.blocks))  # blocks with weights here
         for layer, block in enumerate(self.blocks):
-            block.attn.set_processor(SeamFluxAttnProcessor(self.seam, layer))
+            if not isinstance(block, AbsentBlock):
+                block.attn.set_processor(SeamFluxAttnProcessor(self.seam, layer))
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu", source: str = "checkpoint") -> "FluxAdapter":
+                        device: torch.device | str = "cpu", source: str = "checkpoint",
+                        blocks: Optional[tuple[int, int]] = None, spec: Optional[FluxSpec] = None) -> "FluxAdapter":
+        """Build from BFL tensors. With ``blocks`` ([start, stop) of the adapter's block list: one PipeFusion
+        stage) only those blocks and the shared tensors are built; ``state`` may then hold just those
+        (pass the file's ``spec``), and every other block is an ``AbsentBlock`` without weights."""
+        if blocks is not None:
+            if spec is None:
+                spec = infer_flux_spec(state, source)
+            state = with_placeholders(stage_state(state, spec.num_layers, blocks), spec)
         spec = infer_flux_spec(state, source)
         with torch.device("meta"):
             transformer = FluxTransformer2DModel(**spec.diffusers_config())
-        converted = {k: v.to(dtype) for k, v in bfl_to_diffusers(state, spec).items()}
+        converted = bfl_to_diffusers(state, spec)
+        if blocks is not None:
+            for layer in range(spec.num_layers + spec.num_single_layers):
+                if not blocks[0] <= layer < blocks[1]:
+                    double = layer < spec.num_layers
+                    container = transformer.transformer_blocks if double else transformer.single_transformer_blocks
+                    container[layer if double else layer - spec.num_layers] = AbsentBlock(layer, blocks)
+            converted = {k: v for k, v in converted.items()
+                         if (i := _diffusers_block(k, spec.num_layers)) is None or blocks[0] <= i < blocks[1]}
+        converted = {k: v.to(dtype) for k, v in converted.items()}
         result = transformer.load_state_dict(converted, strict=True, assign=True)
         assert not result.missing_keys and not result.unexpected_keys, result
         # Buffers that are not in the file (none today) would still be on meta; fail loudly if so.
-        assert not any(t.is_meta for t in transformer.state_dict().values()), "unloaded tensors left on meta"
-        logger.info("loaded Flux from %s: %d double + %d single blocks, width %d, dtype %s", source,
-                    spec.num_layers, spec.num_single_layers, spec.hidden_size, dtype)
-        return cls(transformer.to(device), spec)
+        on_meta = any(t.is_meta for t in converted.values())
+        assert on_meta or not any(t.is_meta for t in transformer.state_dict().values()), "unloaded tensors on meta"
+        logger.info("loaded Flux from %s: %d double + %d single blocks%s, width %d, dtype %s", source,
+                    spec.num_layers, spec.num_single_layers,
+                    f" (blocks {blocks[0]}..{blocks[1] - 1} on this rank)" if blocks is not None else "",
+                    spec.hidden_size, dtype)
+        return cls(transformer.to(device), spec, blocks)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> "FluxAdapter":
-        return cls.from_state_dict(read_checkpoint(path), dtype, device, source=repr(os.fspath(path)))
+                  device: torch.device | str = "cpu", blocks: Optional[tuple[int, int]] = None) -> "FluxAdapter":
+        """Load a file; with ``blocks`` only the shared tensors and those blocks are read from disk."""
+        if blocks is None:
+            return cls.from_state_dict(read_checkpoint(path), dtype, device, source=repr(os.fspath(path)))
+        spec = read_spec(path)
+        state = read_checkpoint(path, keep=lambda key: in_blocks(key, spec.num_layers, blocks))
+        return cls.from_state_dict(state, dtype, device, source=repr(os.fspath(path)), blocks=blocks, spec=spec)
+
+    def parameter_bytes(self) -> int:
+        """Bytes of this adapter's weights (what a rank holds on its device)."""
+        return sum(t.numel() * t.element_size() for t in self.transformer.state_dict().values())
 
     # ---- properties -----------------------------------------------------------------------------
     @property

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -70,13 +70,19 @@ COMFY_MIN_FLUX = FluxSpec(num_layers=1, num_single_layers=1, attention_head_dim=
 NAMED_SPECS: Mapping[str, FluxSpec] = {"flux": TINY_FLUX, "flux-comfy-min": COMFY_MIN_FLUX}
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, with ComfyUI's ``model.diffusion_model.`` prefix stripped."""
+def read_checkpoint(path: str | os.PathLike, keep: Optional[Callable[[str], bool]] = None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, with ComfyUI's ``model.diffusion_model.`` prefix stripped; with ``keep``
+    only the tensors whose (stripped) name it accepts are read (one PipeFusion stage's blocks)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"model file not found: {path!r}")
     try:
-        state = load_file(path, device="cpu")
+        if keep is None:
+            state = load_file(path, device="cpu")
+        else:
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                state = {k: handle.get_tensor(k) for k in handle.keys()
+                         if keep(k[len(_COMFY_PREFIX):] if k.startswith(_COMFY_PREFIX) else k)}
     except (SafetensorError, OSError, RuntimeError) as exc:
         size = os.path.getsize(path)
         raise ValueError(f"{path!r} ({size} bytes) is not a readable safetensors file "
@@ -105,6 +111,42 @@ def read_spec(path: str | os.PathLike) -> FluxSpec:
         raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt download?): "
                          f"{exc}") from exc
     return infer_flux_spec(shapes, repr(path))  # type: ignore[arg-type]
+
+
+_BLOCK_KEY = re.compile(r"(double_blocks|single_blocks)\.(\d+)\.")
+
+
+def block_index(key: str, num_double: int) -> Optional[int]:
+    """Position of a BFL key's block in the adapter's block list (double blocks, then single); ``None``
+    for the tensors every stage needs (embedders, final layer)."""
+    match = _BLOCK_KEY.match(key)
+    if match is None:
+        return None
+    index = int(match.group(2))
+    return index if match.group(1) == "double_blocks" else num_double + index
+
+
+def in_blocks(key: str, num_double: int, blocks: Optional[tuple[int, int]]) -> bool:
+    """Whether a rank that runs ``blocks`` ([start, stop), ``None`` = all) needs BFL tensor ``key``."""
+    index = block_index(key, num_double)
+    return blocks is None or index is None or blocks[0] <= index < blocks[1]
+
+
+def stage_state(state: Mapping[str, torch.Tensor], num_double: int,
+                blocks: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The shared tensors plus the blocks in ``[start, stop)``."""
+    return {k: v for k, v in state.items() if in_blocks(k, num_double, blocks)}
+
+
+def with_placeholders(state: Mapping[str, torch.Tensor], spec: FluxSpec) -> dict[str, torch.Tensor]:
+    """``state`` with every missing tensor of ``spec`` as a zero-stride view of one number (no memory): lets
+    the name conversion run on one stage's tensors; the placeholders are dropped before loading."""
+    zero = torch.zeros((), dtype=next(iter(state.values())).dtype, device=next(iter(state.values())).device)
+    out = dict(state)
+    for key, shape in bfl_shapes(spec).items():
+        if key not in out:
+            out[key] = zero.expand(shape)  # (shape) view of one number
+    return out
 
 
 def _block_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:

@@ -26,6 +26,7 @@ import torch
 
 from ..request import GenerationRequest
 from .distributed import DEFAULT_TIMEOUT_S, init_distributed, shutdown_distributed
+from .nccl_semantics import NcclSemantics, install
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ PRELOAD = ["torch", "comfyui_xdit.model_loader", "comfyui_xdit.parallel"]
 POLL_S = 0.2
 RUN_TIMEOUT_S = 3600.0  # a whole run; each collective has its own, shorter, DEFAULT_TIMEOUT_S
 KILL_GRACE_S = 5.0
+NCCL_SEMANTICS_ENV = "COMFYUI_XDIT_NCCL_SEMANTICS"
+NCCL_WAIT_ENV = "COMFYUI_XDIT_NCCL_WAIT_S"
 
 RankFn = Callable[..., Any]  # fn(rank, world_size, *args) -> result (rank 0's is returned)
 
@@ -43,14 +46,24 @@ class RankFailed(RuntimeError):
     """A rank raised, died or timed out; the message names the rank and carries its traceback."""
 
 
+def nccl_semantics_from_env() -> NcclSemantics:
+    """``COMFYUI_XDIT_NCCL_SEMANTICS=1`` (the test suite sets it) runs local ranks under NCCL's rules;
+    ``COMFYUI_XDIT_NCCL_WAIT_S`` bounds every wait (default 60 s)."""
+    return NcclSemantics(enabled=os.environ.get(NCCL_SEMANTICS_ENV, "") == "1",
+                         wait_bound_s=float(os.environ.get(NCCL_WAIT_ENV, "60")))
+
+
 def _rank_main(rank: int, world_size: int, store_file: str, fn: RankFn, args: tuple, results: Any,
-               collective_timeout: float, threads: int) -> None:
+               collective_timeout: float, threads: int, nccl: NcclSemantics) -> None:
     torch.set_num_threads(threads)
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets on loopback (this child only)
     try:
         init_distributed(rank, world_size, HOST, 0, "gloo", collective_timeout, store_file=store_file)
+        shim = install(nccl)
         result = fn(rank, world_size, *args)
+        if shim is not None:
+            shim.finish()
         results.put(("ok", rank, pickle.dumps(result) if rank == 0 else None))
     except ValueError as exc:  # bad user input: the caller re-raises it as a ValueError
         results.put(("value_error", rank, str(exc)))
@@ -75,9 +88,13 @@ def _stop(processes: Sequence[mp.Process]) -> None:
 
 
 def run_ranks(world_size: int, fn: RankFn, args: tuple = (), timeout: float = RUN_TIMEOUT_S,
-              collective_timeout: float = DEFAULT_TIMEOUT_S, threads_per_rank: int = 1) -> Any:
+              collective_timeout: float = DEFAULT_TIMEOUT_S, threads_per_rank: int = 1,
+              nccl: Optional[NcclSemantics] = None) -> Any:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` local gloo ranks; return rank 0's result.
 
+    ``nccl`` (default: from the environment, ``nccl_semantics_from_env``) enforces NCCL's point-to-point
+    and ordering rules in the ranks (``nccl_semantics.py``), so code that only gloo's buffering lets
+    finish fails here instead of hanging on GPUs.
     ``fn`` must be importable (a module-level function). A rank's ``ValueError`` is re-raised as a
     ``ValueError``; anything else as ``RankFailed`` naming the first rank that failed, or the ranks
     still running at the deadline. No child outlives this call.
@@ -91,7 +108,7 @@ def run_ranks(world_size: int, fn: RankFn, args: tuple = (), timeout: float = RU
     store_file = os.path.join(rendezvous_dir, "store")
     processes = [context.Process(target=_rank_main, name=f"xdit-rank-{rank}", daemon=True,
                                  args=(rank, world_size, store_file, fn, args, results, collective_timeout,
-                                       threads_per_rank))
+                                       threads_per_rank, nccl if nccl is not None else nccl_semantics_from_env()))
                  for rank in range(world_size)]
     deadline = time.monotonic() + timeout
     done: set[int] = set()
@@ -136,20 +153,24 @@ class RankResult:
 
 
 def generate_requests(rank: int, world_size: int, requests: Sequence[GenerationRequest]) -> list[RankResult]:
-    """Rank body: load each model once, then sample every request with its own mesh and engine."""
-    from ..model_loader import load_model
+    """Rank body: load each model once (a PipeFusion stage only its blocks), then sample every request
+    with its own mesh and engine."""
+    from ..model_loader import load_model, model_spec
     from . import create_engine
     from .comm import CommCounter
     from .mesh import Mesh
+    from .pipefusion_schedule import stage_blocks
 
     adapters = {}
     out = []
     for request in requests:
-        if request.model not in adapters:
-            adapters[request.model] = load_model(request.model)
+        spec = model_spec(request.model)
+        blocks = stage_blocks(request.parallel, rank, spec.num_layers + spec.num_single_layers)
+        if (request.model, blocks) not in adapters:
+            adapters[request.model, blocks] = load_model(request.model, blocks=blocks)
         counter = CommCounter()
         mesh = Mesh.build(request.parallel, rank)
-        engine = create_engine(adapters[request.model], request.parallel, rank, mesh, counter)
+        engine = create_engine(adapters[request.model, blocks], request.parallel, rank, mesh, counter)
         latent = engine.generate(request)
         out.append(RankResult(latent, counter.per_step()))
         logger.info("rank %d: %s done", rank, request.parallel.describe())

@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+from ..parallel_config import ParallelConfig
+from .mesh import RankCoords
+
 
 @dataclass(frozen=True)
 class Work:
@@ -49,6 +52,14 @@ def split_stages(num_blocks: int, degree: int) -> tuple[tuple[int, int], ...]:
         raise ValueError(f"pipefusion_degree {degree} exceeds the model's {num_blocks} transformer blocks; "
                          f"use pipefusion_degree <= {num_blocks}")
     return split_even(num_blocks, degree)
+
+
+def stage_blocks(parallel: ParallelConfig, rank: int, num_blocks: int) -> Optional[tuple[int, int]]:
+    """The blocks ``[start, stop)`` that ``rank``'s PipeFusion stage runs, which is all it needs to load;
+    ``None`` without PipeFusion (every rank runs every block)."""
+    if parallel.pipefusion_degree == 1:
+        return None
+    return split_stages(num_blocks, parallel.pipefusion_degree)[RankCoords.of(rank, parallel).pipefusion]
 
 
 def patch_bounds(num_tokens: int, num_patches: int) -> tuple[tuple[int, int], ...]:
