@@ -8,7 +8,7 @@ import os
 import pytest
 
 MUST_RUN_IN_CI = ("COMFYUI_PATH", "chromium", "playwright")
-NCCL_SEMANTICS_ENV = "COMFYUI_XDIT_NCCL_SEMANTICS"  # read by comfyui_xdit.parallel.launch.run_ranks
+NCCL_SEMANTICS_ENV = "COMFYUI_XDIT_NCCL_SEMANTICS"  # read by run_ranks and by gloo pool workers
 NCCL_WAIT_ENV = "COMFYUI_XDIT_NCCL_WAIT_S"
 SUITE_WAIT_BOUND_S = "120"  # a stage may wait this long for its neighbour with 8 ranks on 2 cores
 

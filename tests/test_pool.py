@@ -135,6 +135,18 @@ def test_sequence_parallel_world_matches_serial_and_cancel_stops_all_ranks(pool:
     assert rank_pids(pool) == pids
 
 
+def test_pipefusion_ranks_hold_their_stage_and_obey_nccl_rules(pool: XDiTPool) -> None:
+    import ray
+
+    parallel = ParallelConfig(pipefusion_degree=2, num_patches=2, warmup_steps=2)  # warm-up = steps: exact
+    torch.testing.assert_close(pool.submit(request(steps=2, seed=5, parallel=parallel)).result(timeout=180),
+                               serial(request(steps=2, seed=5)), rtol=1e-4, atol=1e-4)
+    assert [r.weights for r in pool.status().ranks] == ["built in (blocks 0-1)", "built in (blocks 2-3)"]
+    # the suite's NCCL-semantics mode reached the pool's gloo world (conftest sets it before Ray starts)
+    rules = [ray.get(a.__ray_call__.remote(lambda worker: worker.nccl_rules is not None)) for a in pool._world.actors]
+    assert rules == [True, True]
+
+
 def test_killed_worker_is_retried_once_on_a_rebuilt_world(pool: XDiTPool) -> None:
     pool.submit(request(steps=1)).result(timeout=120)  # world of one rank
     pid = rank_pids(pool)[0]

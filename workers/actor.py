@@ -49,6 +49,7 @@ class RankWorker:
         self.engine: Any = None
         self.busy = False
         self.weights_how: Optional[str] = None
+        self.nccl_rules: Any = None  # the NCCL-semantics shim of a gloo world under test, else None
 
     # ---- identity -----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -95,11 +96,13 @@ class RankWorker:
                    store_file: Optional[str] = None) -> None:
         info = self._info()
         backend = "nccl" if info.device_kind == "cuda" else "gloo"
-        engine_bridge.init_world(info.rank, info.world_size, master_addr, master_port, backend, timeout_s, store_file)
+        self.nccl_rules = engine_bridge.init_world(info.rank, info.world_size, master_addr, master_port, backend,
+                                                   timeout_s, store_file)
 
     def leave_world(self) -> None:
         self.engine, self.engine_key = None, None
-        engine_bridge.leave_world()
+        engine_bridge.leave_world(self.nccl_rules)
+        self.nccl_rules = None
 
     def load(self, source: WeightSource, parallel: ParallelConfig) -> str:
         """Load (or reuse) the model, then (re)build the engine only when the config changed."""

@@ -26,7 +26,7 @@ import torch
 
 from ..request import GenerationRequest
 from .distributed import DEFAULT_TIMEOUT_S, init_distributed, shutdown_distributed
-from .nccl_semantics import NcclSemantics, install
+from .nccl_semantics import NcclSemantics, from_env, install
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,6 @@ PRELOAD = ["torch", "comfyui_xdit.model_loader", "comfyui_xdit.parallel"]
 POLL_S = 0.2
 RUN_TIMEOUT_S = 3600.0  # a whole run; each collective has its own, shorter, DEFAULT_TIMEOUT_S
 KILL_GRACE_S = 5.0
-NCCL_SEMANTICS_ENV = "COMFYUI_XDIT_NCCL_SEMANTICS"
-NCCL_WAIT_ENV = "COMFYUI_XDIT_NCCL_WAIT_S"
 
 RankFn = Callable[..., Any]  # fn(rank, world_size, *args) -> result (rank 0's is returned)
 
@@ -49,8 +47,7 @@ class RankFailed(RuntimeError):
 def nccl_semantics_from_env() -> NcclSemantics:
     """``COMFYUI_XDIT_NCCL_SEMANTICS=1`` (the test suite sets it) runs local ranks under NCCL's rules;
     ``COMFYUI_XDIT_NCCL_WAIT_S`` bounds every wait (default 60 s)."""
-    return NcclSemantics(enabled=os.environ.get(NCCL_SEMANTICS_ENV, "") == "1",
-                         wait_bound_s=float(os.environ.get(NCCL_WAIT_ENV, "60")))
+    return from_env()
 
 
 def _rank_main(rank: int, world_size: int, store_file: str, fn: RankFn, args: tuple, results: Any,
@@ -60,7 +57,7 @@ def _rank_main(rank: int, world_size: int, store_file: str, fn: RankFn, args: tu
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets on loopback (this child only)
     try:
         init_distributed(rank, world_size, HOST, 0, "gloo", collective_timeout, store_file=store_file)
-        shim = install(nccl)
+        shim = install(nccl, collective_timeout)
         result = fn(rank, world_size, *args)
         if shim is not None:
             shim.finish()

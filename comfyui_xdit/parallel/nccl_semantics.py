@@ -39,6 +39,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -47,6 +48,8 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
+SEMANTICS_ENV = "COMFYUI_XDIT_NCCL_SEMANTICS"  # "1": gloo ranks obey NCCL's rules (the test suite sets it)
+WAIT_ENV = "COMFYUI_XDIT_NCCL_WAIT_S"  # the watchdog's bound in seconds
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all_single", "broadcast",
                "reduce_scatter_tensor", "barrier")
 
@@ -57,6 +60,12 @@ class NcclSemantics:
 
     enabled: bool = True
     wait_bound_s: float = 60.0
+
+
+def from_env(environ: Optional[dict] = None) -> NcclSemantics:
+    """The mode as ``COMFYUI_XDIT_NCCL_SEMANTICS`` / ``COMFYUI_XDIT_NCCL_WAIT_S`` set it (off, 60 s by default)."""
+    environ = os.environ if environ is None else environ
+    return NcclSemantics(enabled=environ.get(SEMANTICS_ENV, "") == "1", wait_bound_s=float(environ.get(WAIT_ENV, "60")))
 
 
 class NcclSemanticsError(RuntimeError):
@@ -109,13 +118,13 @@ class _P2P:
 class _Shim:
     """The checked entry points of one rank; ``originals`` are torch's own."""
 
-    def __init__(self, config: NcclSemantics) -> None:
+    def __init__(self, config: NcclSemantics, collective_timeout_s: float) -> None:
         self.config = config
         self.rank = dist.get_rank()
         self.originals = {name: getattr(dist, name) for name in
                           ("send", "recv", "isend", "irecv", "batch_isend_irecv", "P2POp", "new_group",
                            "destroy_process_group", *COLLECTIVES)}
-        self.timeout = datetime.timedelta(seconds=config.wait_bound_s)
+        self.timeout = datetime.timedelta(seconds=min(config.wait_bound_s, collective_timeout_s))
         self.companions: dict[Any, Any] = {}
         self.streams: dict[tuple[Any, int], _Stream] = {}
         self.acks_in_flight: list[Any] = []  # acknowledgement sends, kept alive until done
@@ -288,12 +297,13 @@ class _Shim:
                 work.wait(self.timeout)
 
 
-def install(config: NcclSemantics) -> Optional[_Shim]:
+def install(config: NcclSemantics, collective_timeout_s: float = float("inf")) -> Optional[_Shim]:
     """Replace torch.distributed's entry points in this process (after ``init_process_group``, before any
-    group is created); returns the shim whose ``finish`` ends the run. Collective: call on every rank."""
+    group is created); returns the shim whose ``finish`` ends the run. Collective: call on every rank.
+    Waits are bounded by the smaller of ``wait_bound_s`` and the world's ``collective_timeout_s``."""
     if not config.enabled:
         return None
-    shim = _Shim(config)
+    shim = _Shim(config, collective_timeout_s)
     for name in ("send", "recv", "isend", "irecv", "batch_isend_irecv", "new_group", "destroy_process_group"):
         setattr(dist, name, getattr(shim, name))
     dist.P2POp = _P2P
@@ -304,6 +314,7 @@ def install(config: NcclSemantics) -> Optional[_Shim]:
 
 
 def uninstall(shim: Optional[_Shim]) -> None:
+    """Give torch.distributed its own entry points back (the companion groups go with the world)."""
     if shim is None:
         return
     for name, original in shim.originals.items():
