@@ -168,7 +168,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
         logger.info("loading %s (%s) in this process", request.model.path, request.model.dtype)
         engine = Engine(load_model(request.model))
-        logger.info("sampling %d steps", request.steps)
+        logger.info("sampling %d steps", request.sampling_steps)
         latent = engine.generate(request, on_step=report)
     else:
         from .parallel.launch import generate_local

@@ -51,11 +51,24 @@ class SigmaShift:
             raise ValueError(f"sigma shift mode must be 'default' or 'resolution', got {self.mode!r}")
 
 
+def check_custom_sigmas(sigmas: torch.Tensor) -> None:
+    """A SIGMAS input we can sample: one dimension, at least two finite values, none negative."""
+    if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
+        shape = tuple(sigmas.shape) if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__
+        raise ValueError(f"sigmas must be a 1-D schedule of at least 2 values (what BasicScheduler or SplitSigmas "
+                         f"give), got {shape}; connect a SIGMAS output or leave the input empty")
+    if not torch.isfinite(sigmas).all() or (sigmas < 0).any():
+        raise ValueError(f"sigmas must be finite and not negative, got {sigmas.tolist()[:8]}; check the node that "
+                         f"makes them")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """Everything one sampling run needs, as plain data (no ComfyUI objects, no weights).
 
-    ``latent`` is in ComfyUI's LATENT layout (B, C, H, W), all zeros for text-to-image.
+    ``latent`` is in ComfyUI's LATENT layout (B, C, H, W), all zeros for text-to-image. ``sigmas``
+    (ComfyUI's SIGMAS, e.g. from BasicScheduler or SplitSigmas) replaces ``steps``, ``scheduler``,
+    ``denoise`` and ``shift``, as SamplerCustom does.
     """
 
     model: ModelRef
@@ -70,8 +83,11 @@ class GenerationRequest:
     denoise: float = 1.0
     shift: SigmaShift = field(default_factory=SigmaShift)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sigmas: Optional[torch.Tensor] = None  # (steps + 1,) a custom schedule, or None for steps/scheduler
 
     def __post_init__(self) -> None:
+        if self.sigmas is not None:
+            check_custom_sigmas(self.sigmas)
         if self.sampler not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
         if self.scheduler not in SCHEDULER_NAMES:
@@ -82,6 +98,11 @@ class GenerationRequest:
             raise ValueError(f"denoise must be within [0, 1], got {self.denoise}")
         if self.cfg != 1.0 and self.negative is None:
             raise ValueError(f"cfg {self.cfg} needs a negative conditioning; pass one or set cfg to 1.0")
+
+    @property
+    def sampling_steps(self) -> int:
+        """The model steps this request takes: ``steps``, or one per interval of custom ``sigmas``."""
+        return self.steps if self.sigmas is None else len(self.sigmas) - 1
 
     @property
     def uses_cfg(self) -> bool:

@@ -82,7 +82,11 @@ def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPl
     latent = fix_empty_latent_channels(request.latent.float(), adapter.latent_format.channels)
     adapter.check_latent(latent)
     noise = prepare_noise(latent, request.seed)
-    sigmas = sampling_sigmas(model_sampling_for(adapter, request), request.scheduler, request.steps, request.denoise)
+    if request.sigmas is not None:  # SamplerCustom: the schedule as given
+        sigmas = request.sigmas.detach().to("cpu", torch.float32)
+    else:
+        sigmas = sampling_sigmas(model_sampling_for(adapter, request), request.scheduler, request.steps,
+                                 request.denoise)
     if torch.count_nonzero(latent) > 0:  # ComfyUI does not shift the empty latent
         latent = adapter.latent_format.process_in(latent)
     if len(sigmas) > 0:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
+import torch
 from comfy_api.latest import io
 
 from comfyui_xdit.environment import require_environment
@@ -34,13 +36,16 @@ def make_sigma_shift(choice: str, max_shift: float, base_shift: float, width: in
 
 
 def build_request(model: ModelHandle, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
-                  sampler_name: str, scheduler: str, denoise: float, shift: SigmaShift) -> GenerationRequest:
+                  sampler_name: str, scheduler: str, denoise: float, shift: SigmaShift,
+                  sigmas: Optional[torch.Tensor] = None) -> GenerationRequest:
     """ComfyUI's values -> the request the pool runs; raises ValueError naming the fix."""
     latent = to_latent_tensor(latent_image)
+    if sigmas is not None:
+        sigmas = sigmas.detach().to("cpu", torch.float32).contiguous()
     request = GenerationRequest(model=model.model, latent=latent, positive=to_conditioning(positive, "positive"),
                                 negative=to_conditioning(negative, "negative"), seed=int(seed), steps=int(steps),
                                 cfg=float(cfg), sampler=sampler_name, scheduler=scheduler, denoise=float(denoise),
-                                shift=shift, parallel=model.parallel)
+                                shift=shift, parallel=model.parallel, sigmas=sigmas)
     check_inputs(model.spec, latent, request.positive, request.negative if request.uses_cfg else None, NODE_INPUTS)
     model.parallel.validate_for(model.parallel.world_size, model.spec.num_attention_heads, image_tokens(latent),
                                 request.cfg, num_blocks=model.spec.num_layers + model.spec.num_single_layers)
@@ -74,6 +79,9 @@ class XDiTSampler(io.ComfyNode):
                 io.Float.Input("base_shift", default=0.5, min=0.0, max=100.0, step=0.01),
                 io.Int.Input("width", default=1024, min=16, max=16384, step=8),
                 io.Int.Input("height", default=1024, min=16, max=16384, step=8),
+                io.Sigmas.Input("sigmas", optional=True,
+                                tooltip="A custom schedule (BasicScheduler, SplitSigmas, ...): replaces steps, "
+                                        "scheduler, denoise and the sigma shift, as SamplerCustom does."),
             ],
             outputs=[io.Latent.Output()],
         )
@@ -81,12 +89,12 @@ class XDiTSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model: ModelHandle, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
                 sampler_name: str, scheduler: str, denoise: float, sigma_shift: str, max_shift: float,
-                base_shift: float, width: int, height: int) -> io.NodeOutput:
+                base_shift: float, width: int, height: int, sigmas: Optional[torch.Tensor] = None) -> io.NodeOutput:
         require_environment()
         shift = make_sigma_shift(sigma_shift, max_shift, base_shift, width, height)
         request = build_request(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                                denoise, shift)
+                                denoise, shift, sigmas)
         job = registry().get(model.pool).submit(request)
-        progress = ComfyProgress(total=request.steps)
+        progress = ComfyProgress(total=request.sampling_steps)
         samples = drive_job(job, progress)
         return io.NodeOutput(to_latent_output(latent_image, samples))

@@ -229,3 +229,25 @@ def test_bf16_matches_stock_within_its_bound(comfy_host: ComfyHost, parity_run) 
     latent = saved_latent(comfy_host, result.of_type("executed"), "save")
     error = relative_error(latent, reference)
     assert 1e-5 < error < 1e-2, error  # really bf16 (not fp32 again), and close
+
+
+def test_sigmas_input_matches_stock_sampler_custom(comfy_host: ComfyHost) -> None:
+    """BasicScheduler (karras) -> SIGMAS into SamplerCustom and into the xDiT Sampler's sigmas input, which
+    replaces its steps / scheduler (set to other values here)."""
+    prompt = conditioning_nodes()
+    prompt["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL_NAME, "weight_dtype": "default"}}
+    prompt["sched"] = {"class_type": "BasicScheduler", "inputs": {"model": ["unet", 0], "scheduler": "karras",
+                                                                  "steps": STEPS, "denoise": 1.0}}
+    prompt["pick"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    prompt["custom"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["unet", 0], "add_noise": True, "noise_seed": SEED, "cfg": 1.0, "positive": ["pos", 0],
+        "negative": ["neg", 0], "sampler": ["pick", 0], "sigmas": ["sched", 0], "latent_image": ["latent", 0]}}
+    prompt.update(xdit_nodes("x", steps=STEPS + 3))
+    prompt["xsample"]["inputs"].update(scheduler="beta", sigmas=["sched", 0])
+    prompt["save_stock"], prompt["save_xdit"] = save("custom", "custom_stock"), save("xsample", "custom_xdit")
+    with comfy_host.connect() as ws:
+        result = ws.run(prompt, timeout=400)
+    assert result.succeeded, result.describe() + "\n" + comfy_host.log_tail()
+    executed = result.of_type("executed")
+    stock, ours = saved_latent(comfy_host, executed, "save_stock"), saved_latent(comfy_host, executed, "save_xdit")
+    assert relative_error(ours, stock) < 1e-3

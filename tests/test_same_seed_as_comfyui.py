@@ -112,3 +112,35 @@ def test_half_precision_engine_close_to_stock_comfyui(dtype, flux_file):
     error = _relative_error(ours, theirs)
     print(f"{dtype}: relative error {error:.2e}")
     assert 1e-6 < error < bound, f"{dtype}: relative error {error:.2e}"
+
+
+def _comfy_sample_custom(model, request: GenerationRequest):
+    """SamplerCustom: add_noise on, the sampler by name, the schedule as given."""
+    comfy_sample, comfy_samplers = import_comfy("comfy.sample"), import_comfy("comfy.samplers")
+    latent = comfy_sample.fix_empty_latent_channels(model, request.latent)
+    noise = comfy_sample.prepare_noise(latent, request.seed)
+    negative = request.negative or request.positive
+    return comfy_sample.sample_custom(model, noise, request.cfg, comfy_samplers.sampler_object(request.sampler),
+                                      request.sigmas, _comfy_cond(request.positive), _comfy_cond(negative), latent,
+                                      disable_pbar=True, seed=request.seed)
+
+
+@pytest.mark.parametrize("case", ["karras-from-basic-scheduler", "split-first-half", "hand-made-img2img"])
+def test_custom_sigmas_equal_stock_sampler_custom(case, comfy_model, our_engine, flux_file):
+    comfy_samplers = import_comfy("comfy.samplers")
+    latent = torch.zeros(1, 16, 16, 16)
+    if case == "karras-from-basic-scheduler":  # what BasicScheduler gives for this model
+        sigmas = comfy_samplers.calculate_sigmas(comfy_model.get_model_object("model_sampling"), "karras", 5).cpu()
+    elif case == "split-first-half":  # SplitSigmas' first part: the last sigma is not 0
+        sigmas = comfy_samplers.calculate_sigmas(comfy_model.get_model_object("model_sampling"), "simple", 6)[:4].cpu()
+    else:  # a hand-made schedule on a non-empty latent
+        sigmas = torch.tensor([0.8, 0.55, 0.3, 0.1, 0.0])
+        latent = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(8))
+    request = GenerationRequest(model=ModelRef(flux_file, "fp32"), latent=latent, positive=_conditioning(3),
+                                negative=_conditioning(4), seed=77, cfg=2.0, sampler="dpmpp_2m",
+                                steps=20, scheduler="beta", denoise=0.3, sigmas=sigmas)  # the last three are ignored
+    theirs = _comfy_sample_custom(comfy_model, request)
+    ours = our_engine.generate(request)
+    error = _relative_error(ours, theirs)
+    print(f"custom sigmas {case}: relative error {error:.2e}")
+    assert error < 1e-4, f"{case}: relative error {error:.2e}"

@@ -35,7 +35,7 @@ def generate(request: GenerationRequest, args: argparse.Namespace) -> torch.Tens
     settings = settings_from(args)
     logger.info("starting the pool (%s)", "embedded local Ray" if settings.embedded else f"Ray at {settings.address}")
     with XDiTPool(settings) as pool:
-        logger.info("sampling %d steps as %s", request.steps, request.parallel.describe())
+        logger.info("sampling %d steps as %s", request.sampling_steps, request.parallel.describe())
         job = pool.submit(request)
         for event in job.events():
             logger.info("step %d/%d", event.step, event.total)
