@@ -16,7 +16,7 @@ import torch
 SamplerState = Optional[torch.Tensor]
 SamplerStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, SamplerState], "tuple[torch.Tensor, SamplerState]"]
 
-SAMPLER_NAMES = ("euler", "dpmpp_2m")
+SAMPLER_NAMES = ("euler", "dpmpp_2m", "res_multistep", "ddim")
 
 
 def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
@@ -51,7 +51,29 @@ def dpmpp_2m_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor,
     return x_next, denoised
 
 
-_SAMPLERS: dict[str, SamplerStep] = {"euler": euler_step, "dpmpp_2m": dpmpp_2m_step}
+def res_multistep_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+                       state: SamplerState) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``res_multistep`` (KSampler's, i.e. eta 0: no noise reaches x), the second-order
+    multistep RES method of arXiv 2308.02157; ``state`` holds the previous step's denoised prediction."""
+    sigma, sigma_down = sigmas[i], sigmas[i + 1]  # eta 0: sigma_down is the next sigma
+    if sigma_down == 0 or state is None:
+        d = (x - denoised) / sigma
+        return x + d * (sigma_down - sigma), denoised
+    # the previous step's sigma_down is this step's sigma
+    t, t_old, t_next, t_prev = (_t_of_sigma(s) for s in (sigma, sigmas[i], sigma_down, sigmas[i - 1]))
+    h = t_next - t
+    c2 = (t_prev - t_old) / h
+    phi1 = torch.expm1(-h) / -h
+    phi2 = (phi1 - 1.0) / -h
+    b1 = torch.nan_to_num(phi1 - phi2 / c2, nan=0.0)
+    b2 = torch.nan_to_num(phi2 / c2, nan=0.0)
+    return _sigma_of_t(h) * x + h * (b1 * denoised + b2 * state), denoised
+
+
+# ComfyUI's "ddim" is its euler sampler with random inpainting noise, which only differs under a noise
+# mask (refused here), so it is euler.
+_SAMPLERS: dict[str, SamplerStep] = {"euler": euler_step, "dpmpp_2m": dpmpp_2m_step,
+                                     "res_multistep": res_multistep_step, "ddim": euler_step}
 
 
 def sampler_step(name: str) -> SamplerStep:

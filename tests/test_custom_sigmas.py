@@ -47,11 +47,12 @@ def test_unusable_sigmas_are_refused(bad: torch.Tensor, match: str) -> None:
         request(sigmas=bad)
 
 
-def test_parallel_modes_take_custom_sigmas() -> None:
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "res_multistep"])
+def test_parallel_modes_take_custom_sigmas(sampler: str) -> None:
     sigmas = torch.tensor([1.0, 0.7, 0.45, 0.2, 0.0])
-    serial = Engine(load_model(MODEL)).generate(request(sigmas=sigmas))
+    serial = Engine(load_model(MODEL)).generate(request(sigmas=sigmas, sampler=sampler))
     layouts = [ParallelConfig(ulysses_degree=2), ParallelConfig(pipefusion_degree=2, num_patches=2, warmup_steps=4)]
-    results = generate_local_many([dataclasses.replace(request(sigmas=sigmas), parallel=p) for p in layouts],
-                                  timeout=300)
+    results = generate_local_many([dataclasses.replace(request(sigmas=sigmas, sampler=sampler), parallel=p)
+                                   for p in layouts], timeout=300)
     for layout, result in zip(layouts, results):
         torch.testing.assert_close(result.latent, serial, rtol=1e-4, atol=1e-4, msg=layout.describe())

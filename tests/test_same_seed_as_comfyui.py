@@ -74,6 +74,8 @@ CASES = {
     "dpmpp2m-karras": dict(sampler="dpmpp_2m", scheduler="karras"),
     "euler-kl-optimal": dict(sampler="euler", scheduler="kl_optimal"),
     "euler-ddim-uniform": dict(sampler="euler", scheduler="ddim_uniform"),
+    "ddim-sgm-uniform": dict(sampler="ddim", scheduler="sgm_uniform"),
+    "res-multistep-beta-cfg": dict(sampler="res_multistep", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
     "img2img-denoise": dict(sampler="euler", scheduler="simple", denoise=0.6,
                             latent=torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(5))),
 }

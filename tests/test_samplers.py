@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from comfyui_xdit.samplers import dpmpp_2m_step, euler_step, sampler_step
+from comfyui_xdit.samplers import dpmpp_2m_step, euler_step, res_multistep_step, sampler_step
 from comfyui_xdit.sigmas import FluxShift, scheduler_sigmas
 
 from comfy_reference import import_comfy
@@ -23,17 +23,19 @@ def _run_ours(step, x, sigmas):
     return x
 
 
-@pytest.mark.parametrize("name,comfy_fn", [("euler", "sample_euler"), ("dpmpp_2m", "sample_dpmpp_2m")])
-def test_steps_equal_comfyui_samplers_bit_for_bit(name, comfy_fn):
+@pytest.mark.parametrize("name,comfy_fn", [("euler", "sample_euler"), ("dpmpp_2m", "sample_dpmpp_2m"),
+                                           ("res_multistep", "sample_res_multistep")])
+@pytest.mark.parametrize("scheduler", ["simple", "karras"])
+def test_steps_equal_comfyui_samplers_bit_for_bit(name, comfy_fn, scheduler):
     kd = import_comfy("comfy.k_diffusion.sampling")
-    sigmas = scheduler_sigmas(FluxShift(1.15), "simple", 9)
+    sigmas = scheduler_sigmas(FluxShift(1.15), scheduler, 9)
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     theirs = getattr(kd, comfy_fn)(lambda x, s, **kw: _toy_denoiser(x, s), x.clone(), sigmas, disable=True)
     ours = _run_ours(sampler_step(name), x.clone(), sigmas)
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("step", [euler_step, dpmpp_2m_step])
+@pytest.mark.parametrize("step", [euler_step, dpmpp_2m_step, res_multistep_step])
 def test_patchwise_application_equals_whole(step):
     sigmas = scheduler_sigmas(FluxShift(1.15), "normal", 6)
     x = torch.randn(1, 24, 64, generator=torch.Generator().manual_seed(1))  # (B, tokens, 64)
