@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
 
@@ -14,3 +16,22 @@ def prepare_noise(latent: torch.Tensor, seed: int) -> torch.Tensor:
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)
     return torch.randn(latent.size(), dtype=latent.dtype, layout=latent.layout, generator=generator, device="cpu")
+
+
+def prepare_batch_noise(latent: torch.Tensor, seed: int, batch_index: Optional[Sequence[int]]) -> torch.Tensor:
+    """``prepare_noise`` for a latent that carries ``batch_index`` (LatentFromBatch, RepeatLatentBatch): as
+    ComfyUI, one (1, C, H, W) draw per index up to the largest, each image taking the draw of its index."""
+    if batch_index is None:
+        return prepare_noise(latent, seed)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    draws = [torch.randn([1, *latent.shape[1:]], dtype=latent.dtype, layout=latent.layout, generator=generator,
+                         device="cpu") for _ in range(max(batch_index) + 1)]
+    return torch.cat([draws[i] for i in batch_index], dim=0)  # (B, C, H, W)
+
+
+def inpaint_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """The separate noise ComfyUI's ``ddim`` re-noises the kept latent with (its random inpaint option)."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed + 1)
+    return torch.randn(list(shape), generator=generator, device="cpu")

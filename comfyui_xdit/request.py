@@ -84,10 +84,19 @@ class GenerationRequest:
     shift: SigmaShift = field(default_factory=SigmaShift)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sigmas: Optional[torch.Tensor] = None  # (steps + 1,) a custom schedule, or None for steps/scheduler
+    noise_mask: Optional[torch.Tensor] = None  # (..., h, w) the LATENT's noise_mask: 1 = denoise, 0 = keep
+    batch_index: Optional[tuple[int, ...]] = None  # the LATENT's batch_index: which noise draw each image takes
 
     def __post_init__(self) -> None:
         if self.sigmas is not None:
             check_custom_sigmas(self.sigmas)
+        if self.noise_mask is not None and (self.noise_mask.dim() < 2 or self.noise_mask.numel() == 0):
+            raise ValueError(f"noise_mask must be a (..., height, width) mask, got shape {tuple(self.noise_mask.shape)}; "
+                             f"make it with SetLatentNoiseMask")
+        if self.batch_index is not None and (len(self.batch_index) != self.latent.shape[0]
+                                             or any(int(i) < 0 for i in self.batch_index)):
+            raise ValueError(f"batch_index {list(self.batch_index)} must give one index >= 0 per image of the "
+                             f"batch of {self.latent.shape[0]}; it comes from LatentFromBatch / RepeatLatentBatch")
         if self.sampler not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
         if self.scheduler not in SCHEDULER_NAMES:

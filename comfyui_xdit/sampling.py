@@ -15,8 +15,9 @@ from typing import Callable, Optional
 import torch
 
 from .conditioning import Conditioning
+from .inpaint import Inpaint, build_inpaint
 from .models.flux import FluxAdapter
-from .noise import prepare_noise
+from .noise import inpaint_noise, prepare_batch_noise
 from .request import GenerationRequest
 from .samplers import SamplerState, SamplerStep, sampler_step
 from .sigmas import FluxShift, ModelSampling, resolution_shift, sampling_sigmas
@@ -56,6 +57,7 @@ class SamplingPlan:
     positive: Conditioning
     negative: Optional[Conditioning]
     cfg: float
+    inpaint: Optional[Inpaint] = None  # the LATENT's noise mask, applied at every model call
 
     @property
     def total_steps(self) -> int:
@@ -81,7 +83,7 @@ def fix_empty_latent_channels(latent: torch.Tensor, channels: int) -> torch.Tens
 def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPlan:
     latent = fix_empty_latent_channels(request.latent.float(), adapter.latent_format.channels)
     adapter.check_latent(latent)
-    noise = prepare_noise(latent, request.seed)
+    noise = prepare_batch_noise(latent, request.seed, request.batch_index)
     if request.sigmas is not None:  # SamplerCustom: the schedule as given
         sigmas = request.sigmas.detach().to("cpu", torch.float32)
     else:
@@ -89,13 +91,17 @@ def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPl
                                  request.denoise)
     if torch.count_nonzero(latent) > 0:  # ComfyUI does not shift the empty latent
         latent = adapter.latent_format.process_in(latent)
+    inpaint = None
+    if request.noise_mask is not None:  # ddim re-noises the kept latent with its own draw, as ComfyUI's
+        kept_noise = inpaint_noise(latent.shape, request.seed) if request.sampler == "ddim" else noise
+        inpaint = build_inpaint(request.noise_mask, latent, kept_noise, adapter.pack)
     if len(sigmas) > 0:
         sigma0 = sigmas[0]
         latent = sigma0 * noise + (1.0 - sigma0) * latent  # CONST noise scaling
     _, _, h, w = latent.shape
     return SamplingPlan(x=adapter.pack(latent), sigmas=sigmas, image_ids=adapter.image_ids(h, w), height=h,
                         width=w, step=sampler_step(request.sampler), positive=request.positive,
-                        negative=request.negative if request.uses_cfg else None, cfg=request.cfg)
+                        negative=request.negative if request.uses_cfg else None, cfg=request.cfg, inpaint=inpaint)
 
 
 def denoised_from(x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
@@ -142,14 +148,18 @@ def run_loop(adapter: FluxAdapter, plan: SamplingPlan, velocity: VelocityFn, on_
     device accepts). Returns the final tokens (B, N, 64) on that device.
     """
     x, state = plan.x.to(adapter.device), None  # type: torch.Tensor, SamplerState
+    inpaint = plan.inpaint.to(adapter.device) if plan.inpaint is not None else None
     batch = x.shape[0]
     for i in range(plan.total_steps):
         check_stop(should_stop, i)
         sigma = plan.sigmas[i]
         sigma_batch = sigma * x.new_ones(batch)
-        cond = denoised_from(x, sigma, velocity(x, sigma_batch, plan.positive))
-        uncond = denoised_from(x, sigma, velocity(x, sigma_batch, plan.negative)) if plan.negative else None
+        seen = inpaint.model_input(x, sigma) if inpaint is not None else x  # what the model sees
+        cond = denoised_from(seen, sigma, velocity(seen, sigma_batch, plan.positive))
+        uncond = denoised_from(seen, sigma, velocity(seen, sigma_batch, plan.negative)) if plan.negative else None
         denoised = apply_cfg(cond, uncond, plan.cfg)
+        if inpaint is not None:
+            denoised = inpaint.model_output(denoised)
         x, state = plan.step(x, denoised, plan.sigmas, i, state)
         if on_step is not None:
             on_step(StepEvent(i + 1, plan.total_steps, preview_latent(adapter, plan, denoised)))

@@ -39,19 +39,25 @@ def to_conditioning(value: Any, name: str) -> Conditioning:
 
 
 def to_latent_tensor(latent: dict) -> torch.Tensor:
-    """The ``samples`` of a LATENT dict as a CPU float32 (B, C, H, W) tensor, refusing what we cannot honour."""
+    """The ``samples`` of a LATENT dict as a CPU float32 (B, C, H, W) tensor."""
     if not isinstance(latent, dict) or "samples" not in latent:
         raise ValueError("latent_image: expected a LATENT (from EmptySD3LatentImage or VAEEncode)")
-    if latent.get("noise_mask") is not None:
-        raise ValueError("latent_image carries a noise mask (inpainting), which xDiT Sampler does not support yet; "
-                         "remove SetLatentNoiseMask or use the stock KSampler")
-    if latent.get("batch_index") is not None:
-        raise ValueError("latent_image carries batch_index (from LatentFromBatch), which changes ComfyUI's noise; "
-                         "xDiT Sampler does not support it yet, sample the whole batch instead")
     samples = latent["samples"]
     if samples.ndim != 4:
         raise ValueError(f"latent_image must be an image latent (B, C, H, W), got shape {tuple(samples.shape)}")
     return samples.detach().float().cpu()
+
+
+def latent_noise_mask(latent: dict) -> Optional[torch.Tensor]:
+    """The LATENT's ``noise_mask`` (SetLatentNoiseMask, InpaintModelConditioning) on the CPU, or None."""
+    mask = latent.get("noise_mask")
+    return None if mask is None else mask.detach().float().cpu()
+
+
+def latent_batch_index(latent: dict) -> Optional[tuple[int, ...]]:
+    """The LATENT's ``batch_index`` (LatentFromBatch, RepeatLatentBatch), or None."""
+    index = latent.get("batch_index")
+    return None if index is None else tuple(int(i) for i in index)
 
 
 def to_latent_output(latent_in: dict, samples: torch.Tensor) -> dict:

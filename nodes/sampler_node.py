@@ -16,7 +16,8 @@ from comfyui_xdit.samplers import SAMPLER_NAMES
 from comfyui_xdit.sigmas import SCHEDULER_NAMES
 
 from .comfy_types import CATEGORY, XDiTModelType
-from .convert import image_tokens, to_conditioning, to_latent_output, to_latent_tensor
+from .convert import (image_tokens, latent_batch_index, latent_noise_mask, to_conditioning, to_latent_output,
+                      to_latent_tensor)
 from .handles import ModelHandle
 from .pool_access import registry
 from .progress import ComfyProgress, drive_job
@@ -45,7 +46,8 @@ def build_request(model: ModelHandle, positive, negative, latent_image: dict, se
     request = GenerationRequest(model=model.model, latent=latent, positive=to_conditioning(positive, "positive"),
                                 negative=to_conditioning(negative, "negative"), seed=int(seed), steps=int(steps),
                                 cfg=float(cfg), sampler=sampler_name, scheduler=scheduler, denoise=float(denoise),
-                                shift=shift, parallel=model.parallel, sigmas=sigmas)
+                                shift=shift, parallel=model.parallel, sigmas=sigmas,
+                                noise_mask=latent_noise_mask(latent_image), batch_index=latent_batch_index(latent_image))
     check_inputs(model.spec, latent, request.positive, request.negative if request.uses_cfg else None, NODE_INPUTS)
     model.parallel.validate_for(model.parallel.world_size, model.spec.num_attention_heads, image_tokens(latent),
                                 request.cfg, num_blocks=model.spec.num_layers + model.spec.num_single_layers)

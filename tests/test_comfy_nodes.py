@@ -181,15 +181,16 @@ def test_invalid_degrees_rejected_before_running(comfy_host: ComfyHost) -> None:
 
 
 def test_runtime_error_reported_and_server_stays_up(comfy_host: ComfyHost, parity_run) -> None:
-    """An inpainting latent (noise mask) is refused at run time with a message naming the fix."""
+    """Area conditioning (not supported yet) is refused at run time with a message naming the fix."""
     prompt = {**conditioning_nodes(), **xdit_nodes("x"), "save": save("xsample", "bad"),
-              "mask": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": SIZE, "height": SIZE}},
-              "masked": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["latent", 0], "mask": ["mask", 0]}}}
-    prompt["xsample"]["inputs"]["latent_image"] = ["masked", 0]
+              "area": {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["pos", 0], "width": 64,
+                                                                       "height": 64, "x": 0, "y": 0, "strength": 1.0}}}
+    prompt["xsample"]["inputs"]["positive"] = ["area", 0]
     with comfy_host.connect() as ws:
         result = ws.run(prompt, timeout=120)
         (error,) = result.of_type("execution_error")
-        assert error["node_id"] == "xsample" and "noise mask" in error["exception_message"], error
+        message = error["exception_message"]
+        assert error["node_id"] == "xsample" and "area" in message and "stock KSampler" in message, error
         again = ws.run({**conditioning_nodes(), **xdit_nodes("x", steps=1), "save": save("xsample", "after_error")})
     assert again.succeeded, again.describe()
 
@@ -251,3 +252,29 @@ def test_sigmas_input_matches_stock_sampler_custom(comfy_host: ComfyHost) -> Non
     executed = result.of_type("executed")
     stock, ours = saved_latent(comfy_host, executed, "save_stock"), saved_latent(comfy_host, executed, "save_xdit")
     assert relative_error(ours, stock) < 1e-3
+
+
+def test_inpainting_mask_and_batch_index_match_stock_ksampler(comfy_host: ComfyHost) -> None:
+    """A batch of 3 from LatentFromBatch (batch_index 1..3 of 4) with a noise mask keeping the left half:
+    stock KSampler and the xDiT Sampler, same seed."""
+    prompt = conditioning_nodes()
+    prompt["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL_NAME, "weight_dtype": "default"}}
+    prompt["four"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["latent", 0], "amount": 4}}
+    prompt["batch"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["four", 0], "batch_index": 1,
+                                                                   "length": 3}}
+    prompt["zero"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE}}
+    prompt["one"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": SIZE // 2, "height": SIZE}}
+    prompt["mask"] = {"class_type": "MaskComposite", "inputs": {"destination": ["zero", 0], "source": ["one", 0],
+                                                                "x": SIZE // 2, "y": 0, "operation": "add"}}
+    prompt["masked"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["batch", 0], "mask": ["mask", 0]}}
+    stock = {"model": ["unet", 0], **sampler_inputs(cfg=2.0), "latent_image": ["masked", 0]}
+    prompt["ks"] = {"class_type": "KSampler", "inputs": stock}
+    prompt.update(xdit_nodes("x", cfg=2.0))
+    prompt["xsample"]["inputs"]["latent_image"] = ["masked", 0]
+    prompt["save_stock"], prompt["save_xdit"] = save("ks", "mask_stock"), save("xsample", "mask_xdit")
+    with comfy_host.connect() as ws:
+        result = ws.run(prompt, timeout=400)
+    assert result.succeeded, result.describe() + "\n" + comfy_host.log_tail()
+    executed = result.of_type("executed")
+    stock_latent, ours = saved_latent(comfy_host, executed, "save_stock"), saved_latent(comfy_host, executed, "save_xdit")
+    assert ours.shape[0] == 3 and relative_error(ours, stock_latent) < 1e-3

@@ -65,10 +65,9 @@ def test_latent_conversion_keeps_the_input_untouched() -> None:
     out = convert.to_latent_output(latent, torch.ones(1, 16, 16, 16))
     assert latent["samples"].sum() == 0 and out["samples"].sum() > 0 and out["extra"] == 1
     assert convert.image_tokens(latent["samples"]) == 64
-    with pytest.raises(ValueError, match="noise mask"):
-        convert.to_latent_tensor({"samples": torch.zeros(1, 16, 8, 8), "noise_mask": torch.ones(1, 8, 8)})
-    with pytest.raises(ValueError, match="batch_index"):
-        convert.to_latent_tensor({"samples": torch.zeros(1, 16, 8, 8), "batch_index": [0]})
+    masked = {"samples": torch.zeros(2, 16, 8, 8), "noise_mask": torch.ones(1, 1, 64, 64), "batch_index": [3, 1]}
+    assert convert.latent_noise_mask(masked).shape == (1, 1, 64, 64) and convert.latent_batch_index(masked) == (3, 1)
+    assert convert.latent_noise_mask(latent) is None and convert.latent_batch_index(latent) is None
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,7 @@ class ParallelEngine:
         shard = SequenceShard(self.mesh.index(SEQUENCE_AXES), self.mesh.size(SEQUENCE_AXES))
         velocity = SequenceParallelVelocity(self.adapter, shard, self.mesh.group(SEQUENCE_AXES), self.counter)
         x = plan.x.to(self.adapter.device)
+        inpaint = plan.inpaint.to(x.device) if plan.inpaint is not None else None
         image_ids = plan.image_ids
         state = None
         for i in range(plan.total_steps):
@@ -101,14 +102,17 @@ class ParallelEngine:
             self._check_stop(should_stop, i, x.device)
             sigma = plan.sigmas[i]
             sigma_batch = sigma * x.new_ones(x.shape[0])
+            seen = inpaint.model_input(x, sigma) if inpaint is not None else x  # what the model sees
 
             def branch(cond: Conditioning) -> torch.Tensor:
-                return velocity(x, image_ids, cond, sigma_batch)
+                return velocity(seen, image_ids, cond, sigma_batch)
 
             v_cond, v_uncond = branch_velocities(branch, plan.positive, plan.negative, self.mesh.group(("cfg",)),
                                                  self.mesh.coords.cfg, self.counter)
-            uncond = denoised_from(x, sigma, v_uncond) if v_uncond is not None else None
-            denoised = apply_cfg(denoised_from(x, sigma, v_cond), uncond, plan.cfg)
+            uncond = denoised_from(seen, sigma, v_uncond) if v_uncond is not None else None
+            denoised = apply_cfg(denoised_from(seen, sigma, v_cond), uncond, plan.cfg)
+            if inpaint is not None:
+                denoised = inpaint.model_output(denoised)
             x, state = plan.step(x, denoised, plan.sigmas, i, state)
             if on_step is not None:
                 on_step(StepEvent(i + 1, plan.total_steps, preview_latent(self.adapter, plan, denoised)))

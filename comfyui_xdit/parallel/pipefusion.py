@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from ..conditioning import Conditioning
+from ..inpaint import Inpaint
 from ..models.flux import BlockState, FluxAdapter
 from ..parallel_config import ParallelConfig
 from ..samplers import SamplerState, step_patch
@@ -171,6 +172,7 @@ class PipeFusionLoop:
         # one K/V buffer set per branch
         backends = [StaleKVAttention(num_tokens, ulysses, ring, self.counter) for _ in branches]
         x = plan.x.to(adapter.device).clone()  # stage 0: inputs as they come back; last stage: the truth
+        inpaint = plan.inpaint.to(adapter.device) if plan.inpaint is not None else None
         denoised_full = torch.zeros_like(x)
         sampler_state: SamplerState = None
         preview_like = preview_latent(adapter, plan, plan.x).to(adapter.device) if self.sends_preview else None
@@ -194,18 +196,19 @@ class PipeFusionLoop:
                 lo, hi = shard_range(self.shard, start, stop)
                 sigma = plan.sigmas[step]
                 part = x[:, lo:hi]  # (B, n_local, C_latent): this rank's shard of the item
+                seen = inpaint.model_input(part, sigma, lo) if inpaint is not None else part  # what the model sees
                 sigma_batch = sigma * part.new_ones(part.shape[0])
                 denoised = []
                 for backend, cond in zip(backends, branches):
                     adapter.seam.backend = backend.at(start, stop)
-                    state = self._forward(part, plan.image_ids[lo:hi], cond, sigma_batch)
+                    state = self._forward(seen, plan.image_ids[lo:hi], cond, sigma_batch)
                     if links.is_last:
-                        local = denoised_from(part, sigma, adapter.head(state))  # (B, n_local, C)
+                        local = denoised_from(seen, sigma, adapter.head(state))  # (B, n_local, C)
                         # (B, n_local, C) from each ring x ulysses rank -> (B, n, C), the whole item
                         denoised.append(all_gather_cat(local, 1, self.sequence_group, self.counter, "sequence"))
                 if links.is_last:
                     sampler_state = self._step(plan, work, denoised, x, denoised_full, sampler_state, start, stop,
-                                               returned[work])
+                                               returned[work], inpaint)
         except GenerationCancelled:
             if returns is not None:
                 returns.drain(x, step)
@@ -223,11 +226,13 @@ class PipeFusionLoop:
 
     def _step(self, plan: SamplingPlan, work: Work, denoised: list[torch.Tensor], x: torch.Tensor,
               denoised_full: torch.Tensor, sampler_state: SamplerState, start: int, stop: int,
-              back: tuple[int, int]) -> SamplerState:
-        """Last stage: CFG + sampler step on one patch of ``x`` in place; hand tokens ``back`` of it (and at
-        a step's end the preview) to stage 0."""
+              back: tuple[int, int], inpaint: Optional[Inpaint]) -> SamplerState:
+        """Last stage: CFG (+ the noise mask) + sampler step on one patch of ``x`` in place; hand tokens
+        ``back`` of it (and at a step's end the preview) to stage 0."""
         links, total = self.links, plan.total_steps
         guided = self._guided(denoised, plan.cfg)
+        if inpaint is not None:
+            guided = inpaint.model_output(guided, start)
         sampler_state = step_patch(plan.step, x, guided, plan.sigmas, work.step, sampler_state, start, stop)
         denoised_full[:, start:stop] = guided
         step_done = work.is_warmup or work.patch == self.parallel.patches - 1

@@ -35,12 +35,15 @@ def pipefusion_reference(adapter: FluxAdapter, plan: SamplingPlan, num_patches: 
             start, stop = (0, num_tokens) if work.is_warmup else bounds[work.patch]
             sigma = plan.sigmas[work.step]
             part = x[:, start:stop]  # (B, n, 64)
+            seen = plan.inpaint.model_input(part, sigma, start) if plan.inpaint is not None else part
             denoised = []
             for backend, cond in zip(backends, branches):
                 adapter.seam.backend = backend.at(start, stop)
-                velocity = adapter.velocity(part, plan.image_ids[start:stop], cond, sigma * part.new_ones(len(part)))
-                denoised.append(denoised_from(part, sigma, velocity))
+                velocity = adapter.velocity(seen, plan.image_ids[start:stop], cond, sigma * part.new_ones(len(part)))
+                denoised.append(denoised_from(seen, sigma, velocity))
             guided = apply_cfg(denoised[0], denoised[1] if len(denoised) > 1 else None, plan.cfg)
+            if plan.inpaint is not None:
+                guided = plan.inpaint.model_output(guided, start)
             state = step_patch(plan.step, x, guided, plan.sigmas, work.step, state, start, stop)
     finally:
         adapter.seam.backend = saved

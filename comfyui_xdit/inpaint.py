@@ -1,0 +1,57 @@
+"""KSampler's noise mask (SetLatentNoiseMask, InpaintModelConditioning), applied at every model call.
+
+Where the mask is 1 the model denoises; where it is 0 the input latent is kept. As ComfyUI's
+``KSamplerX0Inpaint`` does, each call sees ``x * m + noised_latent(sigma) * (1 - m)`` and its x0
+prediction (after CFG) becomes ``denoised * m + latent * (1 - m)``; the sampler steps the unblended
+``x``. Everything is elementwise in the packed tokens, so a shard or a patch blends its own slice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Inpaint:
+    """The mask, the latent to keep and the noise to re-noise it with, packed like the tokens (B, N, 64)."""
+
+    mask: torch.Tensor
+    latent: torch.Tensor  # after process_latent_in
+    noise: torch.Tensor
+
+    def to(self, device: torch.device) -> "Inpaint":
+        return Inpaint(self.mask.to(device), self.latent.to(device), self.noise.to(device))
+
+    def model_input(self, x: torch.Tensor, sigma: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """What the model sees for tokens ``[start, start + x.shape[1])``: CONST noise scaling of the kept latent."""
+        mask, latent, noise = (t[:, start:start + x.shape[1]] for t in (self.mask, self.latent, self.noise))
+        return x * mask + (sigma * noise + (1.0 - sigma) * latent) * (1.0 - mask)
+
+    def model_output(self, denoised: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The x0 prediction with the kept latent where the mask is 0."""
+        mask, latent = (t[:, start:start + denoised.shape[1]] for t in (self.mask, self.latent))
+        return denoised * mask + latent * (1.0 - mask)
+
+
+def mask_to_latent(noise_mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A mask of any size as ComfyUI's ``reshape_mask`` makes it: bilinear to the latent's (H, W), repeated
+    over channels and over the batch (cycling, then cut) -> ``shape`` (B, C, H, W)."""
+    batch, channels, height, width = shape
+    # (..., h, w) -> (M, 1, h, w) -> (M, 1, H, W)
+    mask = noise_mask.float().reshape(-1, 1, noise_mask.shape[-2], noise_mask.shape[-1])
+    mask = torch.nn.functional.interpolate(mask, size=(height, width), mode="bilinear")
+    mask = mask.repeat(1, channels, 1, 1)[:, :channels]  # (M, C, H, W)
+    if mask.shape[0] < batch:
+        mask = mask.repeat(math.ceil(batch / mask.shape[0]), 1, 1, 1)
+    return mask[:batch]
+
+
+def build_inpaint(noise_mask: torch.Tensor, latent: torch.Tensor, noise: torch.Tensor,
+                  pack: Callable[[torch.Tensor], torch.Tensor]) -> Inpaint:
+    """``latent`` (after process_latent_in) and ``noise`` in (B, C, H, W); ``pack`` makes tokens of them."""
+    mask = mask_to_latent(noise_mask, tuple(latent.shape))
+    return Inpaint(mask=pack(mask), latent=pack(latent), noise=pack(noise))
