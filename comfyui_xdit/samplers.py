@@ -1,9 +1,9 @@
 """Sampler steps as pure, elementwise functions, equal to ComfyUI's k-diffusion samplers.
 
 A step maps ``(x, denoised, sigmas, i, state) -> (x_next, state_next)``. Every operation is
-elementwise in ``x``, and ``state`` has ``x``'s shape, so a step can be applied to the whole latent
-or to one patch of it (a slice of ``x``, ``denoised`` and ``state``) with identical numbers; PipeFusion
-relies on that. The arithmetic follows ComfyUI's ``sample_euler`` / ``sample_dpmpp_2m`` operation by
+elementwise in ``x``, and ``state`` is a tuple of tensors of ``x``'s shape (a multistep method's history),
+so a step can be applied to the whole latent or to one patch of it (a slice of ``x``, ``denoised`` and
+each state tensor) with identical numbers; PipeFusion relies on that. The arithmetic follows ComfyUI's ``sample_euler`` / ``sample_dpmpp_2m`` operation by
 operation on float32 0-dim sigma tensors, so the results match bit for bit.
 """
 
@@ -13,10 +13,10 @@ from typing import Callable, Optional
 
 import torch
 
-SamplerState = Optional[torch.Tensor]
+SamplerState = Optional[tuple[torch.Tensor, ...]]  # history, oldest first, each shaped like x
 SamplerStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, SamplerState], "tuple[torch.Tensor, SamplerState]"]
 
-SAMPLER_NAMES = ("euler", "dpmpp_2m", "res_multistep", "ddim")
+SAMPLER_NAMES = ("euler", "dpmpp_2m", "res_multistep", "ipndm", "ddim")
 
 
 def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
@@ -46,9 +46,9 @@ def dpmpp_2m_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor,
     else:
         h_last = t - _t_of_sigma(sigmas[i - 1])
         r = h_last / h
-        denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * state
+        denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * state[0]
         x_next = (_sigma_of_t(t_next) / _sigma_of_t(t)) * x - (-h).expm1() * denoised_d
-    return x_next, denoised
+    return x_next, (denoised,)
 
 
 def res_multistep_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
@@ -58,7 +58,7 @@ def res_multistep_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Te
     sigma, sigma_down = sigmas[i], sigmas[i + 1]  # eta 0: sigma_down is the next sigma
     if sigma_down == 0 or state is None:
         d = (x - denoised) / sigma
-        return x + d * (sigma_down - sigma), denoised
+        return x + d * (sigma_down - sigma), (denoised,)
     # the previous step's sigma_down is this step's sigma
     t, t_old, t_next, t_prev = (_t_of_sigma(s) for s in (sigma, sigmas[i], sigma_down, sigmas[i - 1]))
     h = t_next - t
@@ -67,13 +67,39 @@ def res_multistep_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Te
     phi2 = (phi1 - 1.0) / -h
     b1 = torch.nan_to_num(phi1 - phi2 / c2, nan=0.0)
     b2 = torch.nan_to_num(phi2 / c2, nan=0.0)
-    return _sigma_of_t(h) * x + h * (b1 * denoised + b2 * state), denoised
+    return _sigma_of_t(h) * x + h * (b1 * denoised + b2 * state[0]), (denoised,)
+
+
+IPNDM_ORDER = 4
+
+
+def ipndm_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+               state: SamplerState) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``ipndm``: Adams-Bashforth of order up to 4 on the derivative; ``state`` holds the last
+    (up to 3) derivatives, oldest first."""
+    t_cur, t_next = sigmas[i], sigmas[i + 1]
+    d_cur = (x - denoised) / t_cur
+    # the history before step i holds min(i, 3) derivatives; under PipeFusion a step's first patch may
+    # already have started the next one (step_patch), which this step's later patches must not read
+    history = (state or ())[:min(i, IPNDM_ORDER - 1)]
+    order = min(IPNDM_ORDER, i + 1)
+    if t_next == 0:  # the final, denoising step
+        x_next = denoised
+    elif order == 1:
+        x_next = x + (t_next - t_cur) * d_cur
+    elif order == 2:
+        x_next = x + (t_next - t_cur) * (3 * d_cur - history[-1]) / 2
+    elif order == 3:
+        x_next = x + (t_next - t_cur) * (23 * d_cur - 16 * history[-1] + 5 * history[-2]) / 12
+    else:
+        x_next = x + (t_next - t_cur) * (55 * d_cur - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+    return x_next, (*history, d_cur)[-(IPNDM_ORDER - 1):]
 
 
 # ComfyUI's "ddim" is its euler sampler with random inpainting noise, which only differs under a noise
 # mask (refused here), so it is euler.
 _SAMPLERS: dict[str, SamplerStep] = {"euler": euler_step, "dpmpp_2m": dpmpp_2m_step,
-                                     "res_multistep": res_multistep_step, "ddim": euler_step}
+                                     "res_multistep": res_multistep_step, "ipndm": ipndm_step, "ddim": euler_step}
 
 
 def sampler_step(name: str) -> SamplerStep:
@@ -86,13 +112,14 @@ def sampler_step(name: str) -> SamplerStep:
 def step_patch(step: SamplerStep, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
                state: SamplerState, start: int, stop: int) -> SamplerState:
     """Apply ``step`` to tokens ``[start, stop)`` of ``x`` (B, N, C) in place; ``denoised`` covers just
-    those tokens. Returns the whole-latent state with that slice updated (created by a whole-latent step)."""
-    part_state = None if state is None else state[:, start:stop]
+    those tokens. Returns the whole-latent state with that slice updated. A step that lengthens the
+    history starts the new tensor here; the other patches of the same step fill the rest of it."""
+    part_state = None if state is None else tuple(t[:, start:stop] for t in state)
     x[:, start:stop], new_state = step(x[:, start:stop], denoised, sigmas, i, part_state)
     if new_state is None:
         return state
-    if state is None:
-        assert (start, stop) == (0, x.shape[1]), "a sampler's state must be created by a whole-latent step"
-        state = torch.empty_like(new_state)
-    state[:, start:stop] = new_state
-    return state
+    whole = list(state or ())
+    whole += [torch.empty_like(x) for _ in range(len(new_state) - len(whole))]
+    for tensor, part in zip(whole, new_state):  # oldest first: a shifted history reads what it overwrites next
+        tensor[:, start:stop] = part
+    return tuple(whole[:len(new_state)])

@@ -59,9 +59,10 @@ def test_every_parallel_mode_equals_serial_with_a_mask(sampler: str) -> None:
         torch.testing.assert_close(result.latent, serial, rtol=1e-4, atol=1e-4, msg=layout.describe())
 
 
-def test_pipefusion_after_warmup_equals_its_reference_with_a_mask() -> None:
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ipndm"])
+def test_pipefusion_after_warmup_equals_its_reference_with_a_mask(sampler: str) -> None:
     layout = ParallelConfig(pipefusion_degree=2, num_patches=4, warmup_steps=1)
-    request = dataclasses.replace(masked_request(), parallel=layout)
+    request = dataclasses.replace(masked_request(sampler), parallel=layout)
     adapter = load_model(MODEL)
     plan = prepare_plan(adapter, request)
     reference = finish(adapter, plan, pipefusion_reference(adapter, plan, num_patches=4, warmup_steps=1))

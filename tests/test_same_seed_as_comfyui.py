@@ -75,6 +75,7 @@ CASES = {
     "euler-kl-optimal": dict(sampler="euler", scheduler="kl_optimal"),
     "euler-ddim-uniform": dict(sampler="euler", scheduler="ddim_uniform"),
     "ddim-sgm-uniform": dict(sampler="ddim", scheduler="sgm_uniform"),
+    "ipndm-simple-6-steps": dict(sampler="ipndm", scheduler="simple", steps=6),
     "res-multistep-beta-cfg": dict(sampler="res_multistep", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
     "img2img-denoise": dict(sampler="euler", scheduler="simple", denoise=0.6,
                             latent=torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(5))),
@@ -85,8 +86,9 @@ CASES = {
 def test_serial_engine_equals_stock_comfyui(case, comfy_model, our_engine, flux_file):
     options = dict(CASES[case])
     latent = options.pop("latent", torch.zeros(1, 16, 16, 16))  # 128x128 px
+    options.setdefault("steps", 4)
     request = GenerationRequest(model=ModelRef(flux_file, "fp32"), latent=latent, positive=_conditioning(1),
-                                seed=1234, steps=4, **options)
+                                seed=1234, **options)
     theirs = _comfy_sample(comfy_model, request)
     ours = our_engine.generate(request)
     assert ours.shape == theirs.shape

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from comfyui_xdit.samplers import dpmpp_2m_step, euler_step, res_multistep_step, sampler_step
+from comfyui_xdit.samplers import dpmpp_2m_step, euler_step, ipndm_step, res_multistep_step, sampler_step, step_patch
 from comfyui_xdit.sigmas import FluxShift, scheduler_sigmas
 
 from comfy_reference import import_comfy
@@ -24,7 +24,7 @@ def _run_ours(step, x, sigmas):
 
 
 @pytest.mark.parametrize("name,comfy_fn", [("euler", "sample_euler"), ("dpmpp_2m", "sample_dpmpp_2m"),
-                                           ("res_multistep", "sample_res_multistep")])
+                                           ("res_multistep", "sample_res_multistep"), ("ipndm", "sample_ipndm")])
 @pytest.mark.parametrize("scheduler", ["simple", "karras"])
 def test_steps_equal_comfyui_samplers_bit_for_bit(name, comfy_fn, scheduler):
     kd = import_comfy("comfy.k_diffusion.sampling")
@@ -35,7 +35,7 @@ def test_steps_equal_comfyui_samplers_bit_for_bit(name, comfy_fn, scheduler):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("step", [euler_step, dpmpp_2m_step, res_multistep_step])
+@pytest.mark.parametrize("step", [euler_step, dpmpp_2m_step, res_multistep_step, ipndm_step])
 def test_patchwise_application_equals_whole(step):
     sigmas = scheduler_sigmas(FluxShift(1.15), "normal", 6)
     x = torch.randn(1, 24, 64, generator=torch.Generator().manual_seed(1))  # (B, tokens, 64)
@@ -68,9 +68,25 @@ def test_dpmpp_2m_second_order_uses_history():
     # first order: x * sigma1/sigma0 - expm1(-h) * 0 = x * 0.5/0.9
     torch.testing.assert_close(first, x * 0.5 / 0.9)
     assert state is not None
-    second, _ = dpmpp_2m_step(first, torch.zeros(1, 2), sigmas, 1, torch.ones(1, 2))
+    second, _ = dpmpp_2m_step(first, torch.zeros(1, 2), sigmas, 1, (torch.ones(1, 2),))
     second_no_history, _ = dpmpp_2m_step(first, torch.zeros(1, 2), sigmas, 1, None)
     assert not torch.equal(second, second_no_history)
+
+
+@pytest.mark.parametrize("step", [dpmpp_2m_step, res_multistep_step, ipndm_step])
+def test_step_patch_after_a_whole_first_step_equals_whole(step):
+    """PipeFusion's order: step 0 on the whole latent (warm-up), then every step patch by patch through
+    ``step_patch``, which keeps one whole-latent history (ipndm's grows while patches run)."""
+    sigmas = scheduler_sigmas(FluxShift(1.15), "simple", 7)
+    x = torch.randn(1, 24, 16, generator=torch.Generator().manual_seed(4))  # (B, tokens, C)
+    whole = _run_ours(step, x.clone(), sigmas)
+    x, state = x.clone(), None
+    for i in range(len(sigmas) - 1):
+        bounds = [(0, 24)] if i == 0 else [(0, 8), (8, 16), (16, 24)]
+        for start, stop in bounds:
+            denoised = _toy_denoiser(x[:, start:stop], sigmas[i] * torch.ones(1))
+            state = step_patch(step, x, denoised, sigmas, i, state, start, stop)
+    assert torch.equal(x, whole)
 
 
 def test_unknown_sampler_names_choices():
