@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -35,3 +35,25 @@ def inpaint_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed + 1)
     return torch.randn(list(shape), generator=generator, device="cpu")
+
+
+class AncestralNoise:
+    """ComfyUI's ``default_noise_sampler`` for one run: a generator on the model's device seeded with the
+    job's seed, one draw shaped like the whole LATENT (B, C, H, W) for each step that asks, packed like
+    the tokens. Patches of one step (PipeFusion) share that step's draw; steps must ask in order."""
+
+    def __init__(self, seed: int, latent_shape: Sequence[int], pack: Callable[[torch.Tensor], torch.Tensor],
+                 device: torch.device) -> None:
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.shape, self.pack, self.device = list(latent_shape), pack, device
+        self._step: Optional[int] = None
+        self._noise: Optional[torch.Tensor] = None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        if self._step != step:
+            if self._step is not None and step < self._step:
+                raise RuntimeError(f"noise for step {step} asked after step {self._step}; steps must ask in order")
+            drawn = torch.randn(self.shape, dtype=torch.float32, device=self.device, generator=self.generator)
+            self._step, self._noise = step, self.pack(drawn)  # (B, C, H, W) -> (B, N, C * 4)
+        return self._noise

@@ -14,18 +14,38 @@ from typing import Callable, Optional
 import torch
 
 SamplerState = Optional[tuple[torch.Tensor, ...]]  # history, oldest first, each shaped like x
-SamplerStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, SamplerState], "tuple[torch.Tensor, SamplerState]"]
+StepNoise = Optional[Callable[[], torch.Tensor]]  # this step's noise for the tokens at hand (ancestral samplers)
+SamplerStep = Callable[..., "tuple[torch.Tensor, SamplerState]"]  # (x, denoised, sigmas, i, state, noise=None)
 
-SAMPLER_NAMES = ("euler", "dpmpp_2m", "res_multistep", "ipndm", "ddim")
+SAMPLER_NAMES = ("euler", "euler_ancestral", "dpmpp_2m", "res_multistep", "ipndm", "ddim")
+NOISE_SAMPLERS = frozenset({"euler_ancestral"})  # draw fresh noise during sampling (ComfyUI's noise sampler)
 
 
 def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
-               state: SamplerState) -> tuple[torch.Tensor, SamplerState]:
+               state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
     """Euler on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     sigma_hat = sigmas[i]
     d = (x - denoised) / sigma_hat
     dt = sigmas[i + 1] - sigma_hat
     return x + d * dt, None
+
+
+def euler_ancestral_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+                         state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``euler_ancestral`` for flow models (its ``sample_euler_ancestral_RF``, eta 1): step down
+    to ``sigma_down``, then re-noise to the next sigma with this step's noise."""
+    eta = 1.0
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    if sigma_next == 0:
+        return denoised, None
+    downstep_ratio = 1 + (sigma_next / sigma - 1) * eta
+    sigma_down = sigma_next * downstep_ratio
+    alpha_ip1 = 1 - sigma_next
+    alpha_down = 1 - sigma_down
+    renoise_coeff = (sigma_next ** 2 - sigma_down ** 2 * alpha_ip1 ** 2 / alpha_down ** 2) ** 0.5
+    sigma_down_i_ratio = sigma_down / sigma
+    x = sigma_down_i_ratio * x + (1 - sigma_down_i_ratio) * denoised
+    return (alpha_ip1 / alpha_down) * x + noise() * 1.0 * renoise_coeff, None
 
 
 def _t_of_sigma(sigma: torch.Tensor) -> torch.Tensor:
@@ -37,7 +57,7 @@ def _sigma_of_t(t: torch.Tensor) -> torch.Tensor:
 
 
 def dpmpp_2m_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
-                  state: SamplerState) -> tuple[torch.Tensor, SamplerState]:
+                  state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
     """DPM-Solver++(2M); ``state`` holds the previous step's denoised prediction."""
     t, t_next = _t_of_sigma(sigmas[i]), _t_of_sigma(sigmas[i + 1])
     h = t_next - t
@@ -52,7 +72,7 @@ def dpmpp_2m_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor,
 
 
 def res_multistep_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
-                       state: SamplerState) -> tuple[torch.Tensor, SamplerState]:
+                       state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
     """ComfyUI's ``res_multistep`` (KSampler's, i.e. eta 0: no noise reaches x), the second-order
     multistep RES method of arXiv 2308.02157; ``state`` holds the previous step's denoised prediction."""
     sigma, sigma_down = sigmas[i], sigmas[i + 1]  # eta 0: sigma_down is the next sigma
@@ -74,7 +94,7 @@ IPNDM_ORDER = 4
 
 
 def ipndm_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
-               state: SamplerState) -> tuple[torch.Tensor, SamplerState]:
+               state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
     """ComfyUI's ``ipndm``: Adams-Bashforth of order up to 4 on the derivative; ``state`` holds the last
     (up to 3) derivatives, oldest first."""
     t_cur, t_next = sigmas[i], sigmas[i + 1]
@@ -98,7 +118,8 @@ def ipndm_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i:
 
 # ComfyUI's "ddim" is its euler sampler with random inpainting noise, which only differs under a noise
 # mask (refused here), so it is euler.
-_SAMPLERS: dict[str, SamplerStep] = {"euler": euler_step, "dpmpp_2m": dpmpp_2m_step,
+_SAMPLERS: dict[str, SamplerStep] = {"euler": euler_step, "euler_ancestral": euler_ancestral_step,
+                                     "dpmpp_2m": dpmpp_2m_step,
                                      "res_multistep": res_multistep_step, "ipndm": ipndm_step, "ddim": euler_step}
 
 
@@ -110,12 +131,15 @@ def sampler_step(name: str) -> SamplerStep:
 
 
 def step_patch(step: SamplerStep, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
-               state: SamplerState, start: int, stop: int) -> SamplerState:
+               state: SamplerState, start: int, stop: int,
+               noise: Optional[Callable[[int], torch.Tensor]] = None) -> SamplerState:
     """Apply ``step`` to tokens ``[start, stop)`` of ``x`` (B, N, C) in place; ``denoised`` covers just
     those tokens. Returns the whole-latent state with that slice updated. A step that lengthens the
-    history starts the new tensor here; the other patches of the same step fill the rest of it."""
+    history starts the new tensor here; the other patches of the same step fill the rest of it.
+    ``noise(i)`` is step ``i``'s whole-latent noise (an ``AncestralNoise``); the patch takes its slice."""
     part_state = None if state is None else tuple(t[:, start:stop] for t in state)
-    x[:, start:stop], new_state = step(x[:, start:stop], denoised, sigmas, i, part_state)
+    part_noise = None if noise is None else (lambda: noise(i)[:, start:stop])
+    x[:, start:stop], new_state = step(x[:, start:stop], denoised, sigmas, i, part_state, part_noise)
     if new_state is None:
         return state
     whole = list(state or ())

@@ -17,9 +17,9 @@ import torch
 from .conditioning import Conditioning
 from .inpaint import Inpaint, build_inpaint
 from .models.flux import FluxAdapter
-from .noise import inpaint_noise, prepare_batch_noise
+from .noise import AncestralNoise, inpaint_noise, prepare_batch_noise
 from .request import GenerationRequest
-from .samplers import SamplerState, SamplerStep, sampler_step
+from .samplers import NOISE_SAMPLERS, SamplerStep, sampler_step
 from .sigmas import FluxShift, ModelSampling, resolution_shift, sampling_sigmas
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,15 @@ class SamplingPlan:
     negative: Optional[Conditioning]
     cfg: float
     inpaint: Optional[Inpaint] = None  # the LATENT's noise mask, applied at every model call
+    noise_seed: Optional[int] = None  # ancestral samplers: the seed of ComfyUI's noise sampler
+    latent_shape: tuple[int, ...] = ()  # (B, C, H, W): the shape that noise sampler draws
+
+    def step_noise(self, device: torch.device) -> Optional[AncestralNoise]:
+        """The noise an ancestral sampler draws during sampling, on ``device`` as ComfyUI draws it; None
+        for samplers that draw none."""
+        if self.noise_seed is None:
+            return None
+        return AncestralNoise(self.noise_seed, self.latent_shape, FluxAdapter.pack, device)
 
     @property
     def total_steps(self) -> int:
@@ -101,7 +110,9 @@ def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPl
     _, _, h, w = latent.shape
     return SamplingPlan(x=adapter.pack(latent), sigmas=sigmas, image_ids=adapter.image_ids(h, w), height=h,
                         width=w, step=sampler_step(request.sampler), positive=request.positive,
-                        negative=request.negative if request.uses_cfg else None, cfg=request.cfg, inpaint=inpaint)
+                        negative=request.negative if request.uses_cfg else None, cfg=request.cfg, inpaint=inpaint,
+                        noise_seed=request.seed if request.sampler in NOISE_SAMPLERS else None,
+                        latent_shape=tuple(latent.shape))
 
 
 def denoised_from(x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
@@ -147,8 +158,9 @@ def run_loop(adapter: FluxAdapter, plan: SamplingPlan, velocity: VelocityFn, on_
     and gathers. The tokens live on the model's device (sigmas stay 0-dim CPU scalars, which every
     device accepts). Returns the final tokens (B, N, 64) on that device.
     """
-    x, state = plan.x.to(adapter.device), None  # type: torch.Tensor, SamplerState
+    x, state = plan.x.to(adapter.device), None
     inpaint = plan.inpaint.to(adapter.device) if plan.inpaint is not None else None
+    step_noise = plan.step_noise(x.device)
     batch = x.shape[0]
     for i in range(plan.total_steps):
         check_stop(should_stop, i)
@@ -160,7 +172,7 @@ def run_loop(adapter: FluxAdapter, plan: SamplingPlan, velocity: VelocityFn, on_
         denoised = apply_cfg(cond, uncond, plan.cfg)
         if inpaint is not None:
             denoised = inpaint.model_output(denoised)
-        x, state = plan.step(x, denoised, plan.sigmas, i, state)
+        x, state = plan.step(x, denoised, plan.sigmas, i, state, None if step_noise is None else (lambda: step_noise(i)))
         if on_step is not None:
             on_step(StepEvent(i + 1, plan.total_steps, preview_latent(adapter, plan, denoised)))
     return x

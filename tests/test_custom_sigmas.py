@@ -47,7 +47,7 @@ def test_unusable_sigmas_are_refused(bad: torch.Tensor, match: str) -> None:
         request(sigmas=bad)
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "res_multistep"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "res_multistep", "euler_ancestral"])
 def test_parallel_modes_take_custom_sigmas(sampler: str) -> None:
     sigmas = torch.tensor([1.0, 0.7, 0.45, 0.2, 0.0])
     serial = Engine(load_model(MODEL)).generate(request(sigmas=sigmas, sampler=sampler))

@@ -75,6 +75,7 @@ CASES = {
     "euler-kl-optimal": dict(sampler="euler", scheduler="kl_optimal"),
     "euler-ddim-uniform": dict(sampler="euler", scheduler="ddim_uniform"),
     "ddim-sgm-uniform": dict(sampler="ddim", scheduler="sgm_uniform"),
+    "euler-ancestral-beta-cfg": dict(sampler="euler_ancestral", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
     "ipndm-simple-6-steps": dict(sampler="ipndm", scheduler="simple", steps=6),
     "res-multistep-beta-cfg": dict(sampler="res_multistep", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
     "img2img-denoise": dict(sampler="euler", scheduler="simple", denoise=0.6,
@@ -162,6 +163,7 @@ INPAINT_CASES = {
     "euler-mask": dict(sampler="euler"),
     "dpmpp2m-mask-cfg-batch3": dict(sampler="dpmpp_2m", cfg=2.5, negative=_conditioning(2), batch=3),
     "ddim-mask-own-noise": dict(sampler="ddim"),
+    "euler-ancestral-mask-batch2": dict(sampler="euler_ancestral", batch=2),
     "batch-index-no-mask": dict(sampler="euler", batch=2, batch_index=(2, 0), mask=False),
     "img2img-mask-denoise": dict(sampler="euler", denoise=0.7, image=True),
 }

@@ -89,6 +89,23 @@ def test_step_patch_after_a_whole_first_step_equals_whole(step):
     assert torch.equal(x, whole)
 
 
+def test_euler_ancestral_equals_comfyui_with_its_noise_sampler():
+    """Our step fed ComfyUI's noise stream (same seed, drawn in the latent's shape) equals ComfyUI's
+    sample_euler_ancestral_RF bit for bit."""
+    kd = import_comfy("comfy.k_diffusion.sampling")
+    sigmas = scheduler_sigmas(FluxShift(1.15), "simple", 6)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    theirs = kd.sample_euler_ancestral_RF(lambda x, s, **kw: _toy_denoiser(x, s), x.clone(), sigmas,
+                                          extra_args={"seed": 5}, disable=True)
+    generator = torch.Generator().manual_seed(5)
+    ours, state = x.clone(), None
+    for i in range(len(sigmas) - 1):
+        denoised = _toy_denoiser(ours, sigmas[i] * ours.new_ones(ours.shape[0]))
+        ours, state = sampler_step("euler_ancestral")(ours, denoised, sigmas, i, state,
+                                                      lambda: torch.randn(ours.shape, generator=generator))
+    assert torch.equal(ours, theirs)
+
+
 def test_unknown_sampler_names_choices():
-    with pytest.raises(ValueError, match="euler, dpmpp_2m"):
+    with pytest.raises(ValueError, match="euler, euler_ancestral, dpmpp_2m"):
         sampler_step("heun")

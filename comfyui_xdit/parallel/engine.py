@@ -94,6 +94,7 @@ class ParallelEngine:
         velocity = SequenceParallelVelocity(self.adapter, shard, self.mesh.group(SEQUENCE_AXES), self.counter)
         x = plan.x.to(self.adapter.device)
         inpaint = plan.inpaint.to(x.device) if plan.inpaint is not None else None
+        step_noise = plan.step_noise(x.device)  # every rank steps the whole latent: each draws the same
         image_ids = plan.image_ids
         state = None
         for i in range(plan.total_steps):
@@ -113,7 +114,7 @@ class ParallelEngine:
             denoised = apply_cfg(denoised_from(seen, sigma, v_cond), uncond, plan.cfg)
             if inpaint is not None:
                 denoised = inpaint.model_output(denoised)
-            x, state = plan.step(x, denoised, plan.sigmas, i, state)
+            x, state = plan.step(x, denoised, plan.sigmas, i, state, None if step_noise is None else (lambda: step_noise(i)))
             if on_step is not None:
                 on_step(StepEvent(i + 1, plan.total_steps, preview_latent(self.adapter, plan, denoised)))
         return x

@@ -32,6 +32,7 @@ import torch
 
 from ..conditioning import Conditioning
 from ..inpaint import Inpaint
+from ..noise import AncestralNoise
 from ..models.flux import BlockState, FluxAdapter
 from ..parallel_config import ParallelConfig
 from ..samplers import SamplerState, step_patch
@@ -173,6 +174,7 @@ class PipeFusionLoop:
         backends = [StaleKVAttention(num_tokens, ulysses, ring, self.counter) for _ in branches]
         x = plan.x.to(adapter.device).clone()  # stage 0: inputs as they come back; last stage: the truth
         inpaint = plan.inpaint.to(adapter.device) if plan.inpaint is not None else None
+        step_noise = plan.step_noise(adapter.device) if links.is_last else None  # the last stage steps
         denoised_full = torch.zeros_like(x)
         sampler_state: SamplerState = None
         preview_like = preview_latent(adapter, plan, plan.x).to(adapter.device) if self.sends_preview else None
@@ -208,7 +210,7 @@ class PipeFusionLoop:
                         denoised.append(all_gather_cat(local, 1, self.sequence_group, self.counter, "sequence"))
                 if links.is_last:
                     sampler_state = self._step(plan, work, denoised, x, denoised_full, sampler_state, start, stop,
-                                               returned[work], inpaint)
+                                               returned[work], inpaint, step_noise)
         except GenerationCancelled:
             if returns is not None:
                 returns.drain(x, step)
@@ -226,14 +228,16 @@ class PipeFusionLoop:
 
     def _step(self, plan: SamplingPlan, work: Work, denoised: list[torch.Tensor], x: torch.Tensor,
               denoised_full: torch.Tensor, sampler_state: SamplerState, start: int, stop: int,
-              back: tuple[int, int], inpaint: Optional[Inpaint]) -> SamplerState:
+              back: tuple[int, int], inpaint: Optional[Inpaint],
+              step_noise: Optional[AncestralNoise]) -> SamplerState:
         """Last stage: CFG (+ the noise mask) + sampler step on one patch of ``x`` in place; hand tokens
         ``back`` of it (and at a step's end the preview) to stage 0."""
         links, total = self.links, plan.total_steps
         guided = self._guided(denoised, plan.cfg)
         if inpaint is not None:
             guided = inpaint.model_output(guided, start)
-        sampler_state = step_patch(plan.step, x, guided, plan.sigmas, work.step, sampler_state, start, stop)
+        sampler_state = step_patch(plan.step, x, guided, plan.sigmas, work.step, sampler_state, start, stop,
+                                   step_noise)
         denoised_full[:, start:stop] = guided
         step_done = work.is_warmup or work.patch == self.parallel.patches - 1
         if work.step < total - 1:

@@ -29,6 +29,7 @@ def pipefusion_reference(adapter: FluxAdapter, plan: SamplingPlan, num_patches: 
     branches = [plan.positive] + ([plan.negative] if plan.negative is not None else [])
     backends = [StaleKVAttention(num_tokens) for _ in branches]  # one set of K/V buffers per CFG branch
     x, state = plan.x.clone(), None  # tokens (B, N, 64) and the sampler state
+    step_noise = plan.step_noise(x.device)
     saved = adapter.seam.backend
     try:
         for work in stage_work(plan.total_steps, warmup_steps, num_patches):
@@ -44,7 +45,7 @@ def pipefusion_reference(adapter: FluxAdapter, plan: SamplingPlan, num_patches: 
             guided = apply_cfg(denoised[0], denoised[1] if len(denoised) > 1 else None, plan.cfg)
             if plan.inpaint is not None:
                 guided = plan.inpaint.model_output(guided, start)
-            state = step_patch(plan.step, x, guided, plan.sigmas, work.step, state, start, stop)
+            state = step_patch(plan.step, x, guided, plan.sigmas, work.step, state, start, stop, step_noise)
     finally:
         adapter.seam.backend = saved
     return x
