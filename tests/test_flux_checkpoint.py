@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from comfyui_xdit.model_loader import load_model
 from comfyui_xdit.models.flux import FluxAdapter
 from comfyui_xdit.models.flux_checkpoint import (TINY_FLUX, infer_flux_spec, random_bfl_state, read_checkpoint,
-                                                 write_random_flux)
+                                                 read_spec, write_random_flux)
 from comfyui_xdit.request import ModelRef
 
 
@@ -85,3 +85,21 @@ def test_unknown_tiny_name_and_bad_dtype():
         load_model(ModelRef("tiny:sd3"))
     with pytest.raises(ValueError, match="fp32, bf16, fp16"):
         ModelRef("tiny:flux", dtype="fp8")
+
+
+def test_gguf_is_refused_naming_the_safetensors_release(tmp_path):
+    path = tmp_path / "flux1-dev-Q4_K_S.gguf"
+    path.write_bytes(b"GGUF" + bytes(64))
+    for read in (read_checkpoint, read_spec):
+        with pytest.raises(ValueError, match="GGUF file.*use the .safetensors release"):
+            read(path)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_files_load_upcast_exactly(tmp_path, fp8):
+    """flux1-dev-fp8-style files: the fp8 values, exactly, in the compute dtype."""
+    path = tmp_path / "tiny-fp8.safetensors"
+    write_random_flux(path, TINY_FLUX, seed=2, dtype=fp8)
+    stored = read_checkpoint(path)["img_in.weight"]
+    adapter = FluxAdapter.from_file(path, torch.float32)
+    assert stored.dtype == fp8 and torch.equal(adapter.transformer.x_embedder.weight, stored.float())

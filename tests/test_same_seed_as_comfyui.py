@@ -190,3 +190,19 @@ def test_noise_mask_and_batch_index_equal_stock_comfyui(case, comfy_model, our_e
     error = _relative_error(ours, theirs)
     print(f"{case}: relative error {error:.2e}")
     assert error < 1e-4, f"{case}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("fp8", ["float8_e4m3fn", "float8_e5m2"])
+def test_fp8_file_gives_stock_comfyuis_latent(fp8, tmp_path):
+    """A Flux file stored in fp8 (like flux1-dev-fp8), loaded as UNETLoader's weight_dtype default does on
+    this CPU host (fp8 weights computed in fp32), and by our engine in fp32 (the nodes' default on CPU)."""
+    path = tmp_path / f"flux-min-{fp8}.safetensors"
+    write_random_flux(path, COMFY_MIN_FLUX, seed=12, dtype=getattr(torch, fp8))
+    comfy_model = import_comfy("comfy.sd").load_diffusion_model(str(path))
+    request = GenerationRequest(model=ModelRef(str(path), "fp32"), latent=torch.zeros(1, 16, 16, 16),
+                                positive=_conditioning(1), seed=1234, steps=3)
+    theirs = _comfy_sample(comfy_model, request)
+    ours = Engine(load_model(request.model)).generate(request)
+    error = _relative_error(ours, theirs)
+    print(f"{fp8}: relative error {error:.2e}")
+    assert error < 1e-4, f"{fp8}: relative error {error:.2e}"

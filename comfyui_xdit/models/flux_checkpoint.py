@@ -70,10 +70,19 @@ COMFY_MIN_FLUX = FluxSpec(num_layers=1, num_single_layers=1, attention_head_dim=
 NAMED_SPECS: Mapping[str, FluxSpec] = {"flux": TINY_FLUX, "flux-comfy-min": COMFY_MIN_FLUX}
 
 
+def check_format(path: str) -> None:
+    """Refuse what we cannot load, naming what to use instead (ValueError)."""
+    if path.lower().endswith(".gguf"):
+        raise ValueError(f"{path!r} is a GGUF file: its quantized blocks need ComfyUI-GGUF's dequantizing loader, "
+                         f"which the xDiT ranks do not have; use the .safetensors release of the model (bf16, fp16 "
+                         f"or fp8, e.g. flux1-dev-fp8.safetensors)")
+
+
 def read_checkpoint(path: str | os.PathLike, keep: Optional[Callable[[str], bool]] = None) -> dict[str, torch.Tensor]:
     """Load a safetensors file, with ComfyUI's ``model.diffusion_model.`` prefix stripped; with ``keep``
     only the tensors whose (stripped) name it accepts are read (one PipeFusion stage's blocks)."""
     path = os.fspath(path)
+    check_format(path)
     if not os.path.isfile(path):
         raise ValueError(f"model file not found: {path!r}")
     try:
@@ -101,6 +110,7 @@ def read_spec(path: str | os.PathLike) -> FluxSpec:
     """The architecture of a Flux file from its header alone (no weights read), e.g. to check a parallel
     config before any rank starts."""
     path = os.fspath(path)
+    check_format(path)
     if not os.path.isfile(path):
         raise ValueError(f"model file not found: {path!r}")
     try:
