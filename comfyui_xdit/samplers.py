@@ -17,8 +17,8 @@ SamplerState = Optional[tuple[torch.Tensor, ...]]  # history, oldest first, each
 StepNoise = Optional[Callable[[], torch.Tensor]]  # this step's noise for the tokens at hand (ancestral samplers)
 SamplerStep = Callable[..., "tuple[torch.Tensor, SamplerState]"]  # (x, denoised, sigmas, i, state, noise=None)
 
-SAMPLER_NAMES = ("euler", "euler_ancestral", "dpmpp_2m", "res_multistep", "ipndm", "ddim")
-NOISE_SAMPLERS = frozenset({"euler_ancestral"})  # draw fresh noise during sampling (ComfyUI's noise sampler)
+SAMPLER_NAMES = ("euler", "euler_ancestral", "dpmpp_2m", "lcm", "ipndm", "ipndm_v", "res_multistep", "ddim")
+NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm"})  # draw fresh noise during sampling (ComfyUI's noise sampler)
 
 
 def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
@@ -46,6 +46,15 @@ def euler_ancestral_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.
     sigma_down_i_ratio = sigma_down / sigma
     x = sigma_down_i_ratio * x + (1 - sigma_down_i_ratio) * denoised
     return (alpha_ip1 / alpha_down) * x + noise() * 1.0 * renoise_coeff, None
+
+
+def lcm_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+             state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``lcm``: jump to the x0 prediction, then re-noise it to the next sigma (CONST scaling)."""
+    sigma_next = sigmas[i + 1]
+    if sigma_next > 0:
+        return sigma_next * noise() + (1.0 - sigma_next) * denoised, None
+    return denoised, None
 
 
 def _t_of_sigma(sigma: torch.Tensor) -> torch.Tensor:
@@ -116,11 +125,53 @@ def ipndm_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i:
     return x_next, (*history, d_cur)[-(IPNDM_ORDER - 1):]
 
 
+def ipndm_v_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+                 state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``ipndm_v``: ``ipndm`` with coefficients for variable step sizes (order up to 4)."""
+    t_cur, t_next = sigmas[i], sigmas[i + 1]
+    d_cur = (x - denoised) / t_cur
+    history = (state or ())[:min(i, IPNDM_ORDER - 1)]  # see ipndm_step
+    order = min(IPNDM_ORDER, i + 1)
+    if t_next == 0:
+        return denoised, (*history, d_cur)[-(IPNDM_ORDER - 1):]
+    if order == 1:
+        x_next = x + (t_next - t_cur) * d_cur
+        return x_next, (*history, d_cur)[-(IPNDM_ORDER - 1):]
+    h_n = t_next - t_cur
+    h_n_1 = t_cur - sigmas[i - 1]
+    if order == 2:
+        coeff1 = (2 + (h_n / h_n_1)) / 2
+        coeff2 = -(h_n / h_n_1) / 2
+        x_next = x + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * history[-1])
+    elif order == 3:
+        h_n_2 = sigmas[i - 1] - sigmas[i - 2]
+        temp = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+        coeff1 = (2 + (h_n / h_n_1)) / 2 + temp
+        coeff2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp
+        coeff3 = temp * h_n_1 / h_n_2
+        x_next = x + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * history[-1] + coeff3 * history[-2])
+    else:
+        h_n_2 = sigmas[i - 1] - sigmas[i - 2]
+        h_n_3 = sigmas[i - 2] - sigmas[i - 3]
+        temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+        temp2 = ((1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))) \
+            * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
+        ratio = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
+        coeff1 = (2 + (h_n / h_n_1)) / 2 + temp1 + temp2
+        coeff2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 - (1 + (h_n_1 / h_n_2) + ratio) * temp2
+        coeff3 = temp1 * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + ratio * (1 + h_n_2 / h_n_3)) * temp2
+        coeff4 = -temp2 * ratio * h_n_1 / h_n_2
+        x_next = x + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * history[-1] + coeff3 * history[-2]
+                                         + coeff4 * history[-3])
+    return x_next, (*history, d_cur)[-(IPNDM_ORDER - 1):]
+
+
 # ComfyUI's "ddim" is its euler sampler with random inpainting noise, which only differs under a noise
 # mask (refused here), so it is euler.
 _SAMPLERS: dict[str, SamplerStep] = {"euler": euler_step, "euler_ancestral": euler_ancestral_step,
                                      "dpmpp_2m": dpmpp_2m_step,
-                                     "res_multistep": res_multistep_step, "ipndm": ipndm_step, "ddim": euler_step}
+                                     "res_multistep": res_multistep_step, "ipndm": ipndm_step, "ipndm_v": ipndm_v_step,
+                                     "lcm": lcm_step, "ddim": euler_step}
 
 
 def sampler_step(name: str) -> SamplerStep:

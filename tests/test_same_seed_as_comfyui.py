@@ -76,6 +76,8 @@ CASES = {
     "euler-ddim-uniform": dict(sampler="euler", scheduler="ddim_uniform"),
     "ddim-sgm-uniform": dict(sampler="ddim", scheduler="sgm_uniform"),
     "euler-ancestral-beta-cfg": dict(sampler="euler_ancestral", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
+    "lcm-sgm-uniform": dict(sampler="lcm", scheduler="sgm_uniform"),
+    "ipndm-v-karras-6-steps": dict(sampler="ipndm_v", scheduler="karras", steps=6),
     "ipndm-simple-6-steps": dict(sampler="ipndm", scheduler="simple", steps=6),
     "res-multistep-beta-cfg": dict(sampler="res_multistep", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
     "img2img-denoise": dict(sampler="euler", scheduler="simple", denoise=0.6,

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from comfyui_xdit.samplers import dpmpp_2m_step, euler_step, ipndm_step, res_multistep_step, sampler_step, step_patch
+from comfyui_xdit.samplers import (dpmpp_2m_step, euler_step, ipndm_step, ipndm_v_step, res_multistep_step,
+                                   sampler_step, step_patch)
 from comfyui_xdit.sigmas import FluxShift, scheduler_sigmas
 
 from comfy_reference import import_comfy
@@ -24,7 +25,8 @@ def _run_ours(step, x, sigmas):
 
 
 @pytest.mark.parametrize("name,comfy_fn", [("euler", "sample_euler"), ("dpmpp_2m", "sample_dpmpp_2m"),
-                                           ("res_multistep", "sample_res_multistep"), ("ipndm", "sample_ipndm")])
+                                           ("res_multistep", "sample_res_multistep"), ("ipndm", "sample_ipndm"),
+                                           ("ipndm_v", "sample_ipndm_v")])
 @pytest.mark.parametrize("scheduler", ["simple", "karras"])
 def test_steps_equal_comfyui_samplers_bit_for_bit(name, comfy_fn, scheduler):
     kd = import_comfy("comfy.k_diffusion.sampling")
@@ -35,7 +37,7 @@ def test_steps_equal_comfyui_samplers_bit_for_bit(name, comfy_fn, scheduler):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("step", [euler_step, dpmpp_2m_step, res_multistep_step, ipndm_step])
+@pytest.mark.parametrize("step", [euler_step, dpmpp_2m_step, res_multistep_step, ipndm_step, ipndm_v_step])
 def test_patchwise_application_equals_whole(step):
     sigmas = scheduler_sigmas(FluxShift(1.15), "normal", 6)
     x = torch.randn(1, 24, 64, generator=torch.Generator().manual_seed(1))  # (B, tokens, 64)
@@ -73,7 +75,7 @@ def test_dpmpp_2m_second_order_uses_history():
     assert not torch.equal(second, second_no_history)
 
 
-@pytest.mark.parametrize("step", [dpmpp_2m_step, res_multistep_step, ipndm_step])
+@pytest.mark.parametrize("step", [dpmpp_2m_step, res_multistep_step, ipndm_step, ipndm_v_step])
 def test_step_patch_after_a_whole_first_step_equals_whole(step):
     """PipeFusion's order: step 0 on the whole latent (warm-up), then every step patch by patch through
     ``step_patch``, which keeps one whole-latent history (ipndm's grows while patches run)."""
@@ -97,13 +99,16 @@ def test_euler_ancestral_equals_comfyui_with_its_noise_sampler():
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     theirs = kd.sample_euler_ancestral_RF(lambda x, s, **kw: _toy_denoiser(x, s), x.clone(), sigmas,
                                           extra_args={"seed": 5}, disable=True)
-    generator = torch.Generator().manual_seed(5)
-    ours, state = x.clone(), None
+    assert torch.equal(_run_with_noise("euler_ancestral", x.clone(), sigmas, seed=5), theirs)
+
+
+def _run_with_noise(name, x, sigmas, seed):
+    generator = torch.Generator().manual_seed(seed)
+    state = None
     for i in range(len(sigmas) - 1):
-        denoised = _toy_denoiser(ours, sigmas[i] * ours.new_ones(ours.shape[0]))
-        ours, state = sampler_step("euler_ancestral")(ours, denoised, sigmas, i, state,
-                                                      lambda: torch.randn(ours.shape, generator=generator))
-    assert torch.equal(ours, theirs)
+        denoised = _toy_denoiser(x, sigmas[i] * x.new_ones(x.shape[0]))
+        x, state = sampler_step(name)(x, denoised, sigmas, i, state, lambda: torch.randn(x.shape, generator=generator))
+    return x
 
 
 def test_unknown_sampler_names_choices():
