@@ -57,3 +57,30 @@ class AncestralNoise:
             drawn = torch.randn(self.shape, dtype=torch.float32, device=self.device, generator=self.generator)
             self._step, self._noise = step, self.pack(drawn)  # (B, C, H, W) -> (B, N, C * 4)
         return self._noise
+
+
+class BrownianNoise:
+    """ComfyUI's ``BrownianTreeNoiseSampler`` as its SDE samplers build it (tree on the CPU, seeded with the
+    job's seed, spanning the schedule's smallest positive to largest sigma): step ``i``'s noise is the
+    tree's increment between ``sigmas[i]`` and ``sigmas[i + 1]``, scaled to unit variance, then packed.
+    The tree answers any interval the same way, so patches of a step share one query."""
+
+    def __init__(self, seed: int, latent_shape: Sequence[int], pack: Callable[[torch.Tensor], torch.Tensor],
+                 device: torch.device, span: torch.Tensor, sigmas: torch.Tensor) -> None:
+        import torchsde  # ComfyUI's own requirement; only SDE samplers need it
+
+        low, high = span[span > 0].min(), span.max()
+        self.tree = torchsde.BrownianTree(low.detach().cpu(), torch.zeros(list(latent_shape)), high.detach().cpu(),
+                                          entropy=seed)
+        self.sigmas, self.pack, self.device = sigmas, pack, device
+        self._step: Optional[int] = None
+        self._noise: Optional[torch.Tensor] = None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        if self._step != step:
+            sigma, sigma_next = self.sigmas[step], self.sigmas[step + 1]
+            low, high, sign = (sigma, sigma_next, 1) if sigma < sigma_next else (sigma_next, sigma, -1)
+            increment = torch.stack([self.tree(low.cpu().float(), high.cpu().float())]).to(self.device) * sign
+            noise = increment[0] / (sigma_next - sigma).abs().sqrt()  # (B, C, H, W)
+            self._step, self._noise = step, self.pack(noise)
+        return self._noise

@@ -17,8 +17,10 @@ SamplerState = Optional[tuple[torch.Tensor, ...]]  # history, oldest first, each
 StepNoise = Optional[Callable[[], torch.Tensor]]  # this step's noise for the tokens at hand (ancestral samplers)
 SamplerStep = Callable[..., "tuple[torch.Tensor, SamplerState]"]  # (x, denoised, sigmas, i, state, noise=None)
 
-SAMPLER_NAMES = ("euler", "euler_ancestral", "dpmpp_2m", "lcm", "ipndm", "ipndm_v", "res_multistep", "ddim")
-NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm"})  # draw fresh noise during sampling (ComfyUI's noise sampler)
+SAMPLER_NAMES = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "lcm", "ipndm",
+                 "ipndm_v", "res_multistep", "ddim")
+NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm"})  # draw fresh noise during sampling (default noise sampler)
+SDE_SAMPLERS = frozenset({"dpmpp_2m_sde", "dpmpp_2m_sde_heun"})  # Brownian-tree noise, first sigma offset  # draw fresh noise during sampling (ComfyUI's noise sampler)
 
 
 def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
@@ -46,6 +48,40 @@ def euler_ancestral_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.
     sigma_down_i_ratio = sigma_down / sigma
     x = sigma_down_i_ratio * x + (1 - sigma_down_i_ratio) * denoised
     return (alpha_ip1 / alpha_down) * x + noise() * 1.0 * renoise_coeff, None
+
+
+def _dpmpp_2m_sde(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int, state: SamplerState,
+                  noise: StepNoise, solver: str) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's DPM-Solver++(2M) SDE for flow models (eta 1, half log-SNR log((1 - sigma) / sigma));
+    ``state`` holds the previous denoised prediction. ``sigmas`` start just below 1 (see
+    ``offset_first_sigma_for_snr``)."""
+    eta, s_noise = 1.0, 1.0
+    if sigmas[i + 1] == 0:
+        return denoised, (denoised,)
+    lambda_s, lambda_t = sigmas[i].logit().neg(), sigmas[i + 1].logit().neg()
+    h = lambda_t - lambda_s
+    h_eta = h * (eta + 1)
+    alpha_t = sigmas[i + 1] * lambda_t.exp()
+    x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
+    if state is not None:
+        h_last = lambda_s - sigmas[i - 1].logit().neg()  # the previous step's h, computed as it was
+        r = h_last / h
+        if solver == "heun":
+            x = x + alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * (denoised - state[0])
+        else:
+            x = x + 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * (denoised - state[0])
+    x = x + noise() * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+    return x, (denoised,)
+
+
+def dpmpp_2m_sde_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+                      state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    return _dpmpp_2m_sde(x, denoised, sigmas, i, state, noise, "midpoint")
+
+
+def dpmpp_2m_sde_heun_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+                           state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    return _dpmpp_2m_sde(x, denoised, sigmas, i, state, noise, "heun")
 
 
 def lcm_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
@@ -171,7 +207,8 @@ def ipndm_v_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, 
 _SAMPLERS: dict[str, SamplerStep] = {"euler": euler_step, "euler_ancestral": euler_ancestral_step,
                                      "dpmpp_2m": dpmpp_2m_step,
                                      "res_multistep": res_multistep_step, "ipndm": ipndm_step, "ipndm_v": ipndm_v_step,
-                                     "lcm": lcm_step, "ddim": euler_step}
+                                     "lcm": lcm_step, "ddim": euler_step, "dpmpp_2m_sde": dpmpp_2m_sde_step,
+                                     "dpmpp_2m_sde_heun": dpmpp_2m_sde_heun_step}
 
 
 def sampler_step(name: str) -> SamplerStep:

@@ -17,10 +17,10 @@ import torch
 from .conditioning import Conditioning
 from .inpaint import Inpaint, build_inpaint
 from .models.flux import FluxAdapter
-from .noise import AncestralNoise, inpaint_noise, prepare_batch_noise
+from .noise import AncestralNoise, BrownianNoise, inpaint_noise, prepare_batch_noise
 from .request import GenerationRequest
-from .samplers import NOISE_SAMPLERS, SamplerStep, sampler_step
-from .sigmas import FluxShift, ModelSampling, resolution_shift, sampling_sigmas
+from .samplers import NOISE_SAMPLERS, SDE_SAMPLERS, SamplerStep, sampler_step
+from .sigmas import FluxShift, ModelSampling, offset_first_sigma_for_snr, resolution_shift, sampling_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +58,18 @@ class SamplingPlan:
     negative: Optional[Conditioning]
     cfg: float
     inpaint: Optional[Inpaint] = None  # the LATENT's noise mask, applied at every model call
-    noise_seed: Optional[int] = None  # ancestral samplers: the seed of ComfyUI's noise sampler
-    latent_shape: tuple[int, ...] = ()  # (B, C, H, W): the shape that noise sampler draws
+    noise_seed: Optional[int] = None  # samplers that draw noise while sampling: the seed ComfyUI gives them
+    latent_shape: tuple[int, ...] = ()  # (B, C, H, W): the shape that noise is drawn in
+    brownian_span: Optional[torch.Tensor] = None  # SDE samplers: the schedule their Brownian tree spans
 
-    def step_noise(self, device: torch.device) -> Optional[AncestralNoise]:
-        """The noise an ancestral sampler draws during sampling, on ``device`` as ComfyUI draws it; None
-        for samplers that draw none."""
+    def step_noise(self, device: torch.device) -> "Optional[AncestralNoise | BrownianNoise]":
+        """The noise the sampler draws during sampling, on ``device`` as ComfyUI draws it; None for
+        samplers that draw none."""
         if self.noise_seed is None:
             return None
+        if self.brownian_span is not None:
+            return BrownianNoise(self.noise_seed, self.latent_shape, FluxAdapter.pack, device, self.brownian_span,
+                                 self.sigmas)
         return AncestralNoise(self.noise_seed, self.latent_shape, FluxAdapter.pack, device)
 
     @property
@@ -93,11 +97,11 @@ def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPl
     latent = fix_empty_latent_channels(request.latent.float(), adapter.latent_format.channels)
     adapter.check_latent(latent)
     noise = prepare_batch_noise(latent, request.seed, request.batch_index)
+    model_sampling = model_sampling_for(adapter, request)
     if request.sigmas is not None:  # SamplerCustom: the schedule as given
         sigmas = request.sigmas.detach().to("cpu", torch.float32)
     else:
-        sigmas = sampling_sigmas(model_sampling_for(adapter, request), request.scheduler, request.steps,
-                                 request.denoise)
+        sigmas = sampling_sigmas(model_sampling, request.scheduler, request.steps, request.denoise)
     if torch.count_nonzero(latent) > 0:  # ComfyUI does not shift the empty latent
         latent = adapter.latent_format.process_in(latent)
     inpaint = None
@@ -108,11 +112,13 @@ def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPl
         sigma0 = sigmas[0]
         latent = sigma0 * noise + (1.0 - sigma0) * latent  # CONST noise scaling
     _, _, h, w = latent.shape
-    return SamplingPlan(x=adapter.pack(latent), sigmas=sigmas, image_ids=adapter.image_ids(h, w), height=h,
+    sde = request.sampler in SDE_SAMPLERS
+    loop_sigmas = offset_first_sigma_for_snr(sigmas, model_sampling) if sde else sigmas  # after noise scaling
+    return SamplingPlan(x=adapter.pack(latent), sigmas=loop_sigmas, image_ids=adapter.image_ids(h, w), height=h,
                         width=w, step=sampler_step(request.sampler), positive=request.positive,
                         negative=request.negative if request.uses_cfg else None, cfg=request.cfg, inpaint=inpaint,
-                        noise_seed=request.seed if request.sampler in NOISE_SAMPLERS else None,
-                        latent_shape=tuple(latent.shape))
+                        noise_seed=request.seed if request.sampler in NOISE_SAMPLERS | SDE_SAMPLERS else None,
+                        latent_shape=tuple(latent.shape), brownian_span=sigmas if sde else None)
 
 
 def denoised_from(x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,14 @@ class FluxShift:
     def table(self) -> torch.Tensor:
         return self.sigma(torch.arange(1, self.table_size + 1, 1) / self.table_size)
 
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        t = 1.0 - percent
+        return math.exp(self.shift) / (math.exp(self.shift) + (1 / t - 1) ** 1.0)
+
 
 @dataclass(frozen=True)
 class DiscreteFlowShift:
@@ -59,6 +67,14 @@ class DiscreteFlowShift:
 
     def table(self) -> torch.Tensor:
         return self.sigma((torch.arange(1, self.table_size + 1, 1) / self.table_size) * self.multiplier)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        t = 1.0 - percent
+        return t if self.shift == 1.0 else self.shift * t / (1 + (self.shift - 1) * t)
 
 
 ModelSampling = Union[FluxShift, DiscreteFlowShift]
@@ -192,6 +208,15 @@ _SCHEDULERS: dict[str, Callable[[ModelSampling, int], torch.Tensor]] = {
     "kl_optimal": kl_optimal_scheduler,
 }
 assert tuple(_SCHEDULERS) == SCHEDULER_NAMES
+
+
+def offset_first_sigma_for_snr(sigmas: torch.Tensor, sampling: ModelSampling,
+                               percent_offset: float = 1e-4) -> torch.Tensor:
+    """ComfyUI's SDE samplers start just below sigma 1, where a flow model's log-SNR is infinite."""
+    if len(sigmas) > 1 and sigmas[0] >= 1:
+        sigmas = sigmas.clone()
+        sigmas[0] = sampling.percent_to_sigma(percent_offset)
+    return sigmas
 
 
 def scheduler_sigmas(sampling: ModelSampling, scheduler: str, steps: int) -> torch.Tensor:

@@ -76,6 +76,8 @@ CASES = {
     "euler-ddim-uniform": dict(sampler="euler", scheduler="ddim_uniform"),
     "ddim-sgm-uniform": dict(sampler="ddim", scheduler="sgm_uniform"),
     "euler-ancestral-beta-cfg": dict(sampler="euler_ancestral", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
+    "dpmpp-2m-sde-beta-cfg": dict(sampler="dpmpp_2m_sde", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
+    "dpmpp-2m-sde-heun-karras": dict(sampler="dpmpp_2m_sde_heun", scheduler="karras"),
     "lcm-sgm-uniform": dict(sampler="lcm", scheduler="sgm_uniform"),
     "ipndm-v-karras-6-steps": dict(sampler="ipndm_v", scheduler="karras", steps=6),
     "ipndm-simple-6-steps": dict(sampler="ipndm", scheduler="simple", steps=6),
@@ -166,6 +168,7 @@ INPAINT_CASES = {
     "dpmpp2m-mask-cfg-batch3": dict(sampler="dpmpp_2m", cfg=2.5, negative=_conditioning(2), batch=3),
     "ddim-mask-own-noise": dict(sampler="ddim"),
     "euler-ancestral-mask-batch2": dict(sampler="euler_ancestral", batch=2),
+    "dpmpp-2m-sde-mask-batch2": dict(sampler="dpmpp_2m_sde", batch=2),
     "batch-index-no-mask": dict(sampler="euler", batch=2, batch_index=(2, 0), mask=False),
     "img2img-mask-denoise": dict(sampler="euler", denoise=0.7, image=True),
 }
