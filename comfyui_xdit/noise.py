@@ -67,7 +67,12 @@ class BrownianNoise:
 
     def __init__(self, seed: int, latent_shape: Sequence[int], pack: Callable[[torch.Tensor], torch.Tensor],
                  device: torch.device, span: torch.Tensor, sigmas: torch.Tensor) -> None:
-        import torchsde  # ComfyUI's own requirement; only SDE samplers need it
+        try:
+            import torchsde  # ComfyUI's own requirement; only SDE samplers need it
+        except ImportError as exc:
+            raise RuntimeError(f"the SDE samplers need torchsde, which ComfyUI's requirements include ({exc}); "
+                               f"install it with `python -m pip install torchsde` in this environment, or pick a "
+                               f"sampler without _sde") from exc
 
         low, high = span[span > 0].min(), span.max()
         self.tree = torchsde.BrownianTree(low.detach().cpu(), torch.zeros(list(latent_shape)), high.detach().cpu(),
