@@ -17,10 +17,10 @@ SamplerState = Optional[tuple[torch.Tensor, ...]]  # history, oldest first, each
 StepNoise = Optional[Callable[[], torch.Tensor]]  # this step's noise for the tokens at hand (ancestral samplers)
 SamplerStep = Callable[..., "tuple[torch.Tensor, SamplerState]"]  # (x, denoised, sigmas, i, state, noise=None)
 
-SAMPLER_NAMES = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "lcm", "ipndm",
-                 "ipndm_v", "res_multistep", "ddim")
+SAMPLER_NAMES = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm",
+                 "ipndm", "ipndm_v", "res_multistep", "ddim")
 NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm"})  # draw fresh noise during sampling (default noise sampler)
-SDE_SAMPLERS = frozenset({"dpmpp_2m_sde", "dpmpp_2m_sde_heun"})  # Brownian-tree noise, first sigma offset  # draw fresh noise during sampling (ComfyUI's noise sampler)
+SDE_SAMPLERS = frozenset({"dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})  # Brownian-tree noise, first sigma offset  # draw fresh noise during sampling (ComfyUI's noise sampler)
 
 
 def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
@@ -58,13 +58,13 @@ def _dpmpp_2m_sde(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor,
     eta, s_noise = 1.0, 1.0
     if sigmas[i + 1] == 0:
         return denoised, (denoised,)
-    lambda_s, lambda_t = sigmas[i].logit().neg(), sigmas[i + 1].logit().neg()
+    lambda_s, lambda_t = _half_log_snr(sigmas[i]), _half_log_snr(sigmas[i + 1])
     h = lambda_t - lambda_s
     h_eta = h * (eta + 1)
     alpha_t = sigmas[i + 1] * lambda_t.exp()
     x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
     if state is not None:
-        h_last = lambda_s - sigmas[i - 1].logit().neg()  # the previous step's h, computed as it was
+        h_last = lambda_s - _half_log_snr(sigmas[i - 1])  # the previous step's h, computed as it was
         r = h_last / h
         if solver == "heun":
             x = x + alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * (denoised - state[0])
@@ -82,6 +82,45 @@ def dpmpp_2m_sde_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Ten
 def dpmpp_2m_sde_heun_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
                            state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
     return _dpmpp_2m_sde(x, denoised, sigmas, i, state, noise, "heun")
+
+
+def _half_log_snr(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma.logit().neg()  # log((1 - sigma) / sigma) for flow models
+
+
+def dpmpp_3m_sde_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+                      state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's DPM-Solver++(3M) SDE for flow models (eta 1); ``state`` holds the last two denoised
+    predictions, oldest first (the history before step i holds min(i, 2); see ``ipndm_step``)."""
+    eta, s_noise = 1.0, 1.0
+    history = (state or ())[:min(i, 2)]
+    new_history = (*history, denoised)[-2:]
+    if sigmas[i + 1] == 0:
+        return denoised, new_history
+    lambda_s, lambda_t = _half_log_snr(sigmas[i]), _half_log_snr(sigmas[i + 1])
+    h = lambda_t - lambda_s
+    h_eta = h * (eta + 1)
+    alpha_t = sigmas[i + 1] * lambda_t.exp()
+    x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
+    if history:
+        h_1 = lambda_s - _half_log_snr(sigmas[i - 1])  # the previous steps' h, computed as they were
+        phi_2 = h_eta.neg().expm1() / h_eta + 1
+        if len(history) == 2:
+            h_2 = _half_log_snr(sigmas[i - 1]) - _half_log_snr(sigmas[i - 2])
+            denoised_1, denoised_2 = history[-1], history[-2]
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0 = (denoised - denoised_1) / r0
+            d1_1 = (denoised_1 - denoised_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_3 = phi_2 / h_eta - 0.5
+            x = x + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
+        else:
+            r = h_1 / h
+            d = (denoised - history[-1]) / r
+            x = x + (alpha_t * phi_2) * d
+    x = x + noise() * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+    return x, new_history
 
 
 def lcm_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
@@ -208,7 +247,7 @@ _SAMPLERS: dict[str, SamplerStep] = {"euler": euler_step, "euler_ancestral": eul
                                      "dpmpp_2m": dpmpp_2m_step,
                                      "res_multistep": res_multistep_step, "ipndm": ipndm_step, "ipndm_v": ipndm_v_step,
                                      "lcm": lcm_step, "ddim": euler_step, "dpmpp_2m_sde": dpmpp_2m_sde_step,
-                                     "dpmpp_2m_sde_heun": dpmpp_2m_sde_heun_step}
+                                     "dpmpp_2m_sde_heun": dpmpp_2m_sde_heun_step, "dpmpp_3m_sde": dpmpp_3m_sde_step}
 
 
 def sampler_step(name: str) -> SamplerStep:

@@ -59,7 +59,7 @@ def test_every_parallel_mode_equals_serial_with_a_mask(sampler: str) -> None:
         torch.testing.assert_close(result.latent, serial, rtol=1e-4, atol=1e-4, msg=layout.describe())
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ipndm_v", "euler_ancestral", "lcm", "dpmpp_2m_sde_heun"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ipndm_v", "euler_ancestral", "lcm", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"])
 def test_pipefusion_after_warmup_equals_its_reference_with_a_mask(sampler: str) -> None:
     layout = ParallelConfig(pipefusion_degree=2, num_patches=4, warmup_steps=1)
     request = dataclasses.replace(masked_request(sampler), parallel=layout)

@@ -78,6 +78,7 @@ CASES = {
     "euler-ancestral-beta-cfg": dict(sampler="euler_ancestral", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
     "dpmpp-2m-sde-beta-cfg": dict(sampler="dpmpp_2m_sde", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
     "dpmpp-2m-sde-heun-karras": dict(sampler="dpmpp_2m_sde_heun", scheduler="karras"),
+    "dpmpp-3m-sde-simple-6-steps": dict(sampler="dpmpp_3m_sde", scheduler="simple", steps=6),
     "lcm-sgm-uniform": dict(sampler="lcm", scheduler="sgm_uniform"),
     "ipndm-v-karras-6-steps": dict(sampler="ipndm_v", scheduler="karras", steps=6),
     "ipndm-simple-6-steps": dict(sampler="ipndm", scheduler="simple", steps=6),

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from comfyui_xdit.samplers import (dpmpp_2m_step, euler_step, ipndm_step, ipndm_v_step, res_multistep_step,
-                                   sampler_step, step_patch)
+from comfyui_xdit.samplers import (dpmpp_2m_step, dpmpp_3m_sde_step, euler_step, ipndm_step, ipndm_v_step,
+                                   res_multistep_step, sampler_step, step_patch)
 from comfyui_xdit.sigmas import FluxShift, scheduler_sigmas
 
 from comfy_reference import import_comfy
@@ -75,19 +75,27 @@ def test_dpmpp_2m_second_order_uses_history():
     assert not torch.equal(second, second_no_history)
 
 
-@pytest.mark.parametrize("step", [dpmpp_2m_step, res_multistep_step, ipndm_step, ipndm_v_step])
+@pytest.mark.parametrize("step", [dpmpp_2m_step, res_multistep_step, ipndm_step, ipndm_v_step, dpmpp_3m_sde_step])
 def test_step_patch_after_a_whole_first_step_equals_whole(step):
     """PipeFusion's order: step 0 on the whole latent (warm-up), then every step patch by patch through
-    ``step_patch``, which keeps one whole-latent history (ipndm's grows while patches run)."""
-    sigmas = scheduler_sigmas(FluxShift(1.15), "simple", 7)
-    x = torch.randn(1, 24, 16, generator=torch.Generator().manual_seed(4))  # (B, tokens, C)
-    whole = _run_ours(step, x.clone(), sigmas)
-    x, state = x.clone(), None
+    ``step_patch``, which keeps one whole-latent history (ipndm's and 3M SDE's grow while patches run)
+    and hands each patch its slice of the step's noise."""
+    sigmas = scheduler_sigmas(FluxShift(1.15), "simple", 7)[1:]  # below 1: what SDE samplers step on
+    x0 = torch.randn(1, 24, 16, generator=torch.Generator().manual_seed(4))  # (B, tokens, C)
+
+    def step_noise(i):
+        return torch.randn(1, 24, 16, generator=torch.Generator().manual_seed(100 + i))
+
+    whole, state = x0.clone(), None
+    for i in range(len(sigmas) - 1):
+        denoised = _toy_denoiser(whole, sigmas[i] * torch.ones(1))
+        whole, state = step(whole, denoised, sigmas, i, state, lambda: step_noise(i))
+    x, state = x0.clone(), None
     for i in range(len(sigmas) - 1):
         bounds = [(0, 24)] if i == 0 else [(0, 8), (8, 16), (16, 24)]
         for start, stop in bounds:
             denoised = _toy_denoiser(x[:, start:stop], sigmas[i] * torch.ones(1))
-            state = step_patch(step, x, denoised, sigmas, i, state, start, stop)
+            state = step_patch(step, x, denoised, sigmas, i, state, start, stop, step_noise)
     assert torch.equal(x, whole)
 
 
