@@ -14,6 +14,7 @@ from .sigmas import SCHEDULER_NAMES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TINY_PREFIX = "tiny:"
+IN_MEMORY_PREFIX = "comfyui-model:"  # weights a ComfyUI MODEL holds, handed to the pool in process
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class ModelRef:
 
     path: str
     dtype: str = "fp32"
+    patches: str = ""  # digest of the LoRA patches merged on the ranks ("" = none)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -32,23 +34,33 @@ class ModelRef:
         return self.path.startswith(TINY_PREFIX)
 
     @property
+    def is_in_memory(self) -> bool:
+        """Weights of a ComfyUI MODEL (XDiTParallelModel): the pool holds them, no file to read."""
+        return self.path.startswith(IN_MEMORY_PREFIX)
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
 
 @dataclass(frozen=True)
 class SigmaShift:
-    """Which sigma table: the model's own default, or ComfyUI's ModelSamplingFlux node (``resolution``)."""
+    """Which sigma table: the model's own default, ComfyUI's ModelSamplingFlux node (``resolution``), or
+    the one a ComfyUI MODEL carries: ``flux`` (ModelSamplingFlux's ``shift``) or ``discrete_flow``
+    (ModelSamplingDiscreteFlow's ``shift`` and ``multiplier``)."""
 
     mode: str = "default"
     max_shift: float = 1.15
     base_shift: float = 0.5
     width: Optional[int] = None  # image pixels; None = the latent's size * 8
     height: Optional[int] = None
+    shift: float = 1.15  # modes flux / discrete_flow
+    multiplier: float = 1.0  # mode discrete_flow
 
     def __post_init__(self) -> None:
-        if self.mode not in ("default", "resolution"):
-            raise ValueError(f"sigma shift mode must be 'default' or 'resolution', got {self.mode!r}")
+        if self.mode not in ("default", "resolution", "flux", "discrete_flow"):
+            raise ValueError(f"sigma shift mode must be 'default', 'resolution', 'flux' or 'discrete_flow', "
+                             f"got {self.mode!r}")
 
 
 def check_custom_sigmas(sigmas: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ from .models.flux import FluxAdapter
 from .noise import AncestralNoise, BrownianNoise, inpaint_noise, prepare_batch_noise
 from .request import GenerationRequest
 from .samplers import NOISE_SAMPLERS, SDE_SAMPLERS, SamplerStep, sampler_step
-from .sigmas import FluxShift, ModelSampling, offset_first_sigma_for_snr, resolution_shift, sampling_sigmas
+from .sigmas import DiscreteFlowShift, FluxShift, ModelSampling, offset_first_sigma_for_snr, resolution_shift, sampling_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,10 @@ class SamplingPlan:
 def model_sampling_for(adapter: FluxAdapter, request: GenerationRequest) -> ModelSampling:
     if request.shift.mode == "default":
         return adapter.default_sampling()
+    if request.shift.mode == "flux":
+        return FluxShift(shift=request.shift.shift)
+    if request.shift.mode == "discrete_flow":
+        return DiscreteFlowShift(shift=request.shift.shift, multiplier=request.shift.multiplier)
     h, w = request.latent.shape[2], request.latent.shape[3]
     width = request.shift.width if request.shift.width is not None else w * 8
     height = request.shift.height if request.shift.height is not None else h * 8

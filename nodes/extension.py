@@ -32,7 +32,8 @@ class XDiTExtension(ComfyExtension):
         # ComfyUI v0.3.64 calls get_node_list but not on_load; newer hosts call both.
         self._add_routes()
         from .load_model_node import XDiTLoadModel
+        from .parallel_model_node import XDiTParallelModel
         from .pool_node import XDiTPool
         from .sampler_node import XDiTSampler
 
-        return [XDiTPool, XDiTLoadModel, XDiTSampler]
+        return [XDiTPool, XDiTLoadModel, XDiTParallelModel, XDiTSampler]

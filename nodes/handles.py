@@ -7,7 +7,7 @@ from typing import Optional
 
 from comfyui_xdit.models.flux_checkpoint import FluxSpec
 from comfyui_xdit.parallel_config import ParallelConfig
-from comfyui_xdit.request import ModelRef
+from comfyui_xdit.request import ModelRef, SigmaShift
 
 
 @dataclass(frozen=True)
@@ -32,4 +32,5 @@ class ModelHandle:
     model: ModelRef
     parallel: ParallelConfig
     spec: FluxSpec  # the architecture, read from the file's header
-    name: str  # the file name as ComfyUI lists it
+    name: str  # the file name as ComfyUI lists it ("MODEL" for XDiTParallelModel)
+    shift: Optional[SigmaShift] = None  # the MODEL's model sampling; None: the sampler's sigma_shift widget

@@ -46,7 +46,7 @@ def build_request(model: ModelHandle, positive, negative, latent_image: dict, se
     request = GenerationRequest(model=model.model, latent=latent, positive=to_conditioning(positive, "positive"),
                                 negative=to_conditioning(negative, "negative"), seed=int(seed), steps=int(steps),
                                 cfg=float(cfg), sampler=sampler_name, scheduler=scheduler, denoise=float(denoise),
-                                shift=shift, parallel=model.parallel, sigmas=sigmas,
+                                shift=model.shift or shift, parallel=model.parallel, sigmas=sigmas,
                                 noise_mask=latent_noise_mask(latent_image), batch_index=latent_batch_index(latent_image))
     check_inputs(model.spec, latent, request.positive, request.negative if request.uses_cfg else None, NODE_INPUTS)
     model.parallel.validate_for(model.parallel.world_size, model.spec.num_attention_heads, image_tokens(latent),

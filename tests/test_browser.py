@@ -16,7 +16,7 @@ from comfy_host import PLUGIN_ROOT, ComfyHost, comfy_host, require_comfyui  # no
 
 CHROMIUM = os.environ.get("XDIT_CHROMIUM", "/usr/bin/chromium")
 WORKFLOWS = sorted((PLUGIN_ROOT / "example_workflows").glob("*.json"))
-NODE_IDS = ("XDiTPool", "XDiTLoadModel", "XDiTSampler")
+NODE_IDS = ("XDiTPool", "XDiTLoadModel", "XDiTParallelModel", "XDiTSampler")
 UI_TIMEOUT_MS = 60_000
 
 

@@ -17,7 +17,8 @@ from comfy_host import MODEL_NAME, ComfyHost, comfy_host  # noqa: F401  (fixture
 SIZE = 128
 STEPS = 4
 SEED = 42
-NODES = {"XDiTPool": "xDiT GPU Pool", "XDiTLoadModel": "xDiT Load Diffusion Model", "XDiTSampler": "xDiT Sampler"}
+NODES = {"XDiTPool": "xDiT GPU Pool", "XDiTLoadModel": "xDiT Load Diffusion Model",
+         "XDiTParallelModel": "xDiT Parallelize Model", "XDiTSampler": "xDiT Sampler"}
 
 
 def conditioning_nodes() -> dict:
@@ -278,3 +279,89 @@ def test_inpainting_mask_and_batch_index_match_stock_ksampler(comfy_host: ComfyH
     executed = result.of_type("executed")
     stock_latent, ours = saved_latent(comfy_host, executed, "save_stock"), saved_latent(comfy_host, executed, "save_xdit")
     assert ours.shape[0] == 3 and relative_error(ours, stock_latent) < 1e-3
+
+
+def write_loras(loras_dir) -> tuple[str, str]:
+    """Two LoRAs for the test model: one in the plain BFL-key format, one in diffusers' q/k/v naming
+    (which ComfyUI maps onto slices of the fused qkv / linear1 weights)."""
+    import torch as th
+    from safetensors.torch import save_file
+
+    loras_dir.mkdir(parents=True, exist_ok=True)
+    g = th.Generator().manual_seed(17)
+    width, mlp = 3072, 12288
+
+    def pair(out_f: int, in_f: int, rank: int = 4):
+        return (th.randn(out_f, rank, generator=g) * 0.05).to(th.bfloat16), \
+               (th.randn(rank, in_f, generator=g) * 0.05).to(th.bfloat16)
+
+    plain = {}
+    for key, out_f in (("double_blocks.0.img_attn.qkv", 3 * width), ("single_blocks.0.linear1", 3 * width + mlp)):
+        up, down = pair(out_f, width)
+        plain[f"diffusion_model.{key}.lora_up.weight"], plain[f"diffusion_model.{key}.lora_down.weight"] = up, down
+        plain[f"diffusion_model.{key}.alpha"] = th.tensor(2.0)
+    diffusers = {}
+    for key, out_f in (("transformer_blocks.0.attn.to_k", width), ("single_transformer_blocks.0.proj_mlp", mlp),
+                       ("transformer_blocks.0.ff.net.0.proj", 4 * width)):
+        up, down = pair(out_f, width)
+        diffusers[f"transformer.{key}.lora_B.weight"], diffusers[f"transformer.{key}.lora_A.weight"] = up, down
+    save_file(plain, str(loras_dir / "xdit-test-plain.safetensors"))
+    save_file(diffusers, str(loras_dir / "xdit-test-diffusers.safetensors"))
+    return "xdit-test-plain.safetensors", "xdit-test-diffusers.safetensors"
+
+
+def lora_prompt(plain: str, diffusers: str, with_stock: bool, **degrees) -> dict:
+    prompt = conditioning_nodes()
+    prompt["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL_NAME, "weight_dtype": "default"}}
+    prompt["lora1"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["unet", 0], "lora_name": plain,
+                                                                        "strength_model": 0.7}}
+    prompt["lora2"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["lora1", 0], "lora_name": diffusers,
+                                                                        "strength_model": -0.3}}
+    prompt["msf"] = {"class_type": "ModelSamplingFlux", "inputs": {"model": ["lora2", 0], "max_shift": 1.3,
+                                                                    "base_shift": 0.4, "width": SIZE, "height": SIZE}}
+    if with_stock:
+        prompt["ks"] = {"class_type": "KSampler", "inputs": {"model": ["msf", 0], **sampler_inputs()}}
+        prompt["save_stock"] = save("ks", "lora_stock")
+    parallel = {"ulysses_degree": 1, "ring_degree": 1, "pipefusion_degree": 1, "num_patches": 0, "warmup_steps": 1,
+                "cfg_parallel": False, **degrees}
+    prompt["xpool"] = {"class_type": "XDiTPool", "inputs": {"ray_address": "", "network_interface": ""}}
+    prompt["xpm"] = {"class_type": "XDiTParallelModel", "inputs": {"pool": ["xpool", 0], "model": ["msf", 0],
+                                                                    "weight_dtype": "default", **parallel}}
+    sampler = xdit_nodes("x")["xsample"]
+    sampler["inputs"]["model"] = ["xpm", 0]
+    prompt["xsample"], prompt["save_xdit"] = sampler, save("xsample", "lora_xdit")
+    return prompt
+
+
+def test_parallelized_model_with_two_loras_matches_stock(comfy_host: ComfyHost) -> None:
+    """UNETLoader -> LoRA 0.7 -> LoRA -0.3 -> ModelSamplingFlux: stock KSampler vs xDiT Parallelize Model +
+    xDiT Sampler (whose own shift widget is ignored: the MODEL's sampling wins). A second prompt with the
+    same LoRAs and layout builds nothing on the ranks; Ulysses 2 and PipeFusion 2 give the same latent."""
+    plain, diffusers = write_loras(comfy_host.base_dir / "models" / "loras")
+    with comfy_host.connect() as ws:
+        result = ws.run(lora_prompt(plain, diffusers, with_stock=True), timeout=400)
+        assert result.succeeded, result.describe() + "\n" + comfy_host.log_tail()
+        executed = result.of_type("executed")
+        stock, ours = saved_latent(comfy_host, executed, "save_stock"), saved_latent(comfy_host, executed, "save_xdit")
+        without = saved_latent(comfy_host, ws.run({**conditioning_nodes(), **xdit_nodes("x"),
+                                                   "save": save("xsample", "no_lora")}, timeout=400)
+                               .of_type("executed"), "save")
+        assert relative_error(ours, stock) < 1e-3
+        assert relative_error(without, stock) > 1e-2  # the LoRAs and the shift really changed the picture
+
+        def loads() -> list[int]:
+            (pool,) = [p for p in comfy_host.get_json("/xdit/pool/status")["pools"] if p["address"] == "embedded"]
+            return [r["loads"] for r in pool["status"]["ranks"]]
+
+        ws.run(lora_prompt(plain, diffusers, with_stock=False), timeout=400)
+        before = loads()
+        second = ws.run({**lora_prompt(plain, diffusers, with_stock=False)}
+                        | {"pos": {**conditioning_nodes()["pos"], "inputs": {"seed": 5, "tokens": 8, "guidance": 3.5}}},
+                        timeout=400)
+        assert second.succeeded, second.describe()
+        assert loads() == before  # same MODEL, same LoRAs: the ranks' merged weights are reused
+        for degrees in ({"ulysses_degree": 2}, {"pipefusion_degree": 2, "warmup_steps": STEPS}):
+            run = ws.run(lora_prompt(plain, diffusers, with_stock=False, **degrees), timeout=400)
+            assert run.succeeded, run.describe() + "\n" + comfy_host.log_tail()
+            latent = saved_latent(comfy_host, run.of_type("executed"), "save_xdit")
+            assert relative_error(latent, stock) < 1e-3, degrees

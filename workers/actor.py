@@ -43,12 +43,13 @@ class RankWorker:
     def __init__(self) -> None:
         self.setup_info: Optional[RankSetup] = None
         self.device: Optional[torch.device] = None
-        self.model_key: Optional[tuple[str, str, Optional[tuple[int, int]]]] = None
+        self.model_key: Optional[tuple[str, str, str, Optional[tuple[int, int]]]] = None
         self.adapter: Any = None
-        self.engine_key: Optional[tuple[str, str, ParallelConfig]] = None
+        self.engine_key: Optional[tuple[str, str, str, ParallelConfig]] = None
         self.engine: Any = None
         self.busy = False
         self.weights_how: Optional[str] = None
+        self.loads = 0  # models built by this rank (status: a cached model is not built again)
         self.nccl_rules: Any = None  # the NCCL-semantics shim of a gloo world under test, else None
 
     # ---- identity -----------------------------------------------------------------------------
@@ -64,7 +65,8 @@ class RankWorker:
     def ping(self) -> dict[str, Any]:
         rank = self.setup_info.rank if self.setup_info else None
         model = self.model_key[0] if self.model_key else None
-        return {"rank": rank, "busy": self.busy, "model": model, "device": str(self.device), "weights": self.weights_how}
+        return {"rank": rank, "busy": self.busy, "model": model, "device": str(self.device), "weights": self.weights_how,
+                "loads": self.loads}
 
     def has_file(self, ref: ModelRef, models_folder: Optional[str]) -> Optional[str]:
         return find_local(ref, models_folder)
@@ -106,6 +108,7 @@ class RankWorker:
 
     def load(self, source: WeightSource, parallel: ParallelConfig) -> str:
         """Load (or reuse) the model, then (re)build the engine only when the config changed."""
+        from comfyui_xdit.lora import merge_lora
         from comfyui_xdit.model_loader import load_model, model_spec
         from comfyui_xdit.models.flux import FluxAdapter
         from comfyui_xdit.models.flux_checkpoint import read_spec
@@ -116,7 +119,7 @@ class RankWorker:
         spec = model_spec(ref) if ref.is_tiny else read_spec(source.local_path) if source.local_path else source.spec
         # a PipeFusion stage builds only its blocks (shipped weights already hold only those)
         blocks = None if spec is None else stage_blocks(parallel, info.rank, spec.num_layers + spec.num_single_layers)
-        key = (ref.path, ref.dtype, blocks)  # a stage-only model serves only that stage
+        key = (ref.path, ref.dtype, ref.patches, blocks)  # a stage-only model serves only that stage
         if self.model_key != key:
             if self.engine is not None:
                 engine_bridge.release_engine(self.engine)
@@ -128,16 +131,20 @@ class RankWorker:
             else:
                 import ray
 
-                self.adapter = FluxAdapter.from_state_dict(dict(ray.get(source.shipped)), ref.torch_dtype, self.device,
+                state = dict(ray.get(source.shipped))
+                if source.lora is not None:  # merged here, in float32, as ComfyUI merges them
+                    state = merge_lora(state, [p for p in ray.get(source.lora) if p.key in state])
+                self.adapter = FluxAdapter.from_state_dict(state, ref.torch_dtype, self.device,
                                                            source=f"{ref.path!r} (object store)", blocks=blocks,
                                                            spec=spec)
             how = source.how if blocks is None or source.blocks else f"{source.how} (blocks {blocks[0]}-{blocks[1] - 1})"
             self.model_key, self.weights_how = key, how
-        if self.engine_key != (ref.path, ref.dtype, parallel):
+            self.loads += 1
+        if self.engine_key != (ref.path, ref.dtype, ref.patches, parallel):
             if self.engine is not None:
                 engine_bridge.release_engine(self.engine)
             self.engine = engine_bridge.build_engine(self.adapter, parallel, info.rank)
-            self.engine_key = (ref.path, ref.dtype, parallel)
+            self.engine_key = (ref.path, ref.dtype, ref.patches, parallel)
         return source.how
 
     def generate(self, job: str, request: GenerationRequest, channel: Any) -> Optional[torch.Tensor]:
@@ -145,7 +152,8 @@ class RankWorker:
         import ray
 
         info = self._info()
-        if self.engine is None or self.engine_key != (request.model.path, request.model.dtype, request.parallel):
+        if self.engine is None or self.engine_key != (request.model.path, request.model.dtype, request.model.patches,
+                                                      request.parallel):
             raise RuntimeError(f"rank {info.rank} has no engine for {request.model} / "
                                f"{request.parallel.describe()}; load it first")
 

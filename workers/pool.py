@@ -8,6 +8,7 @@ changes or a rank dies). A model loads once per (file, dtype, parallel config) a
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import logging
 import queue
@@ -48,6 +49,8 @@ class XDiTPool:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._world_lock = threading.RLock()  # the job thread and warm() both build worlds
+        self._held: dict[str, Any] = {}  # in-memory model path -> its base BFL state dict (XDiTParallelModel)
+        self._held_patches: dict[str, Any] = {}  # patches digest -> tuple[LoraPatch, ...]
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "XDiTPool":
@@ -229,13 +232,30 @@ class XDiTPool:
                 self._world.teardown()
                 self._world = None
 
+    def hold_model(self, path: str, state: Any, digest: str = "", patches: Any = ()) -> None:
+        """Keep a ComfyUI MODEL's base weights (and LoRA patches) for jobs whose ModelRef names ``path``
+        (and ``digest``): the pool ships them to the ranks when a job needs them loaded."""
+        self._held[path] = state
+        if digest:
+            self._held_patches[digest] = tuple(patches)
+
     def _load(self, world: World, request: GenerationRequest) -> None:
-        key = (request.model.path, request.model.dtype, request.parallel)
+        key = (request.model, request.parallel)
         if world.loaded == key:
             return
         ref, folder, timeouts = request.model, self.settings.models_folder, self.settings.timeouts
         sources = [WeightSource(ref)] * world.world_size
-        if not ref.is_tiny:
+        if ref.is_in_memory:
+            import ray
+
+            if ref.path not in self._held or (ref.patches and ref.patches not in self._held_patches):
+                raise PoolError(f"the weights of {ref.path} are no longer held by this pool; run the xDiT "
+                                f"Parallelize Model node again")
+            sources = ship(self._held[ref.path], ref, request.parallel, [None] * world.world_size)
+            if ref.patches:
+                lora = ray.put(self._held_patches[ref.patches])
+                sources = [dataclasses.replace(source, lora=lora) for source in sources]
+        elif not ref.is_tiny:
             local = world.call("has_file", ref, folder, timeout_s=timeouts.rpc_s)
             lacking = [r for r, path in enumerate(local) if path is None]
             if lacking:
@@ -272,17 +292,18 @@ class XDiTPool:
             refs = [a.ping.remote() for a in world.actors]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.settings.timeouts.rpc_s)
             for info, ref in zip(world.ranks, refs):
-                state, model, weights = "no answer", None, None
+                state, model, weights, loads = "no answer", None, None, 0
                 if ref in ready:
                     try:
                         answer = ray.get(ref, timeout=1.0)
                         state, model, weights = ("busy" if answer["busy"] else "idle"), answer["model"], answer["weights"]
+                        loads = answer.get("loads", 0)
                     except Exception:  # noqa: BLE001 - a dead actor is a status, not an error
                         state = "dead"
                 ranks.append(RankStatus(info.rank, info.host, info.pid, info.device, state, model, weights,
-                                        info.node_id))
+                                        info.node_id, loads))
         running = self._running
-        layout = world.loaded[2].describe() if world is not None and world.loaded else None
+        layout = world.loaded[1].describe() if world is not None and world.loaded else None
         assert self._runtime is not None
         return PoolStatus(address=self._runtime.address, embedded=self.settings.embedded, auth=auth_mode(),
                           hosts=host_statuses(ray.nodes()), ranks=tuple(ranks), layout=layout,

@@ -26,6 +26,7 @@ class RankStatus:
     model: Optional[str]
     weights: Optional[str] = None  # how the model reached this rank: local file, object store, built in
     node_id: str = ""
+    loads: int = 0  # models this rank built since it started (a prompt that reuses the loaded one adds none)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ class WeightSource:
     shipped: Any = None  # ray.ObjectRef of dict[str, torch.Tensor], or None
     spec: Any = None  # FluxSpec of the file when ``shipped`` holds one stage's blocks only
     blocks: Optional[tuple[int, int]] = None  # that stage's [start, stop) block range
+    lora: Any = None  # ray.ObjectRef of tuple[LoraPatch, ...] merged on the rank, or None
 
     @property
     def how(self) -> str:
@@ -38,7 +39,8 @@ class WeightSource:
             return "built in"
         if self.local_path:
             return f"local file {self.local_path}"
-        return "object store" + (f" (blocks {self.blocks[0]}-{self.blocks[1] - 1} only)" if self.blocks else "")
+        return ("object store" + (f" (blocks {self.blocks[0]}-{self.blocks[1] - 1} only)" if self.blocks else "")
+                + (f" + LoRA {self.ref.patches}" if self.ref.patches else ""))
 
 
 def candidate_paths(path: str, models_folder: Optional[str], environ: Mapping[str, str]) -> list[str]:

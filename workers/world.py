@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from comfyui_xdit.parallel_config import ParallelConfig
+from comfyui_xdit.request import ModelRef
 from comfyui_xdit.sampling import GenerationCancelled
 
 from .actor import RankSetup, RankWorker
@@ -80,7 +81,7 @@ class World:
         self.groups: list[Any] = []
         self.actors: list[Any] = []
         self.ranks: list[RankInfo] = []
-        self.loaded: Optional[tuple[str, str, ParallelConfig]] = None
+        self.loaded: Optional[tuple[ModelRef, ParallelConfig]] = None  # what the ranks hold now
         self.broken = False
 
     @property

@@ -1,0 +1,75 @@
+"""xDiT Parallelize Model: ComfyUI's own MODEL (with its LoRAs and model sampling) -> XDIT_MODEL."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from comfyui_xdit.environment import require_environment
+from comfyui_xdit.lora import patches_digest
+from comfyui_xdit.models.flux_checkpoint import infer_flux_spec
+from comfyui_xdit.request import IN_MEMORY_PREFIX, ModelRef
+
+from .comfy_types import CATEGORY, XDiTModelType, XDiTPoolType
+from .handles import ModelHandle, PoolHandle
+from .model_patches import base_weights, check_flux, lora_patches, sigma_shift
+from .pool_access import registry
+from .validation import MAX_DEGREE, WEIGHT_DTYPES, parallel_config, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def model_identity(model) -> str:
+    """Names the MODEL's base weights (shared by its LoRA-patched clones) for this ComfyUI process."""
+    return f"{IN_MEMORY_PREFIX}{id(model.model):x}"
+
+
+class XDiTParallelModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        degree = dict(default=1, min=1, max=MAX_DEGREE)
+        return io.Schema(
+            node_id="XDiTParallelModel",
+            display_name="xDiT Parallelize Model",
+            category=CATEGORY,
+            description="Takes ComfyUI's MODEL (UNETLoader -> LoRA loaders -> ModelSamplingFlux) to the pool: "
+                        "the base weights go once, LoRAs are merged on the ranks, the model sampling is kept.",
+            inputs=[
+                XDiTPoolType.Input("pool"),
+                io.Model.Input("model"),
+                io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES, default="default",
+                               tooltip="Compute dtype on the ranks; default = bf16 on GPUs, fp32 on CPU."),
+                io.Int.Input("ulysses_degree", **degree),
+                io.Int.Input("ring_degree", **degree),
+                io.Int.Input("pipefusion_degree", **degree),
+                io.Int.Input("num_patches", default=0, min=0, max=256),
+                io.Int.Input("warmup_steps", default=1, min=0, max=10000),
+                io.Boolean.Input("cfg_parallel", default=False),
+            ],
+            outputs=[XDiTModelType.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, pool: PoolHandle, model, weight_dtype: str, ulysses_degree: int, ring_degree: int,
+                pipefusion_degree: int, num_patches: int, warmup_steps: int, cfg_parallel: bool) -> io.NodeOutput:
+        require_environment()
+        check_flux(model)
+        config = parallel_config(ulysses_degree, ring_degree, pipefusion_degree, num_patches, warmup_steps,
+                                 cfg_parallel)
+        state = base_weights(model)
+        spec = infer_flux_spec(state, "the MODEL")
+        patches = lora_patches(model)
+        unknown = sorted({p.key for p in patches} - set(state))
+        if unknown:
+            raise ValueError(f"a LoRA patches {unknown[0]!r}, which this Flux model does not have; the LoRA was "
+                             f"made for another model")
+        digest = patches_digest(patches)
+        ref = ModelRef(path=model_identity(model), dtype=resolve_dtype(weight_dtype, pool), patches=digest)
+        live = registry().get(pool)
+        live.hold_model(ref.path, state, digest, patches)
+        live.warm(config)  # the sampler checks the layout against the model and the latent before running
+        logger.info("xDiT model from the MODEL (%d LoRA patches %s) on %s, %s", len(patches), digest or "-",
+                    pool.describe(), config.describe())
+        return io.NodeOutput(ModelHandle(pool=pool, model=ref, parallel=config, spec=spec, name="MODEL",
+                                         shift=sigma_shift(model)))
