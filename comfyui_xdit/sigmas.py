@@ -23,6 +23,15 @@ SCHEDULER_NAMES = ("simple", "sgm_uniform", "karras", "exponential", "ddim_unifo
                    "linear_quadratic", "kl_optimal")
 
 
+def _flow_percent_to_sigma(percent: float, sigma_at: Callable[[float], float]) -> float:
+    """A flow model's sigma at ``percent`` of the way through sampling (1 at the start, 0 at the end)."""
+    if percent <= 0.0:
+        return 1.0
+    if percent >= 1.0:
+        return 0.0
+    return sigma_at(1.0 - percent)
+
+
 @dataclass(frozen=True)
 class FluxShift:
     """ComfyUI ``ModelSamplingFlux``: sigma(t) = e^mu / (e^mu + (1/t - 1)), 10000 table entries."""
@@ -40,12 +49,7 @@ class FluxShift:
         return self.sigma(torch.arange(1, self.table_size + 1, 1) / self.table_size)
 
     def percent_to_sigma(self, percent: float) -> float:
-        if percent <= 0.0:
-            return 1.0
-        if percent >= 1.0:
-            return 0.0
-        t = 1.0 - percent
-        return math.exp(self.shift) / (math.exp(self.shift) + (1 / t - 1) ** 1.0)
+        return _flow_percent_to_sigma(percent, lambda t: self.sigma(t))
 
 
 @dataclass(frozen=True)
@@ -69,12 +73,8 @@ class DiscreteFlowShift:
         return self.sigma((torch.arange(1, self.table_size + 1, 1) / self.table_size) * self.multiplier)
 
     def percent_to_sigma(self, percent: float) -> float:
-        if percent <= 0.0:
-            return 1.0
-        if percent >= 1.0:
-            return 0.0
-        t = 1.0 - percent
-        return t if self.shift == 1.0 else self.shift * t / (1 + (self.shift - 1) * t)
+        return _flow_percent_to_sigma(percent, lambda t: t if self.shift == 1.0
+                                      else self.shift * t / (1 + (self.shift - 1) * t))
 
 
 ModelSampling = Union[FluxShift, DiscreteFlowShift]
