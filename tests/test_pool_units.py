@@ -154,3 +154,15 @@ def test_a_pipefusion_stage_receives_only_its_blocks() -> None:
     for index in (2, 3):
         for (name, a), (_, b) in zip(full.blocks[index].named_parameters(), part.blocks[index].named_parameters()):
             assert torch.equal(a, b), name
+
+
+def test_pool_lets_older_models_weights_go() -> None:
+    from comfyui_xdit_workers.pool import HELD_MODELS, XDiTPool
+
+    pool = XDiTPool()
+    for i in range(HELD_MODELS + 1):
+        pool.hold_model(f"comfyui-model:{i}", {"w": torch.zeros(1)}, f"d{i}", ())
+    assert list(pool._held) == [f"comfyui-model:{i}" for i in range(1, HELD_MODELS + 1)]
+    assert list(pool._held_patches) == [f"d{i}" for i in range(1, HELD_MODELS + 1)]
+    pool.hold_model("comfyui-model:1", {"w": torch.ones(1)})  # used again: kept longest
+    assert list(pool._held)[-1] == "comfyui-model:1"

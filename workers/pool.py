@@ -34,6 +34,9 @@ from .world import World
 logger = logging.getLogger(__name__)
 
 
+HELD_MODELS = 2  # ComfyUI MODELs (and LoRA sets) whose weights a pool keeps for re-shipping
+
+
 class XDiTPool:
     """Owns the Ray connection, the job channel, the world of rank actors and the job queue."""
 
@@ -235,9 +238,14 @@ class XDiTPool:
     def hold_model(self, path: str, state: Any, digest: str = "", patches: Any = ()) -> None:
         """Keep a ComfyUI MODEL's base weights (and LoRA patches) for jobs whose ModelRef names ``path``
         (and ``digest``): the pool ships them to the ranks when a job needs them loaded."""
+        self._held.pop(path, None)  # re-inserted last: the most recently used stays
         self._held[path] = state
         if digest:
+            self._held_patches.pop(digest, None)
             self._held_patches[digest] = tuple(patches)
+        for held in (self._held, self._held_patches):  # older MODELs' weights are let go
+            while len(held) > HELD_MODELS:
+                held.pop(next(iter(held)))
 
     def _load(self, world: World, request: GenerationRequest) -> None:
         key = (request.model, request.parallel)
