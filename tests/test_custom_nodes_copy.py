@@ -34,7 +34,7 @@ def test_pack_loads_from_a_plain_copy(copy_host: ComfyHost) -> None:
     plugin = copy_host.base_dir / "custom_nodes" / "comfyui-xdit"
     assert plugin.is_dir() and not plugin.is_symlink()
     info = copy_host.get_json("/object_info")
-    for node_id in ("XDiTPool", "XDiTLoadModel", "XDiTSampler"):
+    for node_id in ("XDiTPool", "XDiTLoadModel", "XDiTParallelModel", "XDiTSampler"):
         assert node_id in info, f"{node_id} missing:\n{copy_host.log_tail()}"
         assert info[node_id]["python_module"] == "custom_nodes.comfyui-xdit"
     log = copy_host.log_tail(200_000)
@@ -42,4 +42,5 @@ def test_pack_loads_from_a_plain_copy(copy_host: ComfyHost) -> None:
     assert copy_host.get_json("/xdit/pool/status") == {"pools": []}
     assert (plugin / "web" / "xdit.js").is_file()
     served = copy_host.get_json("/api/workflow_templates")
-    assert len(served.get("comfyui-xdit", [])) == 3, served
+    shipped = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "example_workflows").glob("*.json"))
+    assert sorted(served.get("comfyui-xdit", [])) == shipped, served
