@@ -19,8 +19,14 @@ SamplerStep = Callable[..., "tuple[torch.Tensor, SamplerState]"]  # (x, denoised
 
 SAMPLER_NAMES = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm",
                  "ipndm", "ipndm_v", "res_multistep", "ddim")
-NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm"})  # draw fresh noise during sampling (default noise sampler)
-SDE_SAMPLERS = frozenset({"dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})  # Brownian-tree noise, first sigma offset  # draw fresh noise during sampling (ComfyUI's noise sampler)
+# samplers that draw fresh noise while sampling from ComfyUI's default noise sampler (one draw per ask)
+NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm"})
+# samplers that draw their noise from ComfyUI's CPU Brownian tree
+BROWNIAN_SAMPLERS = frozenset({"dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
+# samplers that step on half log-SNR and so start just below sigma 1 (offset_first_sigma_for_snr)
+SNR_OFFSET_SAMPLERS = frozenset({"dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
+# KSampler computes one more sigma for these and drops the second to last (its DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
+DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset()
 
 
 def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,

@@ -19,7 +19,8 @@ from .inpaint import Inpaint, build_inpaint
 from .models.flux import FluxAdapter
 from .noise import AncestralNoise, BrownianNoise, inpaint_noise, prepare_batch_noise
 from .request import GenerationRequest
-from .samplers import NOISE_SAMPLERS, SDE_SAMPLERS, SamplerStep, sampler_step
+from .samplers import (BROWNIAN_SAMPLERS, DISCARD_PENULTIMATE_SIGMA_SAMPLERS, NOISE_SAMPLERS, SNR_OFFSET_SAMPLERS,
+                       SamplerStep, sampler_step)
 from .sigmas import DiscreteFlowShift, FluxShift, ModelSampling, offset_first_sigma_for_snr, resolution_shift, sampling_sigmas
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPl
     if request.sigmas is not None:  # SamplerCustom: the schedule as given
         sigmas = request.sigmas.detach().to("cpu", torch.float32)
     else:
-        sigmas = sampling_sigmas(model_sampling, request.scheduler, request.steps, request.denoise)
+        sigmas = sampling_sigmas(model_sampling, request.scheduler, request.steps, request.denoise,
+                                 discard_penultimate=request.sampler in DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
     if torch.count_nonzero(latent) > 0:  # ComfyUI does not shift the empty latent
         latent = adapter.latent_format.process_in(latent)
     inpaint = None
@@ -116,13 +118,14 @@ def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPl
         sigma0 = sigmas[0]
         latent = sigma0 * noise + (1.0 - sigma0) * latent  # CONST noise scaling
     _, _, h, w = latent.shape
-    sde = request.sampler in SDE_SAMPLERS
-    loop_sigmas = offset_first_sigma_for_snr(sigmas, model_sampling) if sde else sigmas  # after noise scaling
+    brownian = request.sampler in BROWNIAN_SAMPLERS
+    loop_sigmas = (offset_first_sigma_for_snr(sigmas, model_sampling) if request.sampler in SNR_OFFSET_SAMPLERS
+                   else sigmas)  # offset after noise scaling, as ComfyUI's samplers do
     return SamplingPlan(x=adapter.pack(latent), sigmas=loop_sigmas, image_ids=adapter.image_ids(h, w), height=h,
                         width=w, step=sampler_step(request.sampler), positive=request.positive,
                         negative=request.negative if request.uses_cfg else None, cfg=request.cfg, inpaint=inpaint,
-                        noise_seed=request.seed if request.sampler in NOISE_SAMPLERS | SDE_SAMPLERS else None,
-                        latent_shape=tuple(latent.shape), brownian_span=sigmas if sde else None)
+                        noise_seed=request.seed if request.sampler in NOISE_SAMPLERS | BROWNIAN_SAMPLERS else None,
+                        latent_shape=tuple(latent.shape), brownian_span=sigmas if brownian else None)
 
 
 def denoised_from(x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:

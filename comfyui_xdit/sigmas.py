@@ -227,13 +227,22 @@ def scheduler_sigmas(sampling: ModelSampling, scheduler: str, steps: int) -> tor
     return handler(sampling, steps)
 
 
-def sampling_sigmas(sampling: ModelSampling, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
-    """KSampler's sigmas: ``steps + 1`` values; ``denoise < 1`` keeps the tail of a longer schedule."""
+def sampling_sigmas(sampling: ModelSampling, scheduler: str, steps: int, denoise: float = 1.0,
+                    discard_penultimate: bool = False) -> torch.Tensor:
+    """KSampler's sigmas: ``steps + 1`` values; ``denoise < 1`` keeps the tail of a longer schedule.
+    ``discard_penultimate`` (dpm_2, uni_pc, ...): each schedule is computed for one more step and its
+    second to last sigma dropped, as KSampler does for those samplers."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+
+    def schedule(n: int) -> torch.Tensor:
+        if not discard_penultimate:
+            return scheduler_sigmas(sampling, scheduler, n)
+        sigmas = scheduler_sigmas(sampling, scheduler, n + 1)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
+
     if denoise > 0.9999:
-        return scheduler_sigmas(sampling, scheduler, steps)
+        return schedule(steps)
     if denoise <= 0.0:
         return torch.FloatTensor([])
-    longer = scheduler_sigmas(sampling, scheduler, int(steps / denoise))
-    return longer[-(steps + 1):]
+    return schedule(int(steps / denoise))[-(steps + 1):]
