@@ -31,7 +31,7 @@ class Engine:
                  should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
         """Sample ``request``; returns a LATENT (B, C, H, W) float32 in ComfyUI's convention."""
         plan = prepare_plan(self.adapter, request)
-        if plan.total_steps <= 0:  # denoise == 0: ComfyUI hands the input back untouched
+        if plan.total_calls <= 0:  # denoise == 0: ComfyUI hands the input back untouched
             return request.latent.clone()
         x = run_loop(self.adapter, plan, self._velocity(plan), on_step, should_stop)
         return finish(self.adapter, plan, x)

@@ -61,12 +61,13 @@ class AncestralNoise:
 
 class BrownianNoise:
     """ComfyUI's ``BrownianTreeNoiseSampler`` as its SDE samplers build it (tree on the CPU, seeded with the
-    job's seed, spanning the schedule's smallest positive to largest sigma): step ``i``'s noise is the
-    tree's increment between ``sigmas[i]`` and ``sigmas[i + 1]``, scaled to unit variance, then packed.
-    The tree answers any interval the same way, so patches of a step share one query."""
+    job's seed, spanning the schedule's smallest positive to largest sigma): model call ``k``'s noise is
+    the tree's increment over ``noise_spans[k]`` (a one-call sampler's step interval ``sigmas[k]`` to
+    ``sigmas[k + 1]``), scaled to unit variance, then packed. The tree answers any interval the same
+    way, so patches of a call share one query."""
 
     def __init__(self, seed: int, latent_shape: Sequence[int], pack: Callable[[torch.Tensor], torch.Tensor],
-                 device: torch.device, span: torch.Tensor, sigmas: torch.Tensor) -> None:
+                 device: torch.device, span: torch.Tensor, noise_spans: torch.Tensor) -> None:
         try:
             import torchsde  # ComfyUI's own requirement; only SDE samplers need it
         except ImportError as exc:
@@ -77,13 +78,13 @@ class BrownianNoise:
         low, high = span[span > 0].min(), span.max()
         self.tree = torchsde.BrownianTree(low.detach().cpu(), torch.zeros(list(latent_shape)), high.detach().cpu(),
                                           entropy=seed)
-        self.sigmas, self.pack, self.device = sigmas, pack, device
+        self.noise_spans, self.pack, self.device = noise_spans, pack, device  # (calls, 2)
         self._step: Optional[int] = None
         self._noise: Optional[torch.Tensor] = None
 
     def __call__(self, step: int) -> torch.Tensor:
         if self._step != step:
-            sigma, sigma_next = self.sigmas[step], self.sigmas[step + 1]
+            sigma, sigma_next = self.noise_spans[step]
             low, high, sign = (sigma, sigma_next, 1) if sigma < sigma_next else (sigma_next, sigma, -1)
             increment = torch.stack([self.tree(low.cpu().float(), high.cpu().float())]).to(self.device) * sign
             noise = increment[0] / (sigma_next - sigma).abs().sqrt()  # (B, C, H, W)

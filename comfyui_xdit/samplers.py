@@ -9,24 +9,28 @@ operation on float32 0-dim sigma tensors, so the results match bit for bit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from .multi_call_samplers import MULTI_CALL_SAMPLERS, call_schedule, multi_call_step
 
 SamplerState = Optional[tuple[torch.Tensor, ...]]  # history, oldest first, each shaped like x
 StepNoise = Optional[Callable[[], torch.Tensor]]  # this step's noise for the tokens at hand (ancestral samplers)
 SamplerStep = Callable[..., "tuple[torch.Tensor, SamplerState]"]  # (x, denoised, sigmas, i, state, noise=None)
 
-SAMPLER_NAMES = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm",
+SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+                 "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm",
                  "ipndm", "ipndm_v", "res_multistep", "ddim")
 # samplers that draw fresh noise while sampling from ComfyUI's default noise sampler (one draw per ask)
-NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm"})
+NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm", "dpm_2_ancestral", "dpmpp_2s_ancestral"})
 # samplers that draw their noise from ComfyUI's CPU Brownian tree
-BROWNIAN_SAMPLERS = frozenset({"dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
+BROWNIAN_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
 # samplers that step on half log-SNR and so start just below sigma 1 (offset_first_sigma_for_snr)
-SNR_OFFSET_SAMPLERS = frozenset({"dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
+SNR_OFFSET_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
 # KSampler computes one more sigma for these and drops the second to last (its DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
-DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset()
+DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral"})
 
 
 def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
@@ -257,10 +261,42 @@ _SAMPLERS: dict[str, SamplerStep] = {"euler": euler_step, "euler_ancestral": eul
 
 
 def sampler_step(name: str) -> SamplerStep:
+    """The step of a one-call sampler (model call ``i`` is step ``i``); see ``sampler_program`` for all."""
     try:
         return _SAMPLERS[name]
     except KeyError:
+        if name in MULTI_CALL_SAMPLERS:
+            raise ValueError(f"sampler {name!r} calls the model more than once per step; use sampler_program") from None
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}") from None
+
+
+@dataclass(frozen=True)
+class SamplerProgram:
+    """How a sampler runs over a schedule: the sigma of every model call, in order, and the step applied
+    after call ``k``: ``step(x, denoised, sigmas, k, state, noise)`` returns the next model input (the
+    result after the last call). For one-call samplers call ``k`` is step ``k``."""
+
+    step: SamplerStep
+    call_sigmas: torch.Tensor  # (calls,) float32: the sigma the model sees at each call
+    noise_spans: torch.Tensor  # (calls, 2) float32: the Brownian-tree interval of noise drawn after a call
+    call_steps: tuple[int, ...]  # the sampler step each call belongs to
+
+    @property
+    def total_calls(self) -> int:
+        return len(self.call_steps)
+
+    def calls_before_step(self, step: int) -> int:
+        """How many model calls the first ``step`` sampler steps make."""
+        return sum(1 for s in self.call_steps if s < step)
+
+
+def sampler_program(name: str, sigmas: torch.Tensor) -> SamplerProgram:
+    if name in MULTI_CALL_SAMPLERS:
+        schedule = call_schedule(name, sigmas)
+        return SamplerProgram(multi_call_step(name, schedule), schedule.sigmas, schedule.noise_spans, schedule.steps)
+    steps = max(len(sigmas) - 1, 0)
+    return SamplerProgram(sampler_step(name), sigmas[:steps], torch.stack([sigmas[:steps], sigmas[1:]], dim=1),
+                          tuple(range(steps)))
 
 
 def step_patch(step: SamplerStep, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
@@ -272,11 +308,13 @@ def step_patch(step: SamplerStep, x: torch.Tensor, denoised: torch.Tensor, sigma
     ``noise(i)`` is step ``i``'s whole-latent noise (an ``AncestralNoise``); the patch takes its slice."""
     part_state = None if state is None else tuple(t[:, start:stop] for t in state)
     part_noise = None if noise is None else (lambda: noise(i)[:, start:stop])
-    x[:, start:stop], new_state = step(x[:, start:stop], denoised, sigmas, i, part_state, part_noise)
+    new_x, new_state = step(x[:, start:stop], denoised, sigmas, i, part_state, part_noise)
     if new_state is None:
+        x[:, start:stop] = new_x
         return state
     whole = list(state or ())
     whole += [torch.empty_like(x) for _ in range(len(new_state) - len(whole))]
     for tensor, part in zip(whole, new_state):  # oldest first: a shifted history reads what it overwrites next
         tensor[:, start:stop] = part
+    x[:, start:stop] = new_x  # after the state, which may hold this slice of x (a step's starting latent)
     return tuple(whole[:len(new_state)])

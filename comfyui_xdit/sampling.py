@@ -20,7 +20,7 @@ from .models.flux import FluxAdapter
 from .noise import AncestralNoise, BrownianNoise, inpaint_noise, prepare_batch_noise
 from .request import GenerationRequest
 from .samplers import (BROWNIAN_SAMPLERS, DISCARD_PENULTIMATE_SIGMA_SAMPLERS, NOISE_SAMPLERS, SNR_OFFSET_SAMPLERS,
-                       SamplerStep, sampler_step)
+                       SamplerProgram, SamplerStep, sampler_program)
 from .sigmas import DiscreteFlowShift, FluxShift, ModelSampling, offset_first_sigma_for_snr, resolution_shift, sampling_sigmas
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class SamplingPlan:
     image_ids: torch.Tensor  # (N, 3)
     height: int  # latent height / width (not pixels)
     width: int
-    step: SamplerStep
+    program: SamplerProgram  # the sampler's model calls and its step after each
     positive: Conditioning
     negative: Optional[Conditioning]
     cfg: float
@@ -70,12 +70,23 @@ class SamplingPlan:
             return None
         if self.brownian_span is not None:
             return BrownianNoise(self.noise_seed, self.latent_shape, FluxAdapter.pack, device, self.brownian_span,
-                                 self.sigmas)
+                                 self.program.noise_spans)
         return AncestralNoise(self.noise_seed, self.latent_shape, FluxAdapter.pack, device)
 
     @property
-    def total_steps(self) -> int:
-        return max(len(self.sigmas) - 1, 0)
+    def step(self) -> SamplerStep:
+        """The step after model call ``k``: ``step(x, denoised, sigmas, k, state, noise)``."""
+        return self.program.step
+
+    @property
+    def call_sigmas(self) -> torch.Tensor:
+        """(calls,) the sigma of each model call; the schedule's sigmas but the last for one-call samplers."""
+        return self.program.call_sigmas
+
+    @property
+    def total_calls(self) -> int:
+        """Model calls per branch (sampler steps for one-call samplers; PipeFusion's pipeline steps)."""
+        return self.program.total_calls
 
 
 def model_sampling_for(adapter: FluxAdapter, request: GenerationRequest) -> ModelSampling:
@@ -122,7 +133,7 @@ def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPl
     loop_sigmas = (offset_first_sigma_for_snr(sigmas, model_sampling) if request.sampler in SNR_OFFSET_SAMPLERS
                    else sigmas)  # offset after noise scaling, as ComfyUI's samplers do
     return SamplingPlan(x=adapter.pack(latent), sigmas=loop_sigmas, image_ids=adapter.image_ids(h, w), height=h,
-                        width=w, step=sampler_step(request.sampler), positive=request.positive,
+                        width=w, program=sampler_program(request.sampler, loop_sigmas), positive=request.positive,
                         negative=request.negative if request.uses_cfg else None, cfg=request.cfg, inpaint=inpaint,
                         noise_seed=request.seed if request.sampler in NOISE_SAMPLERS | BROWNIAN_SAMPLERS else None,
                         latent_shape=tuple(latent.shape), brownian_span=sigmas if brownian else None)
@@ -175,9 +186,9 @@ def run_loop(adapter: FluxAdapter, plan: SamplingPlan, velocity: VelocityFn, on_
     inpaint = plan.inpaint.to(adapter.device) if plan.inpaint is not None else None
     step_noise = plan.step_noise(x.device)
     batch = x.shape[0]
-    for i in range(plan.total_steps):
+    for i in range(plan.total_calls):
         check_stop(should_stop, i)
-        sigma = plan.sigmas[i]
+        sigma = plan.call_sigmas[i]
         sigma_batch = sigma * x.new_ones(batch)
         seen = inpaint.model_input(x, sigma) if inpaint is not None else x  # what the model sees
         cond = denoised_from(seen, sigma, velocity(seen, sigma_batch, plan.positive))
@@ -187,5 +198,5 @@ def run_loop(adapter: FluxAdapter, plan: SamplingPlan, velocity: VelocityFn, on_
             denoised = inpaint.model_output(denoised)
         x, state = plan.step(x, denoised, plan.sigmas, i, state, None if step_noise is None else (lambda: step_noise(i)))
         if on_step is not None:
-            on_step(StepEvent(i + 1, plan.total_steps, preview_latent(adapter, plan, denoised)))
+            on_step(StepEvent(i + 1, plan.total_calls, preview_latent(adapter, plan, denoised)))
     return x

@@ -83,6 +83,13 @@ CASES = {
     "ipndm-v-karras-6-steps": dict(sampler="ipndm_v", scheduler="karras", steps=6),
     "ipndm-simple-6-steps": dict(sampler="ipndm", scheduler="simple", steps=6),
     "res-multistep-beta-cfg": dict(sampler="res_multistep", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
+    "heun-simple": dict(sampler="heun", scheduler="simple"),
+    "heunpp2-karras-5-steps": dict(sampler="heunpp2", scheduler="karras", steps=5),
+    "dpm-2-beta-cfg": dict(sampler="dpm_2", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
+    "dpm-2-ancestral-simple": dict(sampler="dpm_2_ancestral", scheduler="simple"),
+    "dpmpp-2s-ancestral-normal-cfg": dict(sampler="dpmpp_2s_ancestral", scheduler="normal", cfg=2.5,
+                                          negative=_conditioning(2)),
+    "dpmpp-sde-karras": dict(sampler="dpmpp_sde", scheduler="karras"),
     "img2img-denoise": dict(sampler="euler", scheduler="simple", denoise=0.6,
                             latent=torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(5))),
 }

@@ -60,7 +60,7 @@ class ParallelEngine:
         plan = prepare_plan(self.adapter, request)
         self.parallel.validate_for(self.mesh.world_size, self.adapter.num_heads, plan.x.shape[1], request.cfg,
                                    num_blocks=len(self.adapter.blocks))
-        if plan.total_steps == 0:  # denoise == 0: ComfyUI hands the input back untouched
+        if plan.total_calls == 0:  # denoise == 0: ComfyUI hands the input back untouched
             return request.latent.clone()
         x = self._run(plan, on_step, should_stop)
         return finish(self.adapter, plan, x)
@@ -97,11 +97,11 @@ class ParallelEngine:
         step_noise = plan.step_noise(x.device)  # every rank steps the whole latent: each draws the same
         image_ids = plan.image_ids
         state = None
-        for i in range(plan.total_steps):
+        for i in range(plan.total_calls):
             if self.counter is not None:
                 self.counter.begin_step(i)
             self._check_stop(should_stop, i, x.device)
-            sigma = plan.sigmas[i]
+            sigma = plan.call_sigmas[i]
             sigma_batch = sigma * x.new_ones(x.shape[0])
             seen = inpaint.model_input(x, sigma) if inpaint is not None else x  # what the model sees
 
@@ -116,7 +116,7 @@ class ParallelEngine:
                 denoised = inpaint.model_output(denoised)
             x, state = plan.step(x, denoised, plan.sigmas, i, state, None if step_noise is None else (lambda: step_noise(i)))
             if on_step is not None:
-                on_step(StepEvent(i + 1, plan.total_steps, preview_latent(self.adapter, plan, denoised)))
+                on_step(StepEvent(i + 1, plan.total_calls, preview_latent(self.adapter, plan, denoised)))
         return x
 
     # ---- helpers --------------------------------------------------------------------------------

@@ -163,8 +163,9 @@ class PipeFusionLoop:
     @torch.no_grad()
     def run(self, plan: SamplingPlan, on_step: Optional[OnStep] = None,
             should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
-        adapter, links, total = self.adapter, self.links, plan.total_steps
-        num_tokens, patches, warmup = plan.x.shape[1], self.parallel.patches, self.parallel.warmup_steps
+        adapter, links, total = self.adapter, self.links, plan.total_calls
+        num_tokens, patches = plan.x.shape[1], self.parallel.patches
+        warmup = plan.program.calls_before_step(self.parallel.warmup_steps)  # warm-up steps counted in model calls
         bounds = patch_bounds(num_tokens, patches)
         items = list(stage_work(total, warmup, patches))
         returned = {w: returned_range(w, warmup, bounds, num_tokens, self.shard) for w in items}
@@ -196,7 +197,7 @@ class PipeFusionLoop:
                     returns.until(producer_of_input(work, warmup), x)
                 start, stop = (0, num_tokens) if work.is_warmup else bounds[work.patch]
                 lo, hi = shard_range(self.shard, start, stop)
-                sigma = plan.sigmas[step]
+                sigma = plan.call_sigmas[step]
                 part = x[:, lo:hi]  # (B, n_local, C_latent): this rank's shard of the item
                 seen = inpaint.model_input(part, sigma, lo) if inpaint is not None else part  # what the model sees
                 sigma_batch = sigma * part.new_ones(part.shape[0])
@@ -232,7 +233,7 @@ class PipeFusionLoop:
               step_noise: Optional[AncestralNoise]) -> SamplerState:
         """Last stage: CFG (+ the noise mask) + sampler step on one patch of ``x`` in place; hand tokens
         ``back`` of it (and at a step's end the preview) to stage 0."""
-        links, total = self.links, plan.total_steps
+        links, total = self.links, plan.total_calls
         guided = self._guided(denoised, plan.cfg)
         if inpaint is not None:
             guided = inpaint.model_output(guided, start)

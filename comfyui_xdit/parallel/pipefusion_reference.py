@@ -22,7 +22,7 @@ from .pipefusion_schedule import patch_bounds, stage_work
 def pipefusion_reference(adapter: FluxAdapter, plan: SamplingPlan, num_patches: int,
                          warmup_steps: int) -> torch.Tensor:
     """Final tokens (B, N, 64) of PipeFusion sampling with ``num_patches`` patches after ``warmup_steps``."""
-    if warmup_steps < 1 and plan.total_steps > 0:
+    if warmup_steps < 1 and plan.total_calls > 0:
         raise ValueError("PipeFusion needs warmup_steps >= 1 to fill its K/V buffers")
     num_tokens = plan.x.shape[1]
     bounds = patch_bounds(num_tokens, num_patches)
@@ -32,9 +32,10 @@ def pipefusion_reference(adapter: FluxAdapter, plan: SamplingPlan, num_patches: 
     step_noise = plan.step_noise(x.device)
     saved = adapter.seam.backend
     try:
-        for work in stage_work(plan.total_steps, warmup_steps, num_patches):
+        warmup = plan.program.calls_before_step(warmup_steps)  # the warm-up steps' model calls
+        for work in stage_work(plan.total_calls, warmup, num_patches):
             start, stop = (0, num_tokens) if work.is_warmup else bounds[work.patch]
-            sigma = plan.sigmas[work.step]
+            sigma = plan.call_sigmas[work.step]
             part = x[:, start:stop]  # (B, n, 64)
             seen = plan.inpaint.model_input(part, sigma, start) if plan.inpaint is not None else part
             denoised = []
