@@ -64,10 +64,12 @@ class BrownianNoise:
     job's seed, spanning the schedule's smallest positive to largest sigma): model call ``k``'s noise is
     the tree's increment over ``noise_spans[k]`` (a one-call sampler's step interval ``sigmas[k]`` to
     ``sigmas[k + 1]``), scaled to unit variance, then packed. The tree answers any interval the same
-    way, so patches of a call share one query."""
+    way, so patches of a call share one query. ``tree_on_device`` (the ``_gpu`` samplers): the tree lives
+    and is queried on ``device``, as ComfyUI's ``cpu=False`` tree does on the model's device."""
 
     def __init__(self, seed: int, latent_shape: Sequence[int], pack: Callable[[torch.Tensor], torch.Tensor],
-                 device: torch.device, span: torch.Tensor, noise_spans: torch.Tensor) -> None:
+                 device: torch.device, span: torch.Tensor, noise_spans: torch.Tensor,
+                 tree_on_device: bool = False) -> None:
         try:
             import torchsde  # ComfyUI's own requirement; only SDE samplers need it
         except ImportError as exc:
@@ -76,17 +78,19 @@ class BrownianNoise:
                                f"sampler without _sde") from exc
 
         low, high = span[span > 0].min(), span.max()
-        self.tree = torchsde.BrownianTree(low.detach().cpu(), torch.zeros(list(latent_shape)), high.detach().cpu(),
-                                          entropy=seed)
+        self.tree_device = torch.device(device) if tree_on_device else torch.device("cpu")
+        self.tree = torchsde.BrownianTree(low.detach().to(self.tree_device),
+                                          torch.zeros(list(latent_shape), device=self.tree_device),
+                                          high.detach().to(self.tree_device), entropy=seed)
         self.noise_spans, self.pack, self.device = noise_spans, pack, device  # (calls, 2)
         self._step: Optional[int] = None
         self._noise: Optional[torch.Tensor] = None
 
     def __call__(self, step: int) -> torch.Tensor:
         if self._step != step:
-            sigma, sigma_next = self.noise_spans[step]
+            sigma, sigma_next = self.noise_spans[step].to(self.tree_device)
             low, high, sign = (sigma, sigma_next, 1) if sigma < sigma_next else (sigma_next, sigma, -1)
-            increment = torch.stack([self.tree(low.cpu().float(), high.cpu().float())]).to(self.device) * sign
-            noise = increment[0] / (sigma_next - sigma).abs().sqrt()  # (B, C, H, W)
+            increment = torch.stack([self.tree(low.float(), high.float())]).to(self.device) * sign
+            noise = increment[0] / (sigma_next - sigma).abs().sqrt().to(self.device)  # (B, C, H, W)
             self._step, self._noise = step, self.pack(noise)
         return self._noise

@@ -28,6 +28,18 @@ def nccl_semantics_everywhere():
             os.environ[name] = value
 
 
+SLOW_ENV = "XDIT_SLOW_TESTS"  # 1: also run the tests marked slow
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get(SLOW_ENV) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"slow suite: opt in with {SLOW_ENV}=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
