@@ -1,4 +1,4 @@
-"""How one engine is spread over ranks: cfg x pipefusion x ring x ulysses."""
+"""How one engine is spread over ranks: data x cfg x pipefusion x ring x ulysses."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ class ParallelConfig:
 
     ``num_patches`` (PipeFusion's M) defaults to ``pipefusion_degree``; ``warmup_steps`` are the
     synchronous full steps PipeFusion runs before it starts reusing one-step-stale K/V.
+    ``data_degree`` splits the images of a batch over that many rank groups (xDiT's data parallel degree),
+    each laid out as cfg x pipefusion x ring x ulysses.
     """
 
+    data_degree: int = 1
     cfg_degree: int = 1
     pipefusion_degree: int = 1
     ring_degree: int = 1
@@ -21,7 +24,7 @@ class ParallelConfig:
     warmup_steps: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("cfg_degree", "pipefusion_degree", "ring_degree", "ulysses_degree"):
+        for name in ("data_degree", "cfg_degree", "pipefusion_degree", "ring_degree", "ulysses_degree"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -42,6 +45,11 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
+        return self.data_degree * self.group_size
+
+    @property
+    def group_size(self) -> int:
+        """Ranks of one data group (one batch chunk): cfg x pipefusion x ring x ulysses."""
         return self.cfg_degree * self.pipefusion_degree * self.ring_degree * self.ulysses_degree
 
     @property
@@ -58,15 +66,17 @@ class ParallelConfig:
         return self.world_size == 1
 
     def describe(self) -> str:
-        return (f"cfg {self.cfg_degree} x pipefusion {self.pipefusion_degree} x ring {self.ring_degree} x "
+        data = f"data {self.data_degree} x " if self.data_degree > 1 else ""
+        return (f"{data}cfg {self.cfg_degree} x pipefusion {self.pipefusion_degree} x ring {self.ring_degree} x "
                 f"ulysses {self.ulysses_degree} (patches {self.patches})")
 
     def validate_for(self, world_size: int, num_heads: int, image_tokens: int, cfg: float,
-                     num_blocks: int | None = None) -> None:
+                     num_blocks: int | None = None, batch_size: int | None = None) -> None:
         """Check the fit to a world, a model and a resolution; ``ValueError`` names a working alternative.
 
         ``image_tokens`` is the packed token count (latent h/2 * w/2); ``cfg`` the request's guidance scale;
-        ``num_blocks`` the model's transformer blocks (PipeFusion stages split them; None skips that check).
+        ``num_blocks`` the model's transformer blocks (PipeFusion stages split them; None skips that check);
+        ``batch_size`` the latent's images (each data group needs one; None skips that check).
         """
         if self.world_size != world_size:
             raise ValueError(f"{self.describe()} needs {self.world_size} ranks but the world has {world_size}; "
@@ -92,10 +102,18 @@ class ParallelConfig:
                              f"{split}" + (", fewer patches (--patches)" if self.patches > self.pipefusion_degree
                                            else "")
                              + (f", or other degrees, e.g. {fit.describe()}" if fit is not None else ""))
+        if batch_size is not None:
+            self.check_batch(batch_size)
         if self.cfg_degree == 2 and cfg == 1.0:
             raise ValueError("cfg_degree 2 runs the positive and negative CFG branches on two rank groups, but cfg is "
                              "1.0, where ComfyUI skips the negative branch; set cfg != 1.0 with a negative prompt, "
                              "or drop CFG parallel (--cfg-parallel) and give the ranks to ulysses or ring")
+
+    def check_batch(self, batch_size: int) -> None:
+        """Every data group samples at least one image of the batch."""
+        if self.data_degree > batch_size:
+            raise ValueError(f"data_degree {self.data_degree} needs a batch of at least {self.data_degree} images, "
+                             f"the latent has {batch_size}; lower data_degree (--data-degree) or raise batch_size")
 
 
 def divisors(n: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Rank layout ``arange(world).reshape(cfg, pipefusion, ring, ulysses)`` and its process groups."""
+"""Rank layout ``arange(world).reshape(data, cfg, pipefusion, ring, ulysses)`` and its process groups."""
 
 from __future__ import annotations
 
@@ -17,7 +17,22 @@ CONFIG = ParallelConfig(cfg_degree=2, pipefusion_degree=1, ring_degree=2, ulysse
 
 def test_rank_grid_is_a_reshape() -> None:
     grid = rank_grid(CONFIG)
-    assert grid.shape == (2, 1, 2, 2) and grid.flatten().tolist() == list(range(8))
+    assert grid.shape == (1, 2, 1, 2, 2) and grid.flatten().tolist() == list(range(8))
+
+
+DATA = ParallelConfig(data_degree=2, cfg_degree=2, ulysses_degree=2)
+
+
+def test_data_axis_is_outermost() -> None:
+    """A data group is a block of consecutive ranks laid out as the world without the data axis."""
+    assert rank_grid(DATA).shape == (2, 2, 1, 1, 2) and DATA.world_size == 8 and DATA.group_size == 4
+    assert groups_along(DATA, ("data",)) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert groups_along(DATA, ("ulysses",)) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups_along(DATA, ("cfg",)) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups_along(DATA, ("cfg", "pipefusion", "ring", "ulysses")) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert RankCoords.of(6, DATA) == RankCoords(data=1, cfg=1, pipefusion=0, ring=0, ulysses=0)
+    assert RankCoords.of(6, DATA).index_along(DATA, ("cfg",)) == 1
+    assert "data 2 x cfg 2" in DATA.describe() and "data" not in CONFIG.describe()
 
 
 def test_groups_along_each_axis() -> None:
@@ -35,7 +50,7 @@ def test_coords_and_index_match_group_position() -> None:
         for row in groups_along(CONFIG, axes):
             for position, rank in enumerate(row):
                 assert RankCoords.of(rank, CONFIG).index_along(CONFIG, axes) == position
-    assert RankCoords.of(6, CONFIG) == RankCoords(cfg=1, pipefusion=0, ring=1, ulysses=0)
+    assert RankCoords.of(6, CONFIG) == RankCoords(data=0, cfg=1, pipefusion=0, ring=1, ulysses=0)
     with pytest.raises(ValueError, match="outside a world of 8"):
         RankCoords.of(8, CONFIG)
 
@@ -94,9 +109,11 @@ def _stop_forkserver() -> Iterator[None]:
 
 def test_groups_on_four_ranks() -> None:
     configs = [ParallelConfig(cfg_degree=2, ring_degree=2), ParallelConfig(pipefusion_degree=2, ulysses_degree=2),
-               ParallelConfig(ring_degree=2, ulysses_degree=2), ParallelConfig(pipefusion_degree=4)]
+               ParallelConfig(ring_degree=2, ulysses_degree=2), ParallelConfig(pipefusion_degree=4),
+               ParallelConfig(data_degree=2, pipefusion_degree=2), ParallelConfig(data_degree=2, cfg_degree=2),
+               ParallelConfig(data_degree=4)]
     assert run_ranks(4, check_groups, (configs,), timeout=240) == []
 
 
 def test_axes_are_outer_to_inner() -> None:
-    assert AXES == ("cfg", "pipefusion", "ring", "ulysses")
+    assert AXES == ("data", "cfg", "pipefusion", "ring", "ulysses")

@@ -85,3 +85,15 @@ def test_bad_degrees(kwargs: dict) -> None:
 def test_suggest_prefers_ulysses_within_heads() -> None:
     assert suggest(8, 4, 64) == ParallelConfig(ring_degree=2, ulysses_degree=4)
     assert suggest(3, 8, 64) is None
+
+
+def test_data_degree_multiplies_the_world_and_needs_a_big_enough_batch() -> None:
+    config = ParallelConfig(data_degree=2, ulysses_degree=2)
+    assert config.world_size == 4 and config.group_size == 2 and not config.is_serial
+    config.validate_for(4, HEADS, TOKENS, cfg=1.0, batch_size=2)
+    config.validate_for(4, HEADS, TOKENS, cfg=1.0)  # no batch given: not checked
+    with pytest.raises(ValueError, match=r"data_degree 2 needs a batch of at least 2 images.*lower data_degree "
+                                         r"\(--data-degree\) or raise batch_size"):
+        config.validate_for(4, HEADS, TOKENS, cfg=1.0, batch_size=1)
+    with pytest.raises(ValueError, match="data_degree must be a positive integer"):
+        ParallelConfig(data_degree=0)

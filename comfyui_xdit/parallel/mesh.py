@@ -1,8 +1,9 @@
 """Rank layout of the hybrid world and its process groups.
 
-Ranks are ``torch.arange(world).reshape(cfg, pipefusion, ring, ulysses)``: the innermost axis
-(Ulysses, an all-to-all in every attention layer) pairs neighbouring ranks, the outermost (CFG, one
-exchange per step) the farthest ones. A group along a set of axes holds the ranks that differ only
+Ranks are ``torch.arange(world).reshape(data, cfg, pipefusion, ring, ulysses)``: the innermost axis
+(Ulysses, an all-to-all in every attention layer) pairs neighbouring ranks, the outer ones (CFG, one
+exchange per step; data, one gather per generation) the farthest ones. A data group (one chunk of the
+batch) is a contiguous block of ranks laid out exactly as a world without the data axis. A group along a set of axes holds the ranks that differ only
 in those axes, in increasing rank order, so a rank's index in the group is its coordinate there
 (row-major over the group's axes).
 """
@@ -21,10 +22,11 @@ from ..parallel_config import ParallelConfig
 
 logger = logging.getLogger(__name__)
 
-AXES: tuple[str, ...] = ("cfg", "pipefusion", "ring", "ulysses")
+AXES: tuple[str, ...] = ("data", "cfg", "pipefusion", "ring", "ulysses")
 SEQUENCE_AXES: tuple[str, ...] = ("ring", "ulysses")
 # Groups every mesh creates: each axis alone, plus the sequence-parallel pair that gathers a shard.
-DEFAULT_GROUP_AXES: tuple[tuple[str, ...], ...] = (("cfg",), ("pipefusion",), ("ring",), ("ulysses",),
+# (An axis of degree 1 creates no group, so a world without data parallelism has the same groups as before.)
+DEFAULT_GROUP_AXES: tuple[tuple[str, ...], ...] = (("data",), ("cfg",), ("pipefusion",), ("ring",), ("ulysses",),
                                                    SEQUENCE_AXES)
 # Axes that also get a second group over the same ranks: NCCL runs one communicator's operations in
 # order, so PipeFusion's patches going back to stage 0 travel apart from the activations going forward.
@@ -32,11 +34,11 @@ DEFAULT_TWIN_AXES: tuple[tuple[str, ...], ...] = (("pipefusion",),)
 
 
 def degrees(parallel: ParallelConfig) -> tuple[int, ...]:
-    return (parallel.cfg_degree, parallel.pipefusion_degree, parallel.ring_degree, parallel.ulysses_degree)
+    return (parallel.data_degree, parallel.cfg_degree, parallel.pipefusion_degree, parallel.ring_degree, parallel.ulysses_degree)
 
 
 def rank_grid(parallel: ParallelConfig) -> torch.Tensor:
-    """(cfg, pipefusion, ring, ulysses) tensor of global ranks."""
+    """(data, cfg, pipefusion, ring, ulysses) tensor of global ranks."""
     return torch.arange(parallel.world_size).reshape(degrees(parallel))
 
 
@@ -52,15 +54,16 @@ def groups_along(parallel: ParallelConfig, axes: tuple[str, ...]) -> list[list[i
     inner = sorted(AXES.index(a) for a in axes)  # keep the mesh order so rows stay increasing
     outer = [i for i in range(len(AXES)) if i not in inner]
     size = math.prod(degrees(parallel)[i] for i in inner)
-    # (c, p, r, u) -> (outer..., inner...) -> (groups, size)
+    # (d, c, p, r, u) -> (outer..., inner...) -> (groups, size)
     rows = rank_grid(parallel).permute(*outer, *inner).reshape(-1, size)
     return [row.tolist() for row in rows]
 
 
 @dataclass(frozen=True)
 class RankCoords:
-    """One rank's position along each axis."""
+    """One rank's position along each axis (fields in ``AXES`` order)."""
 
+    data: int
     cfg: int
     pipefusion: int
     ring: int
