@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -32,6 +32,14 @@ class Conditioning:
     def for_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Context and pooled repeated to the latent batch, as ComfyUI repeats conds."""
         return _repeat_to(self.context, batch), _repeat_to(self.pooled, batch)
+
+    def rows(self, batch: int, start: int, stop: int) -> "Conditioning":
+        """The conditioning of images ``[start, stop)`` of a ``batch``-image latent: a batch-1 conditioning is
+        shared as is, a bigger one is repeated to the latent batch (as ``for_batch``) and cut to those rows."""
+        if self.context.shape[0] == 1 and self.pooled.shape[0] == 1:
+            return self
+        context, pooled = self.for_batch(batch)
+        return replace(self, context=context[start:stop], pooled=pooled[start:stop])
 
 
 def _repeat_to(tensor: torch.Tensor, batch: int) -> torch.Tensor:

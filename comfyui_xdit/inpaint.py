@@ -26,6 +26,10 @@ class Inpaint:
     def to(self, device: torch.device) -> "Inpaint":
         return Inpaint(self.mask.to(device), self.latent.to(device), self.noise.to(device))
 
+    def rows(self, start: int, stop: int) -> "Inpaint":
+        """Images ``[start, stop)`` of the batch (a data group's chunk)."""
+        return Inpaint(self.mask[start:stop], self.latent[start:stop], self.noise[start:stop])
+
     def model_input(self, x: torch.Tensor, sigma: torch.Tensor, start: int = 0) -> torch.Tensor:
         """What the model sees for tokens ``[start, start + x.shape[1])``: CONST noise scaling of the kept latent."""
         mask, latent, noise = (t[:, start:start + x.shape[1]] for t in (self.mask, self.latent, self.noise))

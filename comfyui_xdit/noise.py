@@ -94,3 +94,14 @@ class BrownianNoise:
             noise = increment[0] / (sigma_next - sigma).abs().sqrt().to(self.device)  # (B, C, H, W)
             self._step, self._noise = step, self.pack(noise)
         return self._noise
+
+
+class BatchRows:
+    """Rows ``[start, stop)`` of a whole-batch step noise (``AncestralNoise`` / ``BrownianNoise``): a data
+    group draws the whole batch's noise, as ComfyUI does, and steps only its images."""
+
+    def __init__(self, noise: Callable[[int], torch.Tensor], start: int, stop: int) -> None:
+        self.noise, self.start, self.stop = noise, start, stop
+
+    def __call__(self, step: int) -> torch.Tensor:
+        return self.noise(step)[self.start:self.stop]  # (B, N, C) -> (stop - start, N, C)

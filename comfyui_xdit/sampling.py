@@ -9,7 +9,7 @@ serial loop here and the parallel loops call the same pieces.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -17,7 +17,7 @@ import torch
 from .conditioning import Conditioning
 from .inpaint import Inpaint, build_inpaint
 from .models.flux import FluxAdapter
-from .noise import AncestralNoise, BrownianNoise, inpaint_noise, prepare_batch_noise
+from .noise import AncestralNoise, BatchRows, BrownianNoise, inpaint_noise, prepare_batch_noise
 from .request import GenerationRequest
 from .samplers import (BROWNIAN_SAMPLERS, DISCARD_PENULTIMATE_SIGMA_SAMPLERS, NOISE_SAMPLERS, SNR_OFFSET_SAMPLERS,
                        SamplerProgram, SamplerStep, sampler_program)
@@ -62,16 +62,35 @@ class SamplingPlan:
     noise_seed: Optional[int] = None  # samplers that draw noise while sampling: the seed ComfyUI gives them
     latent_shape: tuple[int, ...] = ()  # (B, C, H, W): the shape that noise is drawn in
     brownian_span: Optional[torch.Tensor] = None  # SDE samplers: the schedule their Brownian tree spans
+    batch_rows: Optional[tuple[int, int]] = None  # a data group's plan: the rows [start, stop) of the batch it holds
 
-    def step_noise(self, device: torch.device) -> "Optional[AncestralNoise | BrownianNoise]":
-        """The noise the sampler draws during sampling, on ``device`` as ComfyUI draws it; None for
-        samplers that draw none."""
+    def step_noise(self, device: torch.device) -> "Optional[AncestralNoise | BrownianNoise | BatchRows]":
+        """The noise the sampler draws during sampling, on ``device`` as ComfyUI draws it (for the whole
+        batch, then this plan's rows); None for samplers that draw none."""
         if self.noise_seed is None:
             return None
         if self.brownian_span is not None:
-            return BrownianNoise(self.noise_seed, self.latent_shape, FluxAdapter.pack, device, self.brownian_span,
-                                 self.program.noise_spans)
-        return AncestralNoise(self.noise_seed, self.latent_shape, FluxAdapter.pack, device)
+            noise = BrownianNoise(self.noise_seed, self.latent_shape, FluxAdapter.pack, device, self.brownian_span,
+                                  self.program.noise_spans)
+        else:
+            noise = AncestralNoise(self.noise_seed, self.latent_shape, FluxAdapter.pack, device)
+        return noise if self.batch_rows is None else BatchRows(noise, *self.batch_rows)
+
+    def rows(self, start: int, stop: int) -> "SamplingPlan":
+        """The plan for images ``[start, stop)`` of this whole-batch plan (a data group's chunk): its rows of
+        the tokens, the noise mask and the conditioning; the noise drawn while sampling is still drawn for
+        the whole batch (as ComfyUI does) and cut to these rows, so each image samples as in the whole batch."""
+        if self.batch_rows is not None:
+            raise ValueError("rows() takes rows of a whole-batch plan; this plan already holds rows "
+                             f"{self.batch_rows}")
+        batch = self.x.shape[0]
+        if not 0 <= start < stop <= batch:
+            raise ValueError(f"rows [{start}, {stop}) are not a non-empty part of a batch of {batch}")
+        return replace(self, x=self.x[start:stop],
+                       inpaint=self.inpaint.rows(start, stop) if self.inpaint is not None else None,
+                       positive=self.positive.rows(batch, start, stop),
+                       negative=self.negative.rows(batch, start, stop) if self.negative is not None else None,
+                       batch_rows=(start, stop))
 
     @property
     def step(self) -> SamplerStep:

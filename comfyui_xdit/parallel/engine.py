@@ -5,7 +5,9 @@ deterministic), so every rank holds the same ``x``. Each step, the guidance bran
 computed sequence-parallel inside the rank's ring x ulysses group (and, with CFG parallel, one branch
 per cfg rank), gathered whole onto every rank, and the sampler step is applied identically
 everywhere. PipeFusion (pipefusion_degree > 1) runs its own loop (``pipefusion.py``), with ring x
-ulysses inside each stage; ``_run`` is the dispatch point.
+ulysses inside each stage; ``_run`` is the dispatch point. With data_degree > 1 each data group runs
+that loop on its chunk of the batch's images (``data_parallel.py``) and the chunks are gathered at the
+end; the stop vote spans the whole world, so every group stops at the same step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..sampling import (GenerationCancelled, OnStep, SamplingPlan, ShouldStop, S
                         finish, prepare_plan, preview_latent)
 from .cfg_parallel import branch_velocities
 from .comm import CommCounter, agree_any
+from .data_parallel import batch_rows, gather_rows
 from .mesh import SEQUENCE_AXES, Mesh
 from .pipefusion import PipeFusionLoop
 from .sequence_parallel import SequenceParallelVelocity, SequenceShard
@@ -58,11 +61,17 @@ class ParallelEngine:
             raise ValueError(f"request asks for {request.parallel.describe()} but this engine runs "
                              f"{self.parallel.describe()}; build the engine from request.parallel")
         plan = prepare_plan(self.adapter, request)
+        batch = plan.x.shape[0]
         self.parallel.validate_for(self.mesh.world_size, self.adapter.num_heads, plan.x.shape[1], request.cfg,
-                                   num_blocks=len(self.adapter.blocks))
+                                   num_blocks=len(self.adapter.blocks), batch_size=batch)
         if plan.total_calls == 0:  # denoise == 0: ComfyUI hands the input back untouched
             return request.latent.clone()
-        x = self._run(plan, on_step, should_stop)
+        degree = self.parallel.data_degree
+        mine = plan if degree == 1 else plan.rows(*batch_rows(batch, degree, self.mesh.coords.data))
+        x = self._run(mine, on_step, should_stop)  # (rows, N, C): this data group's images
+        if self.counter is not None:
+            self.counter.begin_step(-1)
+        x = gather_rows(x, batch, self.mesh.group(("data",)), degree, self.counter)  # (B, N, C)
         return finish(self.adapter, plan, x)
 
     # ---- the loops ------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 Ranks are ``torch.arange(world).reshape(data, cfg, pipefusion, ring, ulysses)``: the innermost axis
 (Ulysses, an all-to-all in every attention layer) pairs neighbouring ranks, the outer ones (CFG, one
 exchange per step; data, one gather per generation) the farthest ones. A data group (one chunk of the
-batch) is a contiguous block of ranks laid out exactly as a world without the data axis. A group along a set of axes holds the ranks that differ only
-in those axes, in increasing rank order, so a rank's index in the group is its coordinate there
-(row-major over the group's axes).
+batch) is a contiguous block of ranks laid out exactly as a world without the data axis. A group along
+a set of axes holds the ranks that differ only in those axes, in increasing rank order, so a rank's
+index in the group is its coordinate there (row-major over the group's axes).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ DEFAULT_TWIN_AXES: tuple[tuple[str, ...], ...] = (("pipefusion",),)
 
 
 def degrees(parallel: ParallelConfig) -> tuple[int, ...]:
-    return (parallel.data_degree, parallel.cfg_degree, parallel.pipefusion_degree, parallel.ring_degree, parallel.ulysses_degree)
+    return (parallel.data_degree, parallel.cfg_degree, parallel.pipefusion_degree, parallel.ring_degree,
+            parallel.ulysses_degree)
 
 
 def rank_grid(parallel: ParallelConfig) -> torch.Tensor:
