@@ -76,12 +76,14 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
         if latent is None:
             raise ValueError(f"{args.init_latent!r} has no 'samples' tensor (the layout of ComfyUI's SaveLatent)")
     else:
-        latent = torch.zeros(1, 16, args.height // 8, args.width // 8)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        latent = torch.zeros(args.batch_size, 16, args.height // 8, args.width // 8)
     shift = SigmaShift(mode="resolution", max_shift=args.max_shift, base_shift=args.base_shift) \
         if args.resolution_shift else SigmaShift()
-    parallel = ParallelConfig(cfg_degree=2 if args.cfg_parallel else 1, pipefusion_degree=args.pipefusion,
-                              ring_degree=args.ring, ulysses_degree=args.ulysses, num_patches=args.patches,
-                              warmup_steps=args.warmup_steps)
+    parallel = ParallelConfig(data_degree=args.data_degree, cfg_degree=2 if args.cfg_parallel else 1,
+                              pipefusion_degree=args.pipefusion, ring_degree=args.ring, ulysses_degree=args.ulysses,
+                              num_patches=args.patches, warmup_steps=args.warmup_steps)
     return GenerationRequest(model=model, latent=latent, positive=positive,
                              negative=negative if args.cfg != 1.0 else None, seed=args.seed, steps=args.steps,
                              cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, denoise=args.denoise,
@@ -101,7 +103,8 @@ def check_request_fits(request: GenerationRequest) -> None:
         return
     tokens = (request.latent.shape[2] // 2) * (request.latent.shape[3] // 2)
     request.parallel.validate_for(request.parallel.world_size, spec.num_attention_heads, tokens, request.cfg,
-                                  num_blocks=spec.num_layers + spec.num_single_layers)
+                                  num_blocks=spec.num_layers + spec.num_single_layers,
+                                  batch_size=request.latent.shape[0])
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -113,6 +116,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg", type=float, default=1.0)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=1, help="images of the empty latent (not with --init-latent)")
     p.add_argument("--sampler", default="euler", choices=SAMPLER_NAMES)
     p.add_argument("--scheduler", default="simple", choices=SCHEDULER_NAMES)
     p.add_argument("--denoise", type=float, default=1.0)
@@ -124,7 +128,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shift", type=float, default=1.15)
     p.add_argument("--base-shift", type=float, default=0.5)
     p.add_argument("--out", required=True, help="output .safetensors (key 'samples')")
-    par = p.add_argument_group("parallel", "world size = ulysses x ring x pipefusion x (2 with --cfg-parallel); "
+    par = p.add_argument_group("parallel", "world size = data x ulysses x ring x pipefusion x (2 with --cfg-parallel); "
                                "without a GPU each rank is a local CPU process")
     par.add_argument("--ulysses", type=int, default=1, help="Ulysses (all-to-all over heads) degree")
     par.add_argument("--ring", type=int, default=1, help="ring attention degree")
@@ -132,6 +136,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     par.add_argument("--patches", type=int, default=None, help="PipeFusion patches (default: --pipefusion)")
     par.add_argument("--warmup-steps", type=int, default=1, help="PipeFusion synchronous warm-up steps")
     par.add_argument("--cfg-parallel", action="store_true", help="run the two CFG branches on two rank groups")
+    par.add_argument("--data-degree", type=int, default=1,
+                     help="batch groups: the images of the batch split over this many rank groups")
     add_pool_options(p)
     p.add_argument("--in-process", action="store_true",
                    help="skip the Ray pool: sample in this process (local processes for parallel configs)")

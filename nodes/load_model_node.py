@@ -29,7 +29,7 @@ class XDiTLoadModel(io.ComfyNode):
             display_name="xDiT Load Diffusion Model",
             category=CATEGORY,
             description="Loads a Flux diffusion model once onto every rank of the pool. The product of the "
-                        "degrees (x2 with cfg_parallel) is the number of GPUs used.",
+                        "degrees (x2 with cfg_parallel, x data_degree) is the number of GPUs used.",
             inputs=[
                 XDiTPoolType.Input("pool"),
                 io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models")),
@@ -46,26 +46,31 @@ class XDiTLoadModel(io.ComfyNode):
                              "before PipeFusion reuses one-step-stale activations."),
                 io.Boolean.Input("cfg_parallel", default=False, tooltip="Run the positive and negative CFG "
                                  "branches on two rank groups (needs cfg != 1)."),
+                # optional, and last: saved workflows and API prompts without it keep working (default 1)
+                io.Int.Input("data_degree", **degree, optional=True, tooltip="Batch groups: the images of a batch "
+                             "split over this many rank groups, each with the degrees above (needs batch_size >= "
+                             "this)."),
             ],
             outputs=[XDiTModelType.Output(display_name="model")],
         )
 
     @classmethod
     def validate_inputs(cls, unet_name: str, ulysses_degree: int, ring_degree: int, pipefusion_degree: int,
-                        num_patches: int, warmup_steps: int, cfg_parallel: bool) -> bool | str:
+                        num_patches: int, warmup_steps: int, cfg_parallel: bool, data_degree: int = 1) -> bool | str:
         problem = check_config(folder_paths.get_full_path("diffusion_models", unet_name), unet_name,
                                ulysses_degree=ulysses_degree, ring_degree=ring_degree,
                                pipefusion_degree=pipefusion_degree, num_patches=num_patches,
-                               warmup_steps=warmup_steps, cfg_parallel=cfg_parallel)
+                               warmup_steps=warmup_steps, cfg_parallel=cfg_parallel, data_degree=data_degree)
         return problem or True
 
     @classmethod
     def execute(cls, pool: PoolHandle, unet_name: str, weight_dtype: str, ulysses_degree: int, ring_degree: int,
-                pipefusion_degree: int, num_patches: int, warmup_steps: int, cfg_parallel: bool) -> io.NodeOutput:
+                pipefusion_degree: int, num_patches: int, warmup_steps: int, cfg_parallel: bool,
+                data_degree: int = 1) -> io.NodeOutput:
         require_environment()
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         config = parallel_config(ulysses_degree, ring_degree, pipefusion_degree, num_patches, warmup_steps,
-                                 cfg_parallel)
+                                 cfg_parallel, data_degree)
         spec = read_spec(path)  # ValueError naming what the file holds when it is not Flux
         ref = ModelRef(path=path, dtype=resolve_dtype(weight_dtype, pool))
         live = registry().get(pool)

@@ -46,17 +46,22 @@ class XDiTParallelModel(io.ComfyNode):
                 io.Int.Input("num_patches", default=0, min=0, max=256),
                 io.Int.Input("warmup_steps", default=1, min=0, max=10000),
                 io.Boolean.Input("cfg_parallel", default=False),
+                # optional, and last: saved workflows and API prompts without it keep working (default 1)
+                io.Int.Input("data_degree", **degree, optional=True, tooltip="Batch groups: the images of a batch "
+                             "split over this many rank groups, each with the degrees above (needs batch_size >= "
+                             "this)."),
             ],
             outputs=[XDiTModelType.Output(display_name="model")],
         )
 
     @classmethod
     def execute(cls, pool: PoolHandle, model, weight_dtype: str, ulysses_degree: int, ring_degree: int,
-                pipefusion_degree: int, num_patches: int, warmup_steps: int, cfg_parallel: bool) -> io.NodeOutput:
+                pipefusion_degree: int, num_patches: int, warmup_steps: int, cfg_parallel: bool,
+                data_degree: int = 1) -> io.NodeOutput:
         require_environment()
         check_flux(model)
         config = parallel_config(ulysses_degree, ring_degree, pipefusion_degree, num_patches, warmup_steps,
-                                 cfg_parallel)
+                                 cfg_parallel, data_degree)
         state = base_weights(model)
         spec = infer_flux_spec(state, "the MODEL")
         patches = lora_patches(model)

@@ -20,9 +20,10 @@ MAX_DEGREE = 64
 
 
 def parallel_config(ulysses_degree: int, ring_degree: int, pipefusion_degree: int, num_patches: int,
-                    warmup_steps: int, cfg_parallel: bool) -> ParallelConfig:
+                    warmup_steps: int, cfg_parallel: bool, data_degree: int = 1) -> ParallelConfig:
     """The node's widgets -> ``ParallelConfig`` (``num_patches`` 0 = one patch per PipeFusion stage)."""
-    return ParallelConfig(cfg_degree=2 if cfg_parallel else 1, pipefusion_degree=int(pipefusion_degree),
+    return ParallelConfig(data_degree=int(data_degree), cfg_degree=2 if cfg_parallel else 1,
+                          pipefusion_degree=int(pipefusion_degree),
                           ring_degree=int(ring_degree), ulysses_degree=int(ulysses_degree),
                           num_patches=int(num_patches) if num_patches else None, warmup_steps=int(warmup_steps))
 
@@ -34,7 +35,8 @@ def check_config(unet_path: Optional[str], unet_name: str, **degrees) -> Optiona
                 "and press R in the UI to refresh the list")
     if degrees["num_patches"] < 0:
         return f"num_patches must be 0 (one per PipeFusion stage) or positive, got {degrees['num_patches']}"
-    for name in ("ulysses_degree", "ring_degree", "pipefusion_degree"):
+    degrees.setdefault("data_degree", 1)
+    for name in ("ulysses_degree", "ring_degree", "pipefusion_degree", "data_degree"):
         if not 1 <= degrees[name] <= MAX_DEGREE:
             return f"{name} must be between 1 and {MAX_DEGREE}, got {degrees[name]}"
     try:

@@ -70,3 +70,16 @@ def test_pipefusion_in_process_equals_serial_and_bad_stages_fail_before_ranks(tm
     bad = _cli("generate", *common, "--pipefusion", "8", "--out", str(tmp_path / "x.safetensors"), check=False)
     assert bad.returncode == 2 and "pipefusion_degree <= 4" in bad.stderr and "Traceback" not in bad.stderr
     assert "xdit-rank" not in bad.stderr  # refused here, not by a rank
+
+
+def test_data_degree_splits_the_batch_and_a_small_batch_fails_before_ranks(tmp_path):
+    common = ["--model", "tiny:flux", "--seed", "3", "--steps", "2", "--height", "64", "--width", "64",
+              "--sampler", "euler_ancestral", "--in-process"]
+    _cli("generate", *common, "--batch-size", "2", "--out", str(tmp_path / "serial.safetensors"))
+    _cli("generate", *common, "--batch-size", "2", "--data-degree", "2", "--out", str(tmp_path / "dp.safetensors"))
+    serial = load_file(str(tmp_path / "serial.safetensors"))["samples"]
+    assert serial.shape == (2, 16, 8, 8)
+    torch.testing.assert_close(load_file(str(tmp_path / "dp.safetensors"))["samples"], serial, rtol=1e-4, atol=1e-4)
+    bad = _cli("generate", *common, "--data-degree", "2", "--out", str(tmp_path / "x.safetensors"), check=False)
+    assert bad.returncode == 2 and "data_degree 2 needs a batch of at least 2 images" in bad.stderr
+    assert "Traceback" not in bad.stderr and "xdit-rank" not in bad.stderr

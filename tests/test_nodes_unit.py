@@ -88,9 +88,11 @@ def degrees(**overrides) -> dict:
 
 def test_check_config_accepts_good_degrees(flux_header_file: Path) -> None:
     for good in (degrees(), degrees(ulysses_degree=3, ring_degree=2), degrees(pipefusion_degree=2, num_patches=4),
-                 degrees(cfg_parallel=True, ulysses_degree=8)):
+                 degrees(cfg_parallel=True, ulysses_degree=8), degrees(data_degree=2, ulysses_degree=2)):
         assert validation.check_config(str(flux_header_file), "f", **good) is None, good
     assert validation.parallel_config(**degrees(cfg_parallel=True, pipefusion_degree=2)).world_size == 4
+    assert validation.parallel_config(**degrees(data_degree=3, ulysses_degree=2)).world_size == 6
+    assert validation.parallel_config(**degrees()).data_degree == 1  # a workflow saved without the widget
 
 
 @pytest.mark.parametrize("bad, words", [
@@ -98,6 +100,7 @@ def test_check_config_accepts_good_degrees(flux_header_file: Path) -> None:
     (degrees(pipefusion_degree=2, num_patches=1), ["num_patches", "at least"]),
     (degrees(num_patches=-1), ["num_patches"]),
     (degrees(ring_degree=0), ["ring_degree", "between 1"]),
+    (degrees(data_degree=0), ["data_degree", "between 1"]),
     (degrees(warmup_steps=-1), ["warmup_steps"]),
     (degrees(pipefusion_degree=4), ["pipefusion_degree 4", "2 transformer blocks", "ulysses_degree"]),
 ])

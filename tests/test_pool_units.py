@@ -45,6 +45,9 @@ def test_order_ranks_driver_host_first_and_blocks_contiguous() -> None:
     groups = group_hosts(ParallelConfig(pipefusion_degree=2, ulysses_degree=2), [s.node_id for s in ordered])
     assert all(len(nodes) == 1 for nodes in groups["ulysses"])
     assert all(len(nodes) == 2 for nodes in groups["pipefusion"])
+    data = group_hosts(ParallelConfig(data_degree=2, ulysses_degree=2), [s.node_id for s in ordered])
+    assert data["data"] == [{"n1", "n2"}] * 2 and all(len(nodes) == 1 for nodes in data["ulysses"])
+    assert block_size(ParallelConfig(data_degree=2, ulysses_degree=2), {"a": 2, "b": 2}) == 2
 
 
 def test_version_skew_names_the_host() -> None:

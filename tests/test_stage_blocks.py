@@ -87,6 +87,8 @@ def test_stage_blocks_follow_the_mesh() -> None:
     config = ParallelConfig(pipefusion_degree=2, ulysses_degree=2)  # ranks (pf, ulysses): 0,1 -> stage 0
     assert [stage_blocks(config, r, NUM_BLOCKS) for r in range(4)] == [(0, 2), (0, 2), (2, 4), (2, 4)]
     assert stage_blocks(ParallelConfig(ulysses_degree=2), 1, NUM_BLOCKS) is None
+    data = ParallelConfig(data_degree=2, pipefusion_degree=2)  # ranks (data, pf): each data group has both stages
+    assert [stage_blocks(data, r, NUM_BLOCKS) for r in range(4)] == [(0, 2), (2, 4), (0, 2), (2, 4)]
 
 
 def test_stage_only_ranks_sample_exactly_what_serial_does() -> None:

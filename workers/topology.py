@@ -1,6 +1,6 @@
-"""Which rank runs where: ulysses and ring groups inside one host, pipefusion and cfg across hosts.
+"""Which rank runs where: ulysses and ring groups inside one host, pipefusion, cfg and data across hosts.
 
-The mesh is ``rank = ((cfg * P + pipe) * R + ring) * U + ulysses`` (outer to inner, as in the engine),
+The mesh is ``rank = (((data * C + cfg) * P + pipe) * R + ring) * U + ulysses`` (outer to inner, as in the engine),
 so the ``ring * ulysses`` ranks of one sequence-parallel group are consecutive. The pool reserves
 each such block as one STRICT_PACK placement group (all bundles on one node); this module decides
 the block size and the order of the blocks, and is pure so it is testable without Ray.
