@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import signal
@@ -145,6 +146,13 @@ def test_pipefusion_ranks_hold_their_stage_and_obey_nccl_rules(pool: XDiTPool) -
     # the suite's NCCL-semantics mode reached the pool's gloo world (conftest sets it before Ray starts)
     rules = [ray.get(a.__ray_call__.remote(lambda worker: worker.nccl_rules is not None)) for a in pool._world.actors]
     assert rules == [True, True]
+
+
+def test_data_groups_split_the_batch_and_rank_0_returns_it_whole(pool: XDiTPool) -> None:
+    batch = dataclasses.replace(request(steps=2, seed=6), latent=torch.zeros(2, 16, 16, 16))
+    result = pool.submit(dataclasses.replace(batch, parallel=ParallelConfig(data_degree=2))).result(timeout=180)
+    assert result.shape == (2, 16, 16, 16)
+    torch.testing.assert_close(result, serial(batch), rtol=1e-4, atol=1e-4)
 
 
 def test_killed_worker_is_retried_once_on_a_rebuilt_world(pool: XDiTPool) -> None:
