@@ -13,11 +13,11 @@ from comfyui_xdit.engine import Engine
 from comfyui_xdit.model_loader import load_model, tiny_conditioning
 from comfyui_xdit.parallel.data_parallel import batch_rows, gather_rows
 from comfyui_xdit.parallel.engine import ParallelEngine
-from comfyui_xdit.parallel.launch import generate_local_many, stop_helper_processes
+from comfyui_xdit.parallel.launch import generate_local_many, run_ranks, stop_helper_processes
 from comfyui_xdit.parallel.mesh import Mesh
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
-from comfyui_xdit.sampling import prepare_plan
+from comfyui_xdit.sampling import GenerationCancelled, prepare_plan
 
 MODEL = ModelRef("tiny:flux")
 STEPS = 4
@@ -79,7 +79,7 @@ def test_too_small_batch_is_refused() -> None:
 def test_every_layout_with_data_groups_equals_serial() -> None:
     serial = {sampler: Engine(load_model(MODEL)).generate(masked_request(sampler)) for sampler in SAMPLERS}
     pairs = [ParallelConfig(data_degree=2)]
-    quads = [ParallelConfig(data_degree=2, ulysses_degree=2),
+    quads = [ParallelConfig(data_degree=2, ulysses_degree=2), ParallelConfig(data_degree=2, cfg_degree=2),
              ParallelConfig(data_degree=2, pipefusion_degree=2, num_patches=2, warmup_steps=STEPS)]
     for layouts in (pairs, quads):  # one set of spawned ranks per world size
         requests = [dataclasses.replace(masked_request(sampler), parallel=layout)
@@ -90,3 +90,31 @@ def test_every_layout_with_data_groups_equals_serial() -> None:
             torch.testing.assert_close(result.latent, serial[request.sampler], rtol=1e-4, atol=1e-4,
                                        msg=f"{request.sampler} {request.parallel.describe()}")
             assert any("data" in axes for axes in result.comm_bytes.values())  # the chunks were gathered
+
+
+def cancel_on_rank_0(rank: int, world_size: int, requests: list[GenerationRequest]) -> list[list[str]]:
+    """Rank body: only rank 0 is asked to stop (from step 1); every rank of every data group must stop."""
+    import torch.distributed as dist
+
+    from comfyui_xdit.parallel import create_engine
+
+    outcomes = []
+    for request in requests:
+        mesh = Mesh.build(request.parallel, rank)
+        engine = create_engine(load_model(MODEL), request.parallel, rank, mesh)
+        try:
+            engine.generate(request, should_stop=(lambda step: step >= 1) if rank == 0 else None)
+            outcomes.append("finished")
+        except GenerationCancelled:
+            outcomes.append("cancelled")
+        mesh.destroy()
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, outcomes)
+    return gathered
+
+
+def test_a_cancel_on_rank_0_stops_every_data_group() -> None:
+    layouts = [ParallelConfig(data_degree=2, ulysses_degree=2),
+               ParallelConfig(data_degree=2, pipefusion_degree=2, num_patches=2, warmup_steps=1)]
+    requests = [dataclasses.replace(masked_request("euler_ancestral", steps=8), parallel=p) for p in layouts]
+    assert run_ranks(4, cancel_on_rank_0, (requests,), timeout=400) == [["cancelled", "cancelled"]] * 4
