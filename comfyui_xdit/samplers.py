@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy
 import torch
 
 from .multi_call_samplers import MULTI_CALL_SAMPLERS, call_schedule, multi_call_step
@@ -20,15 +21,17 @@ SamplerState = Optional[tuple[torch.Tensor, ...]]  # history, oldest first, each
 StepNoise = Optional[Callable[[], torch.Tensor]]  # this step's noise for the tokens at hand (ancestral samplers)
 SamplerStep = Callable[..., "tuple[torch.Tensor, SamplerState]"]  # (x, denoised, sigmas, i, state, noise=None)
 
-SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral",
-                 "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm",
-                 "ipndm", "ipndm_v", "res_multistep", "ddim")
+SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "lms",
+                 "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde",
+                 "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_ancestral",
+                 "gradient_estimation", "er_sde", "ddim")
 # samplers that draw fresh noise while sampling from ComfyUI's default noise sampler (one draw per ask)
-NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm", "dpm_2_ancestral", "dpmpp_2s_ancestral"})
+NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm",
+                            "res_multistep_ancestral", "er_sde"})
 # samplers that draw their noise from ComfyUI's CPU Brownian tree
 BROWNIAN_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
 # samplers that step on half log-SNR and so start just below sigma 1 (offset_first_sigma_for_snr)
-SNR_OFFSET_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
+SNR_OFFSET_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "er_sde"})
 # KSampler computes one more sigma for these and drops the second to last (its DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral"})
 
@@ -251,13 +254,233 @@ def ipndm_v_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, 
     return x_next, (*history, d_cur)[-(IPNDM_ORDER - 1):]
 
 
+LMS_ORDER = 4
+
+
+def _lms_coeff(sigmas: torch.Tensor, i: int, order: int, j: int) -> float:
+    """The weight of the derivative at ``sigmas[i - j]`` in step ``i`` of linear multistep: the integral
+    from ``sigmas[i]`` to ``sigmas[i + 1]`` of its Lagrange basis polynomial on ``sigmas[i - order + 1 .. i]``.
+    Integrated exactly in float64, in the variable ``sigma - sigmas[i]`` (well conditioned for short steps).
+    ComfyUI integrates the same polynomial numerically (scipy's quad, the basis evaluated in float32), so its
+    weights differ from these by about 1e-7 relative and its results by as little."""
+    t_i = float(sigmas[i])
+    basis = numpy.polynomial.Polynomial([1.0])
+    for k in range(order):
+        if k != j:
+            t_k = float(sigmas[i - k])
+            basis = basis * numpy.polynomial.Polynomial([t_i - t_k, 1.0]) / (float(sigmas[i - j]) - t_k)
+    return float(basis.integ()(float(sigmas[i + 1]) - t_i))
+
+
+def lms_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+             state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``lms``: linear multistep (Adams-Bashforth on the sigma grid) of order up to 4; ``state``
+    holds the last (up to 3) derivatives, oldest first (see ``ipndm_step``). The last step is the x0
+    prediction."""
+    d = (x - denoised) / sigmas[i]
+    history = (state or ())[:min(i, LMS_ORDER - 1)]
+    ds = (*history, d)
+    if sigmas[i + 1] == 0:
+        return denoised, ds[-(LMS_ORDER - 1):]
+    order = min(i + 1, LMS_ORDER)
+    coeffs = [_lms_coeff(sigmas, i, order, j) for j in range(order)]
+    # a Python-float weight times each derivative, newest first, summed in that order (as ComfyUI)
+    return x + sum(coeff * d_j for coeff, d_j in zip(coeffs, reversed(ds))), ds[-(LMS_ORDER - 1):]
+
+
+DEIS_ORDER = 3
+DEIS_POINTS = 10000  # the Riemann sum's points per step ('tab' DEIS)
+
+
+def _deis_vp_betas() -> tuple[torch.Tensor, torch.Tensor]:
+    """DEIS's VP schedule fitted to EDM's sigma range (0.002 to 80, epsilon_s 1e-3): ``beta_min`` and
+    ``beta_d``. Computed with the dtypes ComfyUI's deis.py ends up with: numpy's float32 log of
+    ``0.002 ** 2 + 1``, and a float64 log of ``80 ** 2 + 1`` (an integer there), which makes both betas
+    float64."""
+    eps_s = 1e-3
+    log_min = torch.tensor(numpy.log((torch.tensor(0.002) ** 2 + 1).numpy()))
+    log_max = torch.tensor(numpy.log(numpy.float64(80 ** 2 + 1)))
+    beta_d = 2 * (log_min / eps_s - log_max) / (eps_s - 1)
+    beta_min = log_max - 0.5 * beta_d
+    return beta_min, beta_d
+
+
+def _deis_coeffs(sigmas: torch.Tensor, i: int, order: int) -> list[torch.Tensor]:
+    """'tab' DEIS weights of step ``i`` (current derivative first, then older ones): sigmas become VP times
+    ``t``; each weight is a ``DEIS_POINTS``-point Riemann sum over ``[t_i, t_(i+1)]`` of the exponential
+    integrator's factor times a Lagrange basis polynomial on the last ``order`` times, in float32 as
+    ComfyUI's ``get_deis_coeff_list`` computes it (so the weights agree bit for bit)."""
+    beta_min, beta_d = _deis_vp_betas()
+    beta_0, beta_1 = beta_min, beta_d + beta_min
+    # VP times of the whole grid at once (elementwise, as ComfyUI maps it)
+    t = ((beta_min ** 2 + 2 * beta_d * (sigmas ** 2 + 1).log()).sqrt() - beta_min) / beta_d
+    taus = torch.linspace(t[i], t[i + 1], DEIS_POINTS)
+    dtau = (t[i + 1] - t[i]) / DEIS_POINTS
+    alpha = torch.exp(-0.5 * taus ** 2 * (beta_1 - beta_0) - taus * beta_0)
+    # d log(alpha) / d tau, evaluated as autograd evaluates it through log(exp(.)) (ComfyUI differentiates
+    # with autograd): the chain rule's factors in that order, so every float32 rounding is the same
+    chain = (1 / alpha) * alpha
+    d_log_alpha = chain * (beta_1 - beta_0) * -0.5 * (2 * taus) - chain * beta_0
+    integrand = -0.5 * d_log_alpha / torch.sqrt(alpha * (1 - alpha))
+    prev_t = t[[i - k for k in range(order)]]
+    coeffs = []
+    for j in range(order):
+        basis = 1
+        for k in range(order):
+            if k != j:
+                basis = basis * ((taus - prev_t[k]) / (prev_t[j] - prev_t[k]))
+        coeffs.append(torch.sum(integrand * basis) * dtau)
+    return coeffs
+
+
+def deis_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+              state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``deis`` ('tab' mode, order up to 3): a multistep exponential integrator on the
+    derivative; ``state`` holds the last (up to 2) derivatives, oldest first (see ``ipndm_step``). The
+    last step (to sigma 0) is Euler."""
+    t_cur, t_next = sigmas[i], sigmas[i + 1]
+    d_cur = (x - denoised) / t_cur
+    history = (state or ())[:min(i, DEIS_ORDER - 1)]
+    new_history = (*history, d_cur)[-(DEIS_ORDER - 1):]
+    order = 1 if t_next <= 0 else min(DEIS_ORDER, i + 1)
+    if order == 1:
+        return x + (t_next - t_cur) * d_cur, new_history
+    coeffs = _deis_coeffs(sigmas, i, order)
+    x_next = x + coeffs[0] * d_cur
+    for coeff, d_prev in zip(coeffs[1:], reversed(history)):
+        x_next = x_next + coeff * d_prev
+    return x_next, new_history
+
+
+def ddpm_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+              state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``ddpm`` (its generic step sampler with the DDPM ancestral step), as it runs on any model:
+    the sigmas read as variance-exploding ones, ``x`` scaled to ``x / sqrt(1 + sigma^2)``, the DDPM
+    posterior mean plus this step's noise, scaled back to the next sigma."""
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    eps = (x - denoised) / sigma
+    x_scaled = x / torch.sqrt(1.0 + sigma ** 2.0)
+    alpha_cumprod = 1 / ((sigma * sigma) + 1)
+    alpha_cumprod_next = 1 / ((sigma_next * sigma_next) + 1)
+    alpha = alpha_cumprod / alpha_cumprod_next
+    mu = (1.0 / alpha).sqrt() * (x_scaled - (1 - alpha) * eps / (1 - alpha_cumprod).sqrt())
+    if sigma_next > 0:
+        mu = mu + ((1 - alpha) * (1. - alpha_cumprod_next) / (1. - alpha_cumprod)).sqrt() * noise()
+    if sigma_next != 0:
+        mu = mu * torch.sqrt(1.0 + sigma_next ** 2.0)
+    return mu, None
+
+
+def _ancestral_sigmas(sigma_from: torch.Tensor, sigma_to: torch.Tensor,
+                      eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-diffusion's ``get_ancestral_step`` (eta > 0): the sigma to step down to and the noise to add."""
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def res_multistep_ancestral_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+                                 state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``res_multistep_ancestral`` (eta 1): ``res_multistep`` down to the ancestral step's
+    ``sigma_down``, then this step's noise times ``sigma_up`` (k-diffusion's variance-exploding ancestral
+    split, which ComfyUI uses for flow models too); ``state`` holds the previous denoised prediction."""
+    eta, s_noise = 1.0, 1.0
+    sigma = sigmas[i]
+    sigma_down, sigma_up = _ancestral_sigmas(sigma, sigmas[i + 1], eta)
+    if sigma_down == 0 or state is None:
+        d = (x - denoised) / sigma
+        x = x + d * (sigma_down - sigma)
+    else:
+        old_sigma_down, _ = _ancestral_sigmas(sigmas[i - 1], sigma, eta)  # the previous step's, as it was
+        t, t_old, t_next, t_prev = (_t_of_sigma(s) for s in (sigma, old_sigma_down, sigma_down, sigmas[i - 1]))
+        h = t_next - t
+        c2 = (t_prev - t_old) / h
+        phi1 = torch.expm1(-h) / -h
+        phi2 = (phi1 - 1.0) / -h
+        b1 = torch.nan_to_num(phi1 - phi2 / c2, nan=0.0)
+        b2 = torch.nan_to_num(phi2 / c2, nan=0.0)
+        x = _sigma_of_t(h) * x + h * (b1 * denoised + b2 * state[0])
+    if sigmas[i + 1] > 0:
+        x = x + noise() * s_noise * sigma_up
+    return x, (denoised,)
+
+
+GE_GAMMA = 2.0  # gradient_estimation's ge_gamma (KSampler's default)
+
+
+def gradient_estimation_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+                             state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``gradient_estimation`` (ge_gamma 2; openreview.net/pdf?id=o2ND9v0CeK): Euler plus
+    ``(ge_gamma - 1)`` times the change of the derivative since the previous step; ``state`` holds the
+    previous derivative. The last step is the x0 prediction."""
+    d = (x - denoised) / sigmas[i]
+    dt = sigmas[i + 1] - sigmas[i]
+    if sigmas[i + 1] == 0:
+        return denoised, (d,)
+    x = x + d * dt
+    if i >= 1:
+        d_bar = (GE_GAMMA - 1) * (d - state[0])
+        x = x + d_bar * dt
+    return x, (d,)
+
+
+ER_SDE_STAGES = 3  # er_sde's max_stage (KSampler's default)
+ER_SDE_POINTS = 200.0  # points of its Riemann sums per step
+
+
+def _er_sde_noise_scaler(er_lambda: torch.Tensor) -> torch.Tensor:
+    """ER-SDE's default noise scaler ``x (exp(x^0.3) + 10)``."""
+    return er_lambda * ((er_lambda ** 0.3).exp() + 10.0)
+
+
+def er_sde_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+                state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``er_sde`` (VP ER-SDE-Solver-3, arXiv 2309.06169) for flow models, on
+    ``er_lambda = sigma / (1 - sigma)`` (exp of minus the half log-SNR); ``state`` holds the last two
+    denoised predictions, oldest first (the history before step i holds min(i, 2); see ``ipndm_step``).
+    ``sigmas`` start just below 1 (see ``offset_first_sigma_for_snr``)."""
+    s_noise = 1.0
+    history = (state or ())[:min(i, 2)]
+    new_history = (*history, denoised)[-2:]
+    if sigmas[i + 1] == 0:
+        return denoised, new_history
+    er_lambdas = _half_log_snr(sigmas).neg().exp()  # the whole grid at once, as ComfyUI
+    stage = min(ER_SDE_STAGES, i + 1)
+    er_lambda_s, er_lambda_t = er_lambdas[i], er_lambdas[i + 1]
+    alpha_s = sigmas[i] / er_lambda_s
+    alpha_t = sigmas[i + 1] / er_lambda_t
+    r_alpha = alpha_t / alpha_s
+    r = _er_sde_noise_scaler(er_lambda_t) / _er_sde_noise_scaler(er_lambda_s)
+    x = r_alpha * r * x + alpha_t * (1 - r) * denoised  # stage 1: Euler
+    if stage >= 2:
+        dt = er_lambda_t - er_lambda_s
+        lambda_step_size = -dt / ER_SDE_POINTS
+        points = torch.arange(0, ER_SDE_POINTS, dtype=torch.float32, device=sigmas.device)
+        lambda_pos = er_lambda_t + points * lambda_step_size
+        scaled_pos = _er_sde_noise_scaler(lambda_pos)
+        s = torch.sum(1 / scaled_pos) * lambda_step_size
+        denoised_d = (denoised - history[-1]) / (er_lambda_s - er_lambdas[i - 1])
+        x = x + alpha_t * (dt + s * _er_sde_noise_scaler(er_lambda_t)) * denoised_d
+        if stage >= 3:
+            s_u = torch.sum((lambda_pos - er_lambda_s) / scaled_pos) * lambda_step_size
+            # the previous step's difference quotient, computed as it was then
+            old_denoised_d = (history[-1] - history[-2]) / (er_lambdas[i - 1] - er_lambdas[i - 2])
+            denoised_u = (denoised_d - old_denoised_d) / ((er_lambda_s - er_lambdas[i - 2]) / 2)
+            x = x + alpha_t * ((dt ** 2) / 2 + s_u * _er_sde_noise_scaler(er_lambda_t)) * denoised_u
+    x = x + alpha_t * noise() * s_noise * (er_lambda_t ** 2 - er_lambda_s ** 2 * r ** 2).sqrt().nan_to_num(nan=0.0)
+    return x, new_history
+
+
 # ComfyUI's "ddim" is its euler sampler with random inpainting noise, which only differs under a noise
 # mask (refused here), so it is euler.
 _SAMPLERS: dict[str, SamplerStep] = {"euler": euler_step, "euler_ancestral": euler_ancestral_step,
                                      "dpmpp_2m": dpmpp_2m_step,
                                      "res_multistep": res_multistep_step, "ipndm": ipndm_step, "ipndm_v": ipndm_v_step,
                                      "lcm": lcm_step, "ddim": euler_step, "dpmpp_2m_sde": dpmpp_2m_sde_step,
-                                     "dpmpp_2m_sde_heun": dpmpp_2m_sde_heun_step, "dpmpp_3m_sde": dpmpp_3m_sde_step}
+                                     "dpmpp_2m_sde_heun": dpmpp_2m_sde_heun_step, "dpmpp_3m_sde": dpmpp_3m_sde_step,
+                                     "lms": lms_step, "deis": deis_step, "ddpm": ddpm_step,
+                                     "res_multistep_ancestral": res_multistep_ancestral_step,
+                                     "gradient_estimation": gradient_estimation_step, "er_sde": er_sde_step}
 
 
 def sampler_step(name: str) -> SamplerStep:
