@@ -232,7 +232,7 @@ def _sigma_of_half_log_snr(half_log_snr: torch.Tensor) -> torch.Tensor:
     return half_log_snr.neg().sigmoid()
 
 
-def _ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """k-diffusion's ``get_ancestral_step``: the sigma to step down to and the noise to add back."""
     sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
     sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
@@ -277,13 +277,13 @@ def _dpmpp_sde_phase(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tens
         return denoised, None
     g = _SdeGeometry.at(sigmas, i)
     if phase == 0:
-        sd, su = _ancestral_step(g.lambda_s.neg().exp(), g.lambda_s_1.neg().exp(), eta)
+        sd, su = ancestral_step(g.lambda_s.neg().exp(), g.lambda_s_1.neg().exp(), eta)
         h_ = sd.log().neg() - g.lambda_s
         x_2 = (g.alpha_s_1 / g.alpha_s) * (-h_).exp() * x - g.alpha_s_1 * (-h_).expm1() * denoised
         x_2 = x_2 + g.alpha_s_1 * noise() * s_noise * su
         return x_2, (x, denoised)
     fac = 1 / (2 * r)
-    sd, su = _ancestral_step(g.lambda_s.neg().exp(), g.lambda_t.neg().exp(), eta)
+    sd, su = ancestral_step(g.lambda_s.neg().exp(), g.lambda_t.neg().exp(), eta)
     h_ = sd.log().neg() - g.lambda_s
     denoised_d = (1 - fac) * state[1] + fac * denoised
     x = (g.alpha_t / g.alpha_s) * (-h_).exp() * state[0] - g.alpha_t * (-h_).expm1() * denoised_d

@@ -15,23 +15,27 @@ from typing import Callable, Optional
 import numpy
 import torch
 
-from .multi_call_samplers import MULTI_CALL_SAMPLERS, call_schedule, multi_call_step
+from .multi_call_samplers import MULTI_CALL_SAMPLERS, ancestral_step, call_schedule, multi_call_step
 
 SamplerState = Optional[tuple[torch.Tensor, ...]]  # history, oldest first, each shaped like x
 StepNoise = Optional[Callable[[], torch.Tensor]]  # this step's noise for the tokens at hand (ancestral samplers)
 SamplerStep = Callable[..., "tuple[torch.Tensor, SamplerState]"]  # (x, denoised, sigmas, i, state, noise=None)
 
 SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "lms",
-                 "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde",
-                 "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_ancestral",
+                 "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+                 "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_ancestral",
                  "gradient_estimation", "er_sde", "ddim")
 # samplers that draw fresh noise while sampling from ComfyUI's default noise sampler (one draw per ask)
 NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm",
                             "res_multistep_ancestral", "er_sde"})
-# samplers that draw their noise from ComfyUI's CPU Brownian tree
-BROWNIAN_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"})
+# the _gpu samplers: their base sampler with the Brownian tree on the model's device instead of the CPU
+DEVICE_TREE_SAMPLERS = {"dpmpp_sde_gpu": "dpmpp_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
+                        "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde"}
+# samplers that draw their noise from ComfyUI's Brownian tree
+BROWNIAN_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", *DEVICE_TREE_SAMPLERS})
 # samplers that step on half log-SNR and so start just below sigma 1 (offset_first_sigma_for_snr)
-SNR_OFFSET_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "er_sde"})
+SNR_OFFSET_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "er_sde",
+                                 *DEVICE_TREE_SAMPLERS})
 # KSampler computes one more sigma for these and drops the second to last (its DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral"})
 
@@ -371,14 +375,6 @@ def ddpm_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: 
     return mu, None
 
 
-def _ancestral_sigmas(sigma_from: torch.Tensor, sigma_to: torch.Tensor,
-                      eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-diffusion's ``get_ancestral_step`` (eta > 0): the sigma to step down to and the noise to add."""
-    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
-    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
-    return sigma_down, sigma_up
-
-
 def res_multistep_ancestral_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
                                  state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
     """ComfyUI's ``res_multistep_ancestral`` (eta 1): ``res_multistep`` down to the ancestral step's
@@ -386,12 +382,12 @@ def res_multistep_ancestral_step(x: torch.Tensor, denoised: torch.Tensor, sigmas
     split, which ComfyUI uses for flow models too); ``state`` holds the previous denoised prediction."""
     eta, s_noise = 1.0, 1.0
     sigma = sigmas[i]
-    sigma_down, sigma_up = _ancestral_sigmas(sigma, sigmas[i + 1], eta)
+    sigma_down, sigma_up = ancestral_step(sigma, sigmas[i + 1], eta)
     if sigma_down == 0 or state is None:
         d = (x - denoised) / sigma
         x = x + d * (sigma_down - sigma)
     else:
-        old_sigma_down, _ = _ancestral_sigmas(sigmas[i - 1], sigma, eta)  # the previous step's, as it was
+        old_sigma_down, _ = ancestral_step(sigmas[i - 1], sigma, eta)  # the previous step's, as it was
         t, t_old, t_next, t_prev = (_t_of_sigma(s) for s in (sigma, old_sigma_down, sigma_down, sigmas[i - 1]))
         h = t_next - t
         c2 = (t_prev - t_old) / h
@@ -471,8 +467,8 @@ def er_sde_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i
     return x, new_history
 
 
-# ComfyUI's "ddim" is its euler sampler with random inpainting noise, which only differs under a noise
-# mask (refused here), so it is euler.
+# ComfyUI's "ddim" is its euler sampler whose inpainting re-noises the kept latent with its own draw
+# (prepare_plan builds that), so its step is euler's.
 _SAMPLERS: dict[str, SamplerStep] = {"euler": euler_step, "euler_ancestral": euler_ancestral_step,
                                      "dpmpp_2m": dpmpp_2m_step,
                                      "res_multistep": res_multistep_step, "ipndm": ipndm_step, "ipndm_v": ipndm_v_step,
@@ -481,6 +477,7 @@ _SAMPLERS: dict[str, SamplerStep] = {"euler": euler_step, "euler_ancestral": eul
                                      "lms": lms_step, "deis": deis_step, "ddpm": ddpm_step,
                                      "res_multistep_ancestral": res_multistep_ancestral_step,
                                      "gradient_estimation": gradient_estimation_step, "er_sde": er_sde_step}
+_SAMPLERS.update({name: _SAMPLERS[base] for name, base in DEVICE_TREE_SAMPLERS.items() if base in _SAMPLERS})
 
 
 def sampler_step(name: str) -> SamplerStep:
@@ -488,7 +485,7 @@ def sampler_step(name: str) -> SamplerStep:
     try:
         return _SAMPLERS[name]
     except KeyError:
-        if name in MULTI_CALL_SAMPLERS:
+        if DEVICE_TREE_SAMPLERS.get(name, name) in MULTI_CALL_SAMPLERS:
             raise ValueError(f"sampler {name!r} calls the model more than once per step; use sampler_program") from None
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}") from None
 
@@ -514,6 +511,7 @@ class SamplerProgram:
 
 
 def sampler_program(name: str, sigmas: torch.Tensor) -> SamplerProgram:
+    name = DEVICE_TREE_SAMPLERS.get(name, name)  # the same steps; only where the noise comes from differs
     if name in MULTI_CALL_SAMPLERS:
         schedule = call_schedule(name, sigmas)
         return SamplerProgram(multi_call_step(name, schedule), schedule.sigmas, schedule.noise_spans, schedule.steps)

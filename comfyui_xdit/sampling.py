@@ -19,7 +19,7 @@ from .inpaint import Inpaint, build_inpaint
 from .models.flux import FluxAdapter
 from .noise import AncestralNoise, BatchRows, BrownianNoise, inpaint_noise, prepare_batch_noise
 from .request import GenerationRequest
-from .samplers import (BROWNIAN_SAMPLERS, DISCARD_PENULTIMATE_SIGMA_SAMPLERS, NOISE_SAMPLERS, SNR_OFFSET_SAMPLERS,
+from .samplers import (BROWNIAN_SAMPLERS, DEVICE_TREE_SAMPLERS, DISCARD_PENULTIMATE_SIGMA_SAMPLERS, NOISE_SAMPLERS, SNR_OFFSET_SAMPLERS,
                        SamplerProgram, SamplerStep, sampler_program)
 from .sigmas import DiscreteFlowShift, FluxShift, ModelSampling, offset_first_sigma_for_snr, resolution_shift, sampling_sigmas
 
@@ -62,6 +62,7 @@ class SamplingPlan:
     noise_seed: Optional[int] = None  # samplers that draw noise while sampling: the seed ComfyUI gives them
     latent_shape: tuple[int, ...] = ()  # (B, C, H, W): the shape that noise is drawn in
     brownian_span: Optional[torch.Tensor] = None  # SDE samplers: the schedule their Brownian tree spans
+    brownian_on_device: bool = False  # the _gpu samplers: the tree on the model's device, not the CPU
     batch_rows: Optional[tuple[int, int]] = None  # a data group's plan: the rows [start, stop) of the batch it holds
 
     def step_noise(self, device: torch.device) -> "Optional[AncestralNoise | BrownianNoise | BatchRows]":
@@ -71,7 +72,7 @@ class SamplingPlan:
             return None
         if self.brownian_span is not None:
             noise = BrownianNoise(self.noise_seed, self.latent_shape, FluxAdapter.pack, device, self.brownian_span,
-                                  self.program.noise_spans)
+                                  self.program.noise_spans, tree_on_device=self.brownian_on_device)
         else:
             noise = AncestralNoise(self.noise_seed, self.latent_shape, FluxAdapter.pack, device)
         return noise if self.batch_rows is None else BatchRows(noise, *self.batch_rows)
@@ -155,7 +156,8 @@ def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPl
                         width=w, program=sampler_program(request.sampler, loop_sigmas), positive=request.positive,
                         negative=request.negative if request.uses_cfg else None, cfg=request.cfg, inpaint=inpaint,
                         noise_seed=request.seed if request.sampler in NOISE_SAMPLERS | BROWNIAN_SAMPLERS else None,
-                        latent_shape=tuple(latent.shape), brownian_span=sigmas if brownian else None)
+                        latent_shape=tuple(latent.shape), brownian_span=sigmas if brownian else None,
+                        brownian_on_device=request.sampler in DEVICE_TREE_SAMPLERS)
 
 
 def denoised_from(x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:

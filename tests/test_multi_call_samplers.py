@@ -190,3 +190,16 @@ def test_every_parallel_mode_equals_serial(sampler: str, _no_helpers_left) -> No
     reference = finish(adapter, plan, pipefusion_reference(adapter, plan, num_patches=4, warmup_steps=1))
     torch.testing.assert_close(results[-1].latent, reference, rtol=1e-4, atol=1e-4)
     assert relative_error(results[-1].latent, serial) > 0  # stale K/V after warm-up: not the serial result
+
+
+def test_gpu_variants_build_their_tree_on_the_model_device():
+    """``_gpu``: the base sampler's calls and steps, the Brownian tree where the model runs (the CPU here,
+    so the same noise as the base sampler's CPU tree)."""
+    adapter = load_model(MODEL)
+    for name, base in (("dpmpp_sde_gpu", "dpmpp_sde"), ("dpmpp_2m_sde_gpu", "dpmpp_2m_sde")):
+        ours, theirs = prepare_plan(adapter, _request(name)), prepare_plan(adapter, _request(base))
+        assert ours.brownian_on_device and not theirs.brownian_on_device
+        assert torch.equal(ours.call_sigmas, theirs.call_sigmas)
+        noise = ours.step_noise(torch.device("cpu"))
+        assert noise.tree_device == torch.device("cpu")
+        assert torch.equal(noise(1), theirs.step_noise(torch.device("cpu"))(1))

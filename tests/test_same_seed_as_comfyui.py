@@ -90,6 +90,9 @@ CASES = {
     "dpmpp-2s-ancestral-normal-cfg": dict(sampler="dpmpp_2s_ancestral", scheduler="normal", cfg=2.5,
                                           negative=_conditioning(2)),
     "dpmpp-sde-karras": dict(sampler="dpmpp_sde", scheduler="karras"),
+    "dpmpp-sde-gpu-simple": dict(sampler="dpmpp_sde_gpu", scheduler="simple"),  # tree on the model's device
+    "dpmpp-3m-sde-gpu-beta-cfg": dict(sampler="dpmpp_3m_sde_gpu", scheduler="beta", steps=5, cfg=2.5,
+                                      negative=_conditioning(2)),
     "lms-karras-6-steps": dict(sampler="lms", scheduler="karras", steps=6),
     "deis-beta-cfg-6-steps": dict(sampler="deis", scheduler="beta", steps=6, cfg=2.5, negative=_conditioning(2)),
     "ddpm-simple": dict(sampler="ddpm", scheduler="simple"),
