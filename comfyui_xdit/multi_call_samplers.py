@@ -35,8 +35,7 @@ class CallPlan:
     noise_spans: tuple[tuple[Scalar, Scalar], ...]
 
 
-Phase = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, State, Noise],
-                 "tuple[torch.Tensor, State]"]  # (x, denoised, sigmas, i, phase, state, noise)
+Phase = Callable[..., "tuple[torch.Tensor, State]"]  # (x, denoised, sigmas, i, phase, state, noise, uncond=None)
 
 
 def _to_d(x: torch.Tensor, sigma: Scalar, denoised: torch.Tensor) -> torch.Tensor:
@@ -53,7 +52,7 @@ def _heun_calls(sigmas: torch.Tensor, i: int) -> CallPlan:
 
 
 def _heun_phase(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int, phase: int, state: State,
-                noise: Noise) -> tuple[torch.Tensor, State]:
+                noise: Noise, uncond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
     """Karras et al. (2022) Algorithm 2 without churn: an Euler predictor, then the trapezoidal corrector."""
     sigma_hat = sigmas[i] * 1  # ComfyUI's sigma_hat = sigmas[i] * (gamma + 1) with gamma 0
     dt = sigmas[i + 1] - sigma_hat
@@ -80,7 +79,7 @@ def _heunpp2_calls(sigmas: torch.Tensor, i: int) -> CallPlan:
 
 
 def _heunpp2_phase(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int, phase: int, state: State,
-                   noise: Noise) -> tuple[torch.Tensor, State]:
+                   noise: Noise, uncond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
     """ComfyUI's ``heunpp2``: Euler on the last step, Heun with sigma weights on the one before, else a
     third call at ``sigmas[i + 2]`` and a three-point weighted derivative."""
     s_end = sigmas[-1]
@@ -125,7 +124,7 @@ def _dpm_2_calls(sigmas: torch.Tensor, i: int) -> CallPlan:
 
 
 def _dpm_2_phase(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int, phase: int, state: State,
-                 noise: Noise) -> tuple[torch.Tensor, State]:
+                 noise: Noise, uncond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
     """DPM-Solver-2 (Karras et al. 2022 flavour): an Euler half step to the log-midpoint sigma, then the
     whole step with the midpoint's derivative."""
     sigma_hat = sigmas[i] * 1
@@ -170,7 +169,7 @@ def _dpm_2_ancestral_calls(sigmas: torch.Tensor, i: int) -> CallPlan:
 
 
 def _dpm_2_ancestral_phase(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int, phase: int,
-                           state: State, noise: Noise) -> tuple[torch.Tensor, State]:
+                           state: State, noise: Noise, uncond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
     """ComfyUI's ``dpm_2_ancestral`` for flow models: DPM-Solver-2 down to ``sigma_down``, then the RF
     re-noise with this step's noise (none on the final Euler step)."""
     g = _FlowAncestral.at(sigmas, i)
@@ -207,7 +206,7 @@ def _dpmpp_2s_ancestral_calls(sigmas: torch.Tensor, i: int) -> CallPlan:
 
 
 def _dpmpp_2s_ancestral_phase(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int, phase: int,
-                              state: State, noise: Noise) -> tuple[torch.Tensor, State]:
+                              state: State, noise: Noise, uncond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
     """ComfyUI's ``dpmpp_2s_ancestral`` for flow models: DPM-Solver++(2S) to ``sigma_down`` through the
     log-SNR midpoint, then the RF re-noise."""
     g = _FlowAncestral.at(sigmas, i)
@@ -222,6 +221,49 @@ def _dpmpp_2s_ancestral_phase(x: torch.Tensor, denoised: torch.Tensor, sigmas: t
     return (g.alpha_ip1 / g.alpha_down) * x + noise() * 1.0 * g.renoise_coeff, None
 
 
+# --- dpmpp_2s_ancestral_cfg_pp -------------------------------------------------------------------
+
+def _dpmpp_2s_cfg_pp_midpoint(sigmas: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t, t_next, s) in -log sigma: the step to the (k-diffusion, not flow) ``sigma_down`` and its midpoint."""
+    sigma_down, _ = ancestral_step(sigmas[i], sigmas[i + 1], 1.0)
+    t, t_next = sigmas[i].log().neg(), sigma_down.log().neg()
+    h = t_next - t
+    return t, t_next, t + (1 / 2) * h
+
+
+def _dpmpp_2s_ancestral_cfg_pp_calls(sigmas: torch.Tensor, i: int) -> CallPlan:
+    step = (sigmas[i], sigmas[i + 1])
+    if ancestral_step(sigmas[i], sigmas[i + 1], 1.0)[0] == 0:
+        return CallPlan((sigmas[i],), (step,))
+    s = _dpmpp_2s_cfg_pp_midpoint(sigmas, i)[2]
+    return CallPlan((sigmas[i], s.neg().exp()), (step, step))
+
+
+def _dpmpp_2s_ancestral_cfg_pp_phase(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+                                     phase: int, state: State, noise: Noise,
+                                     uncond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
+    """ComfyUI's ``dpmpp_2s_ancestral_cfg_pp`` (its k-diffusion ancestral split, also for flow models). Its
+    second update reads the unconditional prediction of the *second* call (ComfyUI's hook has overwritten
+    the first's by then), with the first call's guided one."""
+    s_noise = 1.0
+    sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], 1.0)
+    if phase == 0 and sigma_down == 0:
+        d = _to_d(x, sigmas[i], uncond)
+        x = denoised + d * sigma_down
+        if sigmas[i + 1] > 0:
+            x = x + noise() * s_noise * sigma_up
+        return x, None
+    t, t_next, s = _dpmpp_2s_cfg_pp_midpoint(sigmas, i)
+    h = t_next - t
+    if phase == 0:
+        x_2 = (s.neg().exp() / t.neg().exp()) * (x + (denoised - uncond)) - (-h * (1 / 2)).expm1() * denoised
+        return x_2, (x, denoised)
+    x = (t_next.neg().exp() / t.neg().exp()) * (state[0] + (state[1] - uncond)) - (-h).expm1() * denoised
+    if sigmas[i + 1] > 0:
+        x = x + noise() * s_noise * sigma_up
+    return x, None
+
+
 # --- dpmpp_sde (flow, Brownian tree) ---------------------------------------------------------------
 
 def _half_log_snr(sigma: torch.Tensor) -> torch.Tensor:
@@ -234,6 +276,8 @@ def _sigma_of_half_log_snr(half_log_snr: torch.Tensor) -> torch.Tensor:
 
 def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """k-diffusion's ``get_ancestral_step``: the sigma to step down to and the noise to add back."""
+    if not eta:
+        return sigma_to, 0.0
     sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
     sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
     return sigma_down, sigma_up
@@ -269,7 +313,7 @@ def _dpmpp_sde_calls(sigmas: torch.Tensor, i: int) -> CallPlan:
 
 
 def _dpmpp_sde_phase(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int, phase: int,
-                     state: State, noise: Noise) -> tuple[torch.Tensor, State]:
+                     state: State, noise: Noise, uncond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
     """ComfyUI's DPM-Solver++ (stochastic), r 1/2, eta 1, on half log-SNR: a noised first-order step to
     the midpoint, a second call there, then the whole step from both predictions, noised again."""
     eta, s_noise, r = 1.0, 1.0, 1 / 2
@@ -299,6 +343,7 @@ _MULTI_CALL: dict[str, tuple[Callable[[torch.Tensor, int], CallPlan], Phase]] = 
     "dpm_2_ancestral": (_dpm_2_ancestral_calls, _dpm_2_ancestral_phase),
     "dpmpp_2s_ancestral": (_dpmpp_2s_ancestral_calls, _dpmpp_2s_ancestral_phase),
     "dpmpp_sde": (_dpmpp_sde_calls, _dpmpp_sde_phase),
+    "dpmpp_2s_ancestral_cfg_pp": (_dpmpp_2s_ancestral_cfg_pp_calls, _dpmpp_2s_ancestral_cfg_pp_phase),
 }
 MULTI_CALL_SAMPLERS = tuple(_MULTI_CALL)
 
@@ -330,8 +375,9 @@ def call_schedule(name: str, sigmas: torch.Tensor) -> CallSchedule:
 
 
 def _call_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, k: int, state: State,
-               noise: Noise = None, *, phase_fn: Phase, schedule: CallSchedule) -> tuple[torch.Tensor, State]:
-    return phase_fn(x, denoised, sigmas, schedule.steps[k], schedule.phases[k], state, noise)
+               noise: Noise = None, uncond: Optional[torch.Tensor] = None, *, phase_fn: Phase,
+               schedule: CallSchedule) -> tuple[torch.Tensor, State]:
+    return phase_fn(x, denoised, sigmas, schedule.steps[k], schedule.phases[k], state, noise, uncond)
 
 
 def multi_call_step(name: str, schedule: CallSchedule) -> Callable[..., "tuple[torch.Tensor, State]"]:

@@ -15,19 +15,23 @@ from typing import Callable, Optional
 import numpy
 import torch
 
+from .cfg_pp_samplers import CFG_PP_NOISE, CFG_PP_STEPS, GE_GAMMA
 from .multi_call_samplers import MULTI_CALL_SAMPLERS, ancestral_step, call_schedule, multi_call_step
 
 SamplerState = Optional[tuple[torch.Tensor, ...]]  # history, oldest first, each shaped like x
 StepNoise = Optional[Callable[[], torch.Tensor]]  # this step's noise for the tokens at hand (ancestral samplers)
 SamplerStep = Callable[..., "tuple[torch.Tensor, SamplerState]"]  # (x, denoised, sigmas, i, state, noise=None)
 
-SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "lms",
-                 "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
-                 "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_ancestral",
-                 "gradient_estimation", "er_sde", "ddim")
+SAMPLER_NAMES = ("euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "lms",
+                 "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+                 "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+                 "res_multistep_ancestral_cfg_pp",
+                 "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "ddim")
 # samplers that draw fresh noise while sampling from ComfyUI's default noise sampler (one draw per ask)
 NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm",
-                            "res_multistep_ancestral", "er_sde"})
+                            "res_multistep_ancestral", "er_sde", "dpmpp_2s_ancestral_cfg_pp", *CFG_PP_NOISE})
+# CFG++ samplers: their steps also read the unconditional x0 prediction, computed even at cfg 1
+CFG_PP_SAMPLERS = frozenset({*CFG_PP_STEPS, "dpmpp_2s_ancestral_cfg_pp"})
 # the _gpu samplers: their base sampler with the Brownian tree on the model's device instead of the CPU
 DEVICE_TREE_SAMPLERS = {"dpmpp_sde_gpu": "dpmpp_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
                         "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde"}
@@ -401,7 +405,6 @@ def res_multistep_ancestral_step(x: torch.Tensor, denoised: torch.Tensor, sigmas
     return x, (denoised,)
 
 
-GE_GAMMA = 2.0  # gradient_estimation's ge_gamma (KSampler's default)
 
 
 def gradient_estimation_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
@@ -477,6 +480,7 @@ _SAMPLERS: dict[str, SamplerStep] = {"euler": euler_step, "euler_ancestral": eul
                                      "lms": lms_step, "deis": deis_step, "ddpm": ddpm_step,
                                      "res_multistep_ancestral": res_multistep_ancestral_step,
                                      "gradient_estimation": gradient_estimation_step, "er_sde": er_sde_step}
+_SAMPLERS.update(CFG_PP_STEPS)
 _SAMPLERS.update({name: _SAMPLERS[base] for name, base in DEVICE_TREE_SAMPLERS.items() if base in _SAMPLERS})
 
 
@@ -500,6 +504,16 @@ class SamplerProgram:
     call_sigmas: torch.Tensor  # (calls,) float32: the sigma the model sees at each call
     noise_spans: torch.Tensor  # (calls, 2) float32: the Brownian-tree interval of noise drawn after a call
     call_steps: tuple[int, ...]  # the sampler step each call belongs to
+    needs_uncond: bool = False  # CFG++: the step also takes the unconditional prediction
+
+    def apply(self, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, k: int, state: SamplerState,
+              noise: StepNoise = None, uncond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, SamplerState]:
+        """The step after call ``k``; ``uncond`` (the unconditional x0 prediction) reaches CFG++ steps only."""
+        if not self.needs_uncond:
+            return self.step(x, denoised, sigmas, k, state, noise)
+        if uncond is None:
+            raise ValueError("a CFG++ sampler needs the unconditional prediction at every model call")
+        return self.step(x, denoised, sigmas, k, state, noise, uncond)
 
     @property
     def total_calls(self) -> int:
@@ -511,25 +525,29 @@ class SamplerProgram:
 
 
 def sampler_program(name: str, sigmas: torch.Tensor) -> SamplerProgram:
+    needs_uncond = name in CFG_PP_SAMPLERS
     name = DEVICE_TREE_SAMPLERS.get(name, name)  # the same steps; only where the noise comes from differs
     if name in MULTI_CALL_SAMPLERS:
         schedule = call_schedule(name, sigmas)
-        return SamplerProgram(multi_call_step(name, schedule), schedule.sigmas, schedule.noise_spans, schedule.steps)
+        return SamplerProgram(multi_call_step(name, schedule), schedule.sigmas, schedule.noise_spans, schedule.steps,
+                              needs_uncond)
     steps = max(len(sigmas) - 1, 0)
     return SamplerProgram(sampler_step(name), sigmas[:steps], torch.stack([sigmas[:steps], sigmas[1:]], dim=1),
-                          tuple(range(steps)))
+                          tuple(range(steps)), needs_uncond)
 
 
 def step_patch(step: SamplerStep, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
                state: SamplerState, start: int, stop: int,
-               noise: Optional[Callable[[int], torch.Tensor]] = None) -> SamplerState:
+               noise: Optional[Callable[[int], torch.Tensor]] = None,
+               uncond: Optional[torch.Tensor] = None) -> SamplerState:
     """Apply ``step`` to tokens ``[start, stop)`` of ``x`` (B, N, C) in place; ``denoised`` covers just
     those tokens. Returns the whole-latent state with that slice updated. A step that lengthens the
     history starts the new tensor here; the other patches of the same step fill the rest of it.
     ``noise(i)`` is step ``i``'s whole-latent noise (an ``AncestralNoise``); the patch takes its slice."""
     part_state = None if state is None else tuple(t[:, start:stop] for t in state)
     part_noise = None if noise is None else (lambda: noise(i)[:, start:stop])
-    new_x, new_state = step(x[:, start:stop], denoised, sigmas, i, part_state, part_noise)
+    extra = () if uncond is None else (uncond,)  # CFG++: the patch's unconditional prediction, like denoised
+    new_x, new_state = step(x[:, start:stop], denoised, sigmas, i, part_state, part_noise, *extra)
     if new_state is None:
         x[:, start:stop] = new_x
         return state

@@ -19,7 +19,7 @@ from .inpaint import Inpaint, build_inpaint
 from .models.flux import FluxAdapter
 from .noise import AncestralNoise, BatchRows, BrownianNoise, inpaint_noise, prepare_batch_noise
 from .request import GenerationRequest
-from .samplers import (BROWNIAN_SAMPLERS, DEVICE_TREE_SAMPLERS, DISCARD_PENULTIMATE_SIGMA_SAMPLERS, NOISE_SAMPLERS, SNR_OFFSET_SAMPLERS,
+from .samplers import (BROWNIAN_SAMPLERS, CFG_PP_SAMPLERS, DEVICE_TREE_SAMPLERS, DISCARD_PENULTIMATE_SIGMA_SAMPLERS, NOISE_SAMPLERS, SNR_OFFSET_SAMPLERS,
                        SamplerProgram, SamplerStep, sampler_program)
 from .sigmas import DiscreteFlowShift, FluxShift, ModelSampling, offset_first_sigma_for_snr, resolution_shift, sampling_sigmas
 
@@ -95,8 +95,9 @@ class SamplingPlan:
 
     @property
     def step(self) -> SamplerStep:
-        """The step after model call ``k``: ``step(x, denoised, sigmas, k, state, noise)``."""
-        return self.program.step
+        """The step after model call ``k``: ``step(x, denoised, sigmas, k, state, noise, uncond=None)``
+        (``uncond``, the unconditional x0 prediction, is read by CFG++ samplers only)."""
+        return self.program.apply
 
     @property
     def call_sigmas(self) -> torch.Tensor:
@@ -154,10 +155,18 @@ def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPl
                    else sigmas)  # offset after noise scaling, as ComfyUI's samplers do
     return SamplingPlan(x=adapter.pack(latent), sigmas=loop_sigmas, image_ids=adapter.image_ids(h, w), height=h,
                         width=w, program=sampler_program(request.sampler, loop_sigmas), positive=request.positive,
-                        negative=request.negative if request.uses_cfg else None, cfg=request.cfg, inpaint=inpaint,
+                        negative=_negative_branch(request), cfg=request.cfg, inpaint=inpaint,
                         noise_seed=request.seed if request.sampler in NOISE_SAMPLERS | BROWNIAN_SAMPLERS else None,
                         latent_shape=tuple(latent.shape), brownian_span=sigmas if brownian else None,
                         brownian_on_device=request.sampler in DEVICE_TREE_SAMPLERS)
+
+
+def _negative_branch(request: GenerationRequest) -> Optional[Conditioning]:
+    """The unconditional branch's conditioning: skipped at cfg 1 as ComfyUI does, except for CFG++
+    samplers, for which ComfyUI turns that shortcut off (the positive stands in for a missing negative)."""
+    if request.sampler in CFG_PP_SAMPLERS:
+        return request.negative if request.negative is not None else request.positive
+    return request.negative if request.uses_cfg else None
 
 
 def denoised_from(x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
@@ -217,7 +226,8 @@ def run_loop(adapter: FluxAdapter, plan: SamplingPlan, velocity: VelocityFn, on_
         denoised = apply_cfg(cond, uncond, plan.cfg)
         if inpaint is not None:
             denoised = inpaint.model_output(denoised)
-        x, state = plan.step(x, denoised, plan.sigmas, i, state, None if step_noise is None else (lambda: step_noise(i)))
+        x, state = plan.step(x, denoised, plan.sigmas, i, state, None if step_noise is None else (lambda: step_noise(i)),
+                             uncond)
         if on_step is not None:
             on_step(StepEvent(i + 1, plan.total_calls, preview_latent(adapter, plan, denoised)))
     return x

@@ -189,5 +189,5 @@ def test_lms_weights_integrate_the_lagrange_basis():
     assert _lms_coeff(sigmas, 0, 1, 0) == float(sigmas[1]) - float(sigmas[0])
 
 def test_unknown_sampler_names_choices():
-    with pytest.raises(ValueError, match="euler, euler_ancestral, heun"):
+    with pytest.raises(ValueError, match="euler, euler_cfg_pp, euler_ancestral"):
         sampler_step("dpm_fast")

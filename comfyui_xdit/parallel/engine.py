@@ -123,7 +123,8 @@ class ParallelEngine:
             denoised = apply_cfg(denoised_from(seen, sigma, v_cond), uncond, plan.cfg)
             if inpaint is not None:
                 denoised = inpaint.model_output(denoised)
-            x, state = plan.step(x, denoised, plan.sigmas, i, state, None if step_noise is None else (lambda: step_noise(i)))
+            x, state = plan.step(x, denoised, plan.sigmas, i, state, None if step_noise is None else (lambda: step_noise(i)),
+                                 uncond)
             if on_step is not None:
                 on_step(StepEvent(i + 1, plan.total_calls, preview_latent(self.adapter, plan, denoised)))
         return x

@@ -134,12 +134,14 @@ class PipeFusionLoop:
             raise ValueError("cfg_degree 2 needs a negative conditioning and cfg != 1.0; drop CFG parallel otherwise")
         return [plan.positive if self.mesh.coords.cfg == 0 else plan.negative]
 
-    def _guided(self, denoised: list[torch.Tensor], cfg: float) -> torch.Tensor:
+    def _guided(self, denoised: list[torch.Tensor], cfg: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(the guided x0 prediction, the unconditional one or None) of one item."""
         if self.cfg_group is None:
-            return apply_cfg(denoised[0], denoised[1] if len(denoised) > 1 else None, cfg)
+            uncond = denoised[1] if len(denoised) > 1 else None
+            return apply_cfg(denoised[0], uncond, cfg), uncond
         # (B, n, C) per cfg rank -> (2, B, n, C), positive first: one latent per step over M patches
         both = all_gather_cat(denoised[0].unsqueeze(0), 0, self.cfg_group, self.counter, "cfg")
-        return apply_cfg(both[0], both[1], cfg)
+        return apply_cfg(both[0], both[1], cfg), both[1]
 
     def _forward(self, part: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
                  sigma: torch.Tensor) -> BlockState:
@@ -234,11 +236,11 @@ class PipeFusionLoop:
         """Last stage: CFG (+ the noise mask) + sampler step on one patch of ``x`` in place; hand tokens
         ``back`` of it (and at a step's end the preview) to stage 0."""
         links, total = self.links, plan.total_calls
-        guided = self._guided(denoised, plan.cfg)
+        guided, uncond = self._guided(denoised, plan.cfg)
         if inpaint is not None:
             guided = inpaint.model_output(guided, start)
         sampler_state = step_patch(plan.step, x, guided, plan.sigmas, work.step, sampler_state, start, stop,
-                                   step_noise)
+                                   step_noise, uncond)
         denoised_full[:, start:stop] = guided
         step_done = work.is_warmup or work.patch == self.parallel.patches - 1
         if work.step < total - 1:

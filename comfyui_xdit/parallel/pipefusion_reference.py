@@ -46,7 +46,8 @@ def pipefusion_reference(adapter: FluxAdapter, plan: SamplingPlan, num_patches: 
             guided = apply_cfg(denoised[0], denoised[1] if len(denoised) > 1 else None, plan.cfg)
             if plan.inpaint is not None:
                 guided = plan.inpaint.model_output(guided, start)
-            state = step_patch(plan.step, x, guided, plan.sigmas, work.step, state, start, stop, step_noise)
+            state = step_patch(plan.step, x, guided, plan.sigmas, work.step, state, start, stop, step_noise,
+                               denoised[1] if len(denoised) > 1 else None)
     finally:
         adapter.seam.backend = saved
     return x
