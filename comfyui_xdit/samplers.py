@@ -17,6 +17,7 @@ import torch
 
 from .cfg_pp_samplers import CFG_PP_NOISE, CFG_PP_STEPS, GE_GAMMA
 from .multi_call_samplers import MULTI_CALL_SAMPLERS, ancestral_step, call_schedule, multi_call_step
+from .uni_pc_sampler import UNI_PC_VARIANTS, uni_pc_functions
 
 SamplerState = Optional[tuple[torch.Tensor, ...]]  # history, oldest first, each shaped like x
 StepNoise = Optional[Callable[[], torch.Tensor]]  # this step's noise for the tokens at hand (ancestral samplers)
@@ -26,7 +27,7 @@ SAMPLER_NAMES = ("euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cf
                  "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
                  "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
                  "res_multistep_ancestral_cfg_pp",
-                 "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "ddim")
+                 "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "ddim", "uni_pc", "uni_pc_bh2")
 # samplers that draw fresh noise while sampling from ComfyUI's default noise sampler (one draw per ask)
 NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm",
                             "res_multistep_ancestral", "er_sde", "dpmpp_2s_ancestral_cfg_pp", *CFG_PP_NOISE})
@@ -41,7 +42,7 @@ BROWNIAN_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
 SNR_OFFSET_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "er_sde",
                                  *DEVICE_TREE_SAMPLERS})
 # KSampler computes one more sigma for these and drops the second to last (its DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
-DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral"})
+DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", *UNI_PC_VARIANTS})
 
 
 def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
@@ -489,8 +490,8 @@ def sampler_step(name: str) -> SamplerStep:
     try:
         return _SAMPLERS[name]
     except KeyError:
-        if DEVICE_TREE_SAMPLERS.get(name, name) in MULTI_CALL_SAMPLERS:
-            raise ValueError(f"sampler {name!r} calls the model more than once per step; use sampler_program") from None
+        if DEVICE_TREE_SAMPLERS.get(name, name) in MULTI_CALL_SAMPLERS or name in UNI_PC_VARIANTS:
+            raise ValueError(f"sampler {name!r} is more than a step after each model call; use sampler_program") from None
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}") from None
 
 
@@ -505,6 +506,12 @@ class SamplerProgram:
     noise_spans: torch.Tensor  # (calls, 2) float32: the Brownian-tree interval of noise drawn after a call
     call_steps: tuple[int, ...]  # the sampler step each call belongs to
     needs_uncond: bool = False  # CFG++: the step also takes the unconditional prediction
+    start: Optional[Callable[[torch.Tensor], "tuple[torch.Tensor, SamplerState]"]] = None  # UniPC: see begin
+
+    def begin(self, x: torch.Tensor) -> tuple[torch.Tensor, SamplerState]:
+        """The first model input and sampler state from the noised starting tokens (unchanged, and no
+        state, except for UniPC, which moves the latent into its own space first)."""
+        return (x, None) if self.start is None else self.start(x)
 
     def apply(self, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, k: int, state: SamplerState,
               noise: StepNoise = None, uncond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, SamplerState]:
@@ -532,6 +539,10 @@ def sampler_program(name: str, sigmas: torch.Tensor) -> SamplerProgram:
         return SamplerProgram(multi_call_step(name, schedule), schedule.sigmas, schedule.noise_spans, schedule.steps,
                               needs_uncond)
     steps = max(len(sigmas) - 1, 0)
+    if name in UNI_PC_VARIANTS:
+        step, start = uni_pc_functions(name, sigmas)
+        return SamplerProgram(step, sigmas[:steps], torch.stack([sigmas[:steps], sigmas[1:]], dim=1),
+                              tuple(range(steps)), needs_uncond, start)
     return SamplerProgram(sampler_step(name), sigmas[:steps], torch.stack([sigmas[:steps], sigmas[1:]], dim=1),
                           tuple(range(steps)), needs_uncond)
 

@@ -20,7 +20,8 @@ from .models.flux import FluxAdapter
 from .noise import AncestralNoise, BatchRows, BrownianNoise, inpaint_noise, prepare_batch_noise
 from .request import GenerationRequest
 from .samplers import (BROWNIAN_SAMPLERS, CFG_PP_SAMPLERS, DEVICE_TREE_SAMPLERS, DISCARD_PENULTIMATE_SIGMA_SAMPLERS, NOISE_SAMPLERS, SNR_OFFSET_SAMPLERS,
-                       SamplerProgram, SamplerStep, sampler_program)
+                       SamplerProgram, SamplerState, SamplerStep, sampler_program)
+from .uni_pc_sampler import UNI_PC_VARIANTS, uni_pc_sigmas
 from .sigmas import DiscreteFlowShift, FluxShift, ModelSampling, offset_first_sigma_for_snr, resolution_shift, sampling_sigmas
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,11 @@ class SamplingPlan:
                        negative=self.negative.rows(batch, start, stop) if self.negative is not None else None,
                        batch_rows=(start, stop))
 
+    def begin(self, x: torch.Tensor) -> tuple[torch.Tensor, SamplerState]:
+        """The first model input and sampler state from ``x``, this plan's starting tokens on the model's
+        device (the tokens themselves and no state, but for UniPC)."""
+        return self.program.begin(x)
+
     @property
     def step(self) -> SamplerStep:
         """The step after model call ``k``: ``step(x, denoised, sigmas, k, state, noise, uncond=None)``
@@ -153,6 +159,8 @@ def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPl
     brownian = request.sampler in BROWNIAN_SAMPLERS
     loop_sigmas = (offset_first_sigma_for_snr(sigmas, model_sampling) if request.sampler in SNR_OFFSET_SAMPLERS
                    else sigmas)  # offset after noise scaling, as ComfyUI's samplers do
+    if request.sampler in UNI_PC_VARIANTS:  # a final 0 becomes 0.001, which finish() then divides by as ComfyUI
+        loop_sigmas = uni_pc_sigmas(loop_sigmas)
     return SamplingPlan(x=adapter.pack(latent), sigmas=loop_sigmas, image_ids=adapter.image_ids(h, w), height=h,
                         width=w, program=sampler_program(request.sampler, loop_sigmas), positive=request.positive,
                         negative=_negative_branch(request), cfg=request.cfg, inpaint=inpaint,
@@ -212,7 +220,7 @@ def run_loop(adapter: FluxAdapter, plan: SamplingPlan, velocity: VelocityFn, on_
     and gathers. The tokens live on the model's device (sigmas stay 0-dim CPU scalars, which every
     device accepts). Returns the final tokens (B, N, 64) on that device.
     """
-    x, state = plan.x.to(adapter.device), None
+    x, state = plan.begin(plan.x.to(adapter.device))
     inpaint = plan.inpaint.to(adapter.device) if plan.inpaint is not None else None
     step_noise = plan.step_noise(x.device)
     batch = x.shape[0]

@@ -114,6 +114,10 @@ CASES = {
                                                   cfg=1.5, negative=_conditioning(2)),
     "gradient-estimation-cfg-pp-beta": dict(sampler="gradient_estimation_cfg_pp", scheduler="beta", cfg=1.5,
                                             negative=_conditioning(2)),
+    "uni-pc-karras-6-steps": dict(sampler="uni_pc", scheduler="karras", steps=6),
+    "uni-pc-bh2-simple-cfg-img2img": dict(sampler="uni_pc_bh2", scheduler="simple", cfg=2.5, negative=_conditioning(2),
+                                          denoise=0.7, latent=torch.randn(1, 16, 16, 16,
+                                                                          generator=torch.Generator().manual_seed(8))),
     "img2img-denoise": dict(sampler="euler", scheduler="simple", denoise=0.6,
                             latent=torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(5))),
 }
@@ -203,6 +207,7 @@ INPAINT_CASES = {
     "dpmpp-2m-sde-mask-batch2": dict(sampler="dpmpp_2m_sde", batch=2),
     "batch-index-no-mask": dict(sampler="euler", batch=2, batch_index=(2, 0), mask=False),
     "img2img-mask-denoise": dict(sampler="euler", denoise=0.7, image=True),
+    "uni-pc-mask-batch2": dict(sampler="uni_pc", batch=2),
 }
 
 

@@ -101,11 +101,10 @@ class ParallelEngine:
                        should_stop: Optional[ShouldStop]) -> torch.Tensor:
         shard = SequenceShard(self.mesh.index(SEQUENCE_AXES), self.mesh.size(SEQUENCE_AXES))
         velocity = SequenceParallelVelocity(self.adapter, shard, self.mesh.group(SEQUENCE_AXES), self.counter)
-        x = plan.x.to(self.adapter.device)
+        x, state = plan.begin(plan.x.to(self.adapter.device))
         inpaint = plan.inpaint.to(x.device) if plan.inpaint is not None else None
         step_noise = plan.step_noise(x.device)  # every rank steps the whole latent: each draws the same
         image_ids = plan.image_ids
-        state = None
         for i in range(plan.total_calls):
             if self.counter is not None:
                 self.counter.begin_step(i)

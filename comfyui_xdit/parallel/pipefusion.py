@@ -175,11 +175,11 @@ class PipeFusionLoop:
         ulysses, ring = self.mesh.group(("ulysses",)), self.mesh.group(("ring",))
         # one K/V buffer set per branch
         backends = [StaleKVAttention(num_tokens, ulysses, ring, self.counter) for _ in branches]
-        x = plan.x.to(adapter.device).clone()  # stage 0: inputs as they come back; last stage: the truth
+        # stage 0: inputs as they come back; last stage: the truth (and the sampler state)
+        x, sampler_state = plan.begin(plan.x.to(adapter.device).clone())
         inpaint = plan.inpaint.to(adapter.device) if plan.inpaint is not None else None
         step_noise = plan.step_noise(adapter.device) if links.is_last else None  # the last stage steps
         denoised_full = torch.zeros_like(x)
-        sampler_state: SamplerState = None
         preview_like = preview_latent(adapter, plan, plan.x).to(adapter.device) if self.sends_preview else None
         returns = _Returns(links, items, returned, patches, preview_like, on_step, total) if links.is_first else None
         vote = LaggedStopVote(should_stop, adapter.device, self.counter)

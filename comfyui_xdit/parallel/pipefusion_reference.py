@@ -28,7 +28,7 @@ def pipefusion_reference(adapter: FluxAdapter, plan: SamplingPlan, num_patches: 
     bounds = patch_bounds(num_tokens, num_patches)
     branches = [plan.positive] + ([plan.negative] if plan.negative is not None else [])
     backends = [StaleKVAttention(num_tokens) for _ in branches]  # one set of K/V buffers per CFG branch
-    x, state = plan.x.clone(), None  # tokens (B, N, 64) and the sampler state
+    x, state = plan.begin(plan.x.clone())  # tokens (B, N, 64) and the sampler state
     step_noise = plan.step_noise(x.device)
     saved = adapter.seam.backend
     try:
