@@ -1,5 +1,5 @@
 """Samplers that call the model more than once per step (heun, heunpp2, dpm_2, dpm_2_ancestral,
-dpmpp_2s_ancestral, dpmpp_sde), written as a sequence of single model calls.
+dpmpp_2s_ancestral, dpmpp_sde, seeds_2, seeds_3), written as a sequence of single model calls.
 
 ComfyUI's k-diffusion loops evaluate the model at an intermediate point inside a step. Here every model
 call is its own item: the loop keeps ``x`` as the next *model input* and, after each call, a phase
@@ -334,6 +334,86 @@ def _dpmpp_sde_phase(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tens
     return x + g.alpha_t * noise() * s_noise * su, None
 
 
+# --- seeds_2 / seeds_3 (flow, default noise sampler) ------------------------------------------------
+
+SEEDS_STAGES = {"seeds_2": (1 / 2,), "seeds_3": (1. / 3, 2. / 3)}  # ComfyUI's r / (r_1, r_2): the stages' positions
+
+
+def _ei_h_phi_1(h: torch.Tensor) -> torch.Tensor:
+    return torch.expm1(h)
+
+
+def _ei_h_phi_2(h: torch.Tensor) -> torch.Tensor:
+    return (torch.expm1(h) - h) / h
+
+
+@dataclass(frozen=True)
+class _SeedsGeometry:
+    h: torch.Tensor  # the step in half log-SNR
+    stage_sigmas: tuple[torch.Tensor, ...]  # sigma at each intermediate stage
+    stage_alphas: tuple[torch.Tensor, ...]
+    alpha_t: torch.Tensor
+
+    @classmethod
+    def at(cls, sigmas: torch.Tensor, i: int, stages: tuple[float, ...]) -> "_SeedsGeometry":
+        lambda_s, lambda_t = _half_log_snr(sigmas[i]), _half_log_snr(sigmas[i + 1])
+        lambdas = [torch.lerp(lambda_s, lambda_t, r) for r in stages]
+        stage_sigmas = tuple(_sigma_of_half_log_snr(lam) for lam in lambdas)
+        return cls(lambda_t - lambda_s, stage_sigmas,
+                   tuple(sigma * lam.exp() for sigma, lam in zip(stage_sigmas, lambdas)), sigmas[i + 1] * lambda_t.exp())
+
+
+def _seeds_calls(sigmas: torch.Tensor, i: int, stages: tuple[float, ...]) -> CallPlan:
+    step = (sigmas[i], sigmas[i + 1])
+    if sigmas[i + 1] == 0:
+        return CallPlan((sigmas[i],), (step,))
+    g = _SeedsGeometry.at(sigmas, i, stages)
+    return CallPlan((sigmas[i], *g.stage_sigmas), (step,) * (1 + len(stages)))
+
+
+def _seeds_phase(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int, phase: int, state: State,
+                 noise: Noise, uncond: Optional[torch.Tensor] = None, *,
+                 stages: tuple[float, ...]) -> tuple[torch.Tensor, State]:
+    """ComfyUI's ``sample_seeds_2`` / ``sample_seeds_3`` (SEEDS, arXiv 2305.14267; eta 1, s_noise 1): data
+    prediction exponential-integrator stages on half log-SNR, each noised with the previous stage's
+    noise carried forward plus a fresh draw. ``state``: the step's starting latent, its first x0
+    prediction and the carried noise."""
+    eta, s_noise = 1.0, 1.0
+    if sigmas[i + 1] == 0:
+        return denoised, None
+    g = _SeedsGeometry.at(sigmas, i, stages)
+    h, h_eta = g.h, g.h * (eta + 1)
+    if phase == 0:
+        r_1, sigma_s_1, alpha_s_1 = stages[0], g.stage_sigmas[0], g.stage_alphas[0]
+        x_2 = sigma_s_1 / sigmas[i] * (-r_1 * h * eta).exp() * x - alpha_s_1 * _ei_h_phi_1(-r_1 * h_eta) * denoised
+        sde_noise = (-2 * r_1 * h * eta).expm1().neg().sqrt() * noise()
+        return x_2 + sde_noise * sigma_s_1 * s_noise, (x, denoised, sde_noise)
+    x_start, denoised_1, sde_noise = state
+    if phase == 1 and len(stages) == 2:  # seeds_3's second stage
+        r_1, r_2 = stages
+        sigma_s_2, alpha_s_2 = g.stage_sigmas[1], g.stage_alphas[1]
+        a3_2 = r_2 / r_1 * _ei_h_phi_2(-r_2 * h_eta)
+        a3_1 = _ei_h_phi_1(-r_2 * h_eta) - a3_2
+        x_3 = sigma_s_2 / sigmas[i] * (-r_2 * h * eta).exp() * x_start - alpha_s_2 * (a3_1 * denoised_1 + a3_2 * denoised)
+        segment_factor = (r_1 - r_2) * h * eta
+        sde_noise = sde_noise * segment_factor.exp()
+        sde_noise = sde_noise + segment_factor.mul(2).expm1().neg().sqrt() * noise()
+        return x_3 + sde_noise * sigma_s_2 * s_noise, (x_start, denoised_1, sde_noise)
+    if len(stages) == 1:  # seeds_2's final stage: the step from both predictions
+        r = stages[0]
+        denoised_d = torch.lerp(denoised_1, denoised, 1 / (2 * r))
+        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x_start - g.alpha_t * _ei_h_phi_1(-h_eta) * denoised_d
+    else:  # seeds_3's final stage: from the first and third predictions
+        r = stages[1]
+        b3 = _ei_h_phi_2(-h_eta) / r
+        b1 = _ei_h_phi_1(-h_eta) - b3
+        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x_start - g.alpha_t * (b1 * denoised_1 + b3 * denoised)
+    segment_factor = (r - 1) * h * eta
+    sde_noise = sde_noise * segment_factor.exp()
+    sde_noise = sde_noise + segment_factor.mul(2).expm1().neg().sqrt() * noise()
+    return x + sde_noise * sigmas[i + 1] * s_noise, None
+
+
 # --- programs --------------------------------------------------------------------------------------
 
 _MULTI_CALL: dict[str, tuple[Callable[[torch.Tensor, int], CallPlan], Phase]] = {
@@ -344,6 +424,8 @@ _MULTI_CALL: dict[str, tuple[Callable[[torch.Tensor, int], CallPlan], Phase]] = 
     "dpmpp_2s_ancestral": (_dpmpp_2s_ancestral_calls, _dpmpp_2s_ancestral_phase),
     "dpmpp_sde": (_dpmpp_sde_calls, _dpmpp_sde_phase),
     "dpmpp_2s_ancestral_cfg_pp": (_dpmpp_2s_ancestral_cfg_pp_calls, _dpmpp_2s_ancestral_cfg_pp_phase),
+    **{name: (partial(_seeds_calls, stages=stages), partial(_seeds_phase, stages=stages))
+       for name, stages in SEEDS_STAGES.items()},
 }
 MULTI_CALL_SAMPLERS = tuple(_MULTI_CALL)
 

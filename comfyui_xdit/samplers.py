@@ -27,10 +27,12 @@ SAMPLER_NAMES = ("euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cf
                  "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
                  "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
                  "res_multistep_ancestral_cfg_pp",
-                 "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "ddim", "uni_pc", "uni_pc_bh2")
+                 "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "ddim", "uni_pc",
+                 "uni_pc_bh2")
 # samplers that draw fresh noise while sampling from ComfyUI's default noise sampler (one draw per ask)
 NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm",
-                            "res_multistep_ancestral", "er_sde", "dpmpp_2s_ancestral_cfg_pp", *CFG_PP_NOISE})
+                            "res_multistep_ancestral", "er_sde", "dpmpp_2s_ancestral_cfg_pp", "seeds_2", "seeds_3",
+                            *CFG_PP_NOISE})
 # CFG++ samplers: their steps also read the unconditional x0 prediction, computed even at cfg 1
 CFG_PP_SAMPLERS = frozenset({*CFG_PP_STEPS, "dpmpp_2s_ancestral_cfg_pp"})
 # the _gpu samplers: their base sampler with the Brownian tree on the model's device instead of the CPU
@@ -39,7 +41,8 @@ DEVICE_TREE_SAMPLERS = {"dpmpp_sde_gpu": "dpmpp_sde", "dpmpp_2m_sde_gpu": "dpmpp
 # samplers that draw their noise from ComfyUI's Brownian tree
 BROWNIAN_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", *DEVICE_TREE_SAMPLERS})
 # samplers that step on half log-SNR and so start just below sigma 1 (offset_first_sigma_for_snr)
-SNR_OFFSET_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "er_sde",
+SNR_OFFSET_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "er_sde", "seeds_2",
+                                 "seeds_3",
                                  *DEVICE_TREE_SAMPLERS})
 # KSampler computes one more sigma for these and drops the second to last (its DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", *UNI_PC_VARIANTS})

@@ -144,6 +144,26 @@ def test_call_schedules_and_warmup_in_calls():
     assert torch.equal(sde.noise_spans[1], sigmas[1:3])  # then the whole step
 
 
+@pytest.mark.parametrize("name", ["seeds_2", "seeds_3"])
+@pytest.mark.parametrize("scheduler", ["simple", "karras", "beta"])
+def test_seeds_equal_comfyui_with_its_noise_sampler(name, scheduler):
+    """SEEDS: two or three calls a step, a fresh draw of ComfyUI's default noise sampler after each but
+    the last step's, on the schedule offset below sigma 1 as ComfyUI offsets it."""
+    kd = import_comfy("comfy.k_diffusion.sampling")
+    _, inner = _flux_model_sampling()
+    sigmas = scheduler_sigmas(FluxShift(1.15), scheduler, 6)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    their_calls = []
+    model = _recording(_toy_denoiser, their_calls)
+    model.inner_model = inner
+    theirs = getattr(kd, f"sample_{name}")(model, x.clone(), sigmas, extra_args={"seed": 9}, disable=True)
+    our_calls = []
+    ours = _run_calls(name, x.clone(), offset_first_sigma_for_snr(sigmas, FluxShift(1.15)),
+                      _DrawPerCall(x.shape, 9), our_calls)
+    assert our_calls == their_calls and len(our_calls) == (len(sigmas) - 2) * (2 if name == "seeds_2" else 3) + 1
+    assert torch.equal(ours, theirs)
+
+
 def test_discard_penultimate_sigma_as_ksampler():
     samplers = import_comfy("comfy.samplers")
     _, inner = _flux_model_sampling()

@@ -114,6 +114,8 @@ CASES = {
                                                   cfg=1.5, negative=_conditioning(2)),
     "gradient-estimation-cfg-pp-beta": dict(sampler="gradient_estimation_cfg_pp", scheduler="beta", cfg=1.5,
                                             negative=_conditioning(2)),
+    "seeds-2-beta-cfg": dict(sampler="seeds_2", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
+    "seeds-3-karras": dict(sampler="seeds_3", scheduler="karras"),
     "uni-pc-karras-6-steps": dict(sampler="uni_pc", scheduler="karras", steps=6),
     "uni-pc-bh2-simple-cfg-img2img": dict(sampler="uni_pc_bh2", scheduler="simple", cfg=2.5, negative=_conditioning(2),
                                           denoise=0.7, latent=torch.randn(1, 16, 16, 16,
