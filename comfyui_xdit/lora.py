@@ -1,37 +1,29 @@
-"""LoRA patches merged on the ranks, as ComfyUI's ``comfy.lora.calculate_weight`` merges a plain LoRA.
+"""LoRA-family patches merged on the ranks, as ComfyUI v0.3.64's ``comfy.lora.calculate_weight`` merges them.
 
-The ComfyUI side (``nodes/model_patches.py``) turns a MODEL's patches into ``LoraPatch`` records: the
-two low-rank matrices, alpha, the strengths and the slice of the fused weight a patch targets (a
-diffusers-style q/k/v LoRA lands on a slice of BFL's fused ``qkv``). A rank merges them into the base
-weights in float32, patch after patch in ComfyUI's order, and rounds to the weight's stored dtype, as
-ComfyUI's ``patch_weight_to_device`` does.
+The ComfyUI side (``nodes/model_patches.py``) turns a MODEL's patches into records
+(``comfyui_xdit.lora_adapters``: LoRA with LoCon mid weights, LoHa, LoKr, each optionally DoRA): the
+factors, alpha, the strengths and the slice of the fused weight a patch targets (a diffusers-style q/k/v
+LoRA lands on a slice of BFL's fused ``qkv``). A rank merges them into the base weights in float32, patch
+after patch in ComfyUI's order, and rounds to the weight's stored dtype, as ComfyUI's
+``patch_weight_to_device`` does. The ranks never import ComfyUI.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from dataclasses import fields
+from typing import Mapping, Sequence
 
 import torch
 
+from comfyui_xdit.lora_adapters import LohaPatch, LokrPatch, LoraPatch, WeightPatch
 
-@dataclass(frozen=True)
-class LoraPatch:
-    """One LoRA's change to one BFL weight: ``weight[offset] += strength * alpha/rank * up @ down``."""
-
-    key: str  # BFL tensor name, e.g. "double_blocks.0.img_attn.qkv.weight"
-    up: torch.Tensor  # (out, rank)
-    down: torch.Tensor  # (rank, in)
-    alpha: Optional[float]  # None: scale 1
-    strength: float
-    strength_model: float = 1.0
-    offset: Optional[tuple[int, int, int]] = None  # (dim, start, length) of the fused weight
+__all__ = ["LoraPatch", "LohaPatch", "LokrPatch", "WeightPatch", "merge_lora", "patches_digest"]
 
 
-def merge_lora(state: Mapping[str, torch.Tensor], patches: Sequence[LoraPatch]) -> dict[str, torch.Tensor]:
+def merge_lora(state: Mapping[str, torch.Tensor], patches: Sequence[WeightPatch]) -> dict[str, torch.Tensor]:
     """``state`` with every patched tensor replaced by its merged copy (the others shared, not copied)."""
-    by_key: dict[str, list[LoraPatch]] = {}
+    by_key: dict[str, list[WeightPatch]] = {}
     for patch in patches:
         by_key.setdefault(patch.key, []).append(patch)
     missing = sorted(set(by_key) - set(state))
@@ -41,27 +33,65 @@ def merge_lora(state: Mapping[str, torch.Tensor], patches: Sequence[LoraPatch]) 
     out = dict(state)
     for key, key_patches in by_key.items():
         stored = state[key]
-        weight = stored.to(torch.float32, copy=True)
+        weight = stored.to(torch.float32, copy=True)  # everything below is float32, so ComfyUI's casts are no-ops
         for patch in key_patches:
-            target = weight if patch.offset is None else weight.narrow(*patch.offset)
-            if patch.strength_model != 1.0:
-                target *= patch.strength_model
-            up, down = patch.up.to(torch.float32), patch.down.to(torch.float32)
-            alpha = patch.alpha / down.shape[0] if patch.alpha is not None else 1.0
-            # (out, rank) x (rank, in) -> the weight's (out, in)
-            diff = torch.mm(up.flatten(start_dim=1), down.flatten(start_dim=1)).reshape(target.shape)
-            target += ((patch.strength * alpha) * diff).type(target.dtype)
+            _apply(weight if patch.offset is None else weight.narrow(*patch.offset), patch)
         out[key] = weight.to(stored.dtype)
     return out
 
 
-def patches_digest(patches: Sequence[LoraPatch]) -> str:
-    """A short name for a set of patches (which tensors, which values, which strengths): equal digests
-    mean the merged weights are equal, so a rank that has them loads nothing."""
+def _apply(target: torch.Tensor, patch: WeightPatch) -> None:
+    """One patch into ``target`` (the weight or a view of its slice), in place, as the adapter's
+    ``calculate_weight`` does."""
+    if patch.strength_model != 1.0:
+        target *= patch.strength_model
+    try:
+        diff, alpha = patch.change(target.shape)
+        if patch.dora_scale is None:
+            target += (patch.strength * alpha) * diff
+        else:
+            _weight_decompose(target, diff, alpha, patch.strength, patch.dora_scale)
+    except RuntimeError as error:  # ComfyUI logs "ERROR ..." and leaves the weight unpatched; we stop
+        raise ValueError(f"the {type(patch).__name__} on {patch.key} does not fit its weight of shape "
+                         f"{tuple(target.shape)} ({error}); the LoRA was made for another model") from error
+
+
+def _weight_decompose(weight: torch.Tensor, diff: torch.Tensor, alpha: float, strength: float,
+                      dora_scale: torch.Tensor) -> None:
+    """DoRA, in place, as ComfyUI's ``weight_decompose``: the patched weight's directions rescaled to the
+    stored magnitudes, then blended with the old weight by ``strength``."""
+    scale = dora_scale.to(torch.float32)
+    diff *= alpha
+    patched = weight + diff
+    if scale.shape[0] == patched.shape[0]:  # a magnitude per output row
+        # ComfyUI v0.3.64 takes this norm of the weight *before* the patch; we follow it
+        # (out, in[, kh, kw]) -> (out, in*kh*kw) -> (out, 1) -> (out, 1[, 1, 1])
+        norm = (weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
+                .reshape(weight.shape[0], *[1] * (weight.dim() - 1)))
+    else:  # a magnitude per input column, of the patched weight
+        # (out, in[, ...]) -> (in, out[, ...]) -> (in, out*...) -> (in, 1) -> (in, 1[, ...]) -> (1, in[, ...])
+        norm = (patched.transpose(0, 1).reshape(patched.shape[1], -1).norm(dim=1, keepdim=True)
+                .reshape(patched.shape[1], *[1] * (patched.dim() - 1)).transpose(0, 1))
+    norm = norm + torch.finfo(weight.dtype).eps
+    patched *= scale / norm
+    if strength != 1.0:
+        patched -= weight
+        weight += strength * patched
+    else:
+        weight[:] = patched
+
+
+def patches_digest(patches: Sequence[WeightPatch]) -> str:
+    """A short name for a set of patches (their kinds, tensors, numbers and strengths, field by field):
+    equal digests mean the merged weights are equal, so a rank that has them loads nothing."""
     digest = hashlib.sha256()
     for patch in patches:
-        digest.update(f"{patch.key}|{patch.alpha}|{patch.strength}|{patch.strength_model}|{patch.offset}".encode())
-        for tensor in (patch.up, patch.down):
-            digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(f"#{type(patch).__name__}".encode())
+        for field in fields(patch):
+            value = getattr(patch, field.name)
+            if isinstance(value, torch.Tensor):
+                digest.update(f"|{field.name}:{tuple(value.shape)}:{value.dtype}:".encode())
+                digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                digest.update(f"|{field.name}={value!r}".encode())
     return digest.hexdigest()[:16] if patches else ""

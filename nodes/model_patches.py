@@ -3,11 +3,11 @@ sampling. Only this module looks inside ComfyUI's ModelPatcher; the ranks get pl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from comfyui_xdit.lora import LoraPatch
+from comfyui_xdit.lora import LohaPatch, LokrPatch, LoraPatch, WeightPatch
 from comfyui_xdit.request import SigmaShift
 
 PREFIX = "diffusion_model."
@@ -39,30 +39,71 @@ def base_weights(model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def lora_patches(model: Any) -> tuple[LoraPatch, ...]:
-    """The MODEL's weight patches as plain LoRA records, in ComfyUI's order; ValueError naming what is
-    not a plain LoRA (LoHa, LoKr, DoRA, LoCon mid weights, full diffs)."""
-    from comfy.weight_adapter import LoRAAdapter
-
+def lora_patches(model: Any) -> tuple[WeightPatch, ...]:
+    """The MODEL's weight patches as records the ranks merge (LoRA, LoCon, DoRA, LoHa, LoKr), in ComfyUI's
+    order; ValueError naming what the ranks do not merge (full-weight diffs, OFT/BOFT/GLoRA, custom
+    functions, reshaped weights) and the fix."""
     out = []
     for key, entries in model.patches.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"the MODEL has a patch on {key!r}, outside the diffusion model; use the stock KSampler")
         for strength, adapter, strength_model, offset, function in entries:
-            kind = getattr(adapter, "name", type(adapter).__name__)
-            if function is not None or not isinstance(adapter, LoRAAdapter):
-                raise ValueError(f"the MODEL carries a {kind} patch on {key}; xDiT Parallelize Model merges plain "
-                                 f"LoRAs (LoraLoader / LoraLoaderModelOnly with a LoRA file) but not LoHa, LoKr or "
-                                 f"model merges yet: use the stock KSampler for this one")
-            up, down, alpha, mid, dora_scale, reshape = adapter.weights
-            if mid is not None or dora_scale is not None or reshape is not None:
-                raise ValueError(f"the LoRA patch on {key} has LoCon mid weights or DoRA scales, which xDiT "
-                                 f"Parallelize Model does not merge yet; use the stock KSampler for this LoRA")
-            out.append(LoraPatch(key=key[len(PREFIX):], up=up.detach().to("cpu"), down=down.detach().to("cpu"),
-                                 alpha=None if alpha is None else float(alpha), strength=float(strength),
-                                 strength_model=float(strength_model),
-                                 offset=None if offset is None else tuple(int(o) for o in offset)))
+            if function is not None:
+                raise ValueError(f"the {_kind(adapter)} patch on {key} goes through a function "
+                                 f"({getattr(function, '__name__', function)}, e.g. a diffusers LoRA's scale/shift "
+                                 f"swap), which xDiT Parallelize Model does not apply; use the stock KSampler "
+                                 f"for this LoRA")
+            where = dict(key=key[len(PREFIX):], strength=float(strength), strength_model=float(strength_model),
+                         offset=None if offset is None else tuple(int(o) for o in offset))
+            out.append(_record(adapter, key, where))
     return tuple(out)
+
+
+def _record(adapter: Any, key: str, where: dict[str, Any]) -> WeightPatch:
+    """One ComfyUI adapter as our record, its tensors on the CPU."""
+    from comfy.weight_adapter import LoHaAdapter, LoKrAdapter, LoRAAdapter
+
+    if isinstance(adapter, LoRAAdapter):
+        up, down, alpha, mid, dora_scale, reshape = adapter.weights
+        if reshape is not None:
+            raise ValueError(f"the LoRA patch on {key} reshapes the weight to {tuple(reshape)} (a LoRA that "
+                             f"widens a layer, e.g. a Flux depth/canny LoRA), which the xDiT ranks cannot "
+                             f"build; use the stock KSampler for this LoRA")
+        return LoraPatch(up=_cpu(up), down=_cpu(down), alpha=_number(alpha), mid=_cpu(mid),
+                         dora_scale=_cpu(dora_scale), **where)
+    if isinstance(adapter, LoHaAdapter):
+        w1_a, w1_b, alpha, w2_a, w2_b, t1, t2, dora_scale = adapter.weights
+        return LohaPatch(w1_a=_cpu(w1_a), w1_b=_cpu(w1_b), w2_a=_cpu(w2_a), w2_b=_cpu(w2_b), alpha=_number(alpha),
+                         t1=_cpu(t1), t2=_cpu(t2), dora_scale=_cpu(dora_scale), **where)
+    if isinstance(adapter, LoKrAdapter):
+        w1, w2, alpha, w1_a, w1_b, w2_a, w2_b, t2, dora_scale = adapter.weights
+        if t2 is not None and w2 is None:
+            raise ValueError(f"the LoKr patch on {key} has a Tucker core (lokr_t2, a conv LoKr), which ComfyUI "
+                             f"v0.3.64 itself fails to merge (its log shows 'ERROR lokr' and the weight stays "
+                             f"unpatched) and xDiT Parallelize Model refuses; use the stock KSampler for this LoRA")
+        return LokrPatch(w1=_cpu(w1), w2=_cpu(w2), w1_a=_cpu(w1_a), w1_b=_cpu(w1_b), w2_a=_cpu(w2_a),
+                         w2_b=_cpu(w2_b), alpha=_number(alpha), dora_scale=_cpu(dora_scale), **where)
+    raise ValueError(f"the MODEL carries a {_kind(adapter)} patch on {key}; xDiT Parallelize Model merges LoRA, "
+                     f"LoCon, DoRA, LoHa and LoKr patches (LoraLoader / LoraLoaderModelOnly) but not OFT, BOFT, "
+                     f"GLoRA or model merges: use the stock KSampler for this LoRA (or merge)")
+
+
+def _kind(adapter: Any) -> str:
+    """What a ComfyUI patch is, in words: an adapter's name, or the kind of a tuple patch."""
+    if isinstance(adapter, list):
+        return "nested (a patch of a patched weight)"
+    if isinstance(adapter, tuple):
+        kind = adapter[0] if len(adapter) == 2 and isinstance(adapter[0], str) else "diff"
+        return f"{kind!r} (full-weight, e.g. from a model merge)"
+    return getattr(adapter, "name", type(adapter).__name__)
+
+
+def _cpu(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.detach().to("cpu")
+
+
+def _number(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
 
 
 def sigma_shift(model: Any) -> SigmaShift:
