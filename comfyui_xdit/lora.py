@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import fields
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -47,22 +47,34 @@ def _apply(target: torch.Tensor, patch: WeightPatch) -> None:
         target *= patch.strength_model
     try:
         diff, alpha = patch.change(target.shape)
+        function = _swap_scale_shift if patch.swap_scale_shift else _identity
         if patch.dora_scale is None:
-            target += (patch.strength * alpha) * diff
+            target += function((patch.strength * alpha) * diff)
         else:
-            _weight_decompose(target, diff, alpha, patch.strength, patch.dora_scale)
+            _weight_decompose(target, diff, alpha, patch.strength, patch.dora_scale, function)
     except RuntimeError as error:  # ComfyUI logs "ERROR ..." and leaves the weight unpatched; we stop
         raise ValueError(f"the {type(patch).__name__} on {patch.key} does not fit its weight of shape "
                          f"{tuple(target.shape)} ({error}); the LoRA was made for another model") from error
 
 
+def _identity(change: torch.Tensor) -> torch.Tensor:
+    return change
+
+
+def _swap_scale_shift(change: torch.Tensor) -> torch.Tensor:
+    """BFL's final modulation is (shift, scale) where diffusers' ``norm_out`` is (scale, shift): ComfyUI
+    swaps the two halves of a diffusers LoRA's change along the output axis before adding it."""
+    shift, scale = change.chunk(2, dim=0)  # (2 * C, ...) -> two (C, ...)
+    return torch.cat([scale, shift], dim=0)
+
+
 def _weight_decompose(weight: torch.Tensor, diff: torch.Tensor, alpha: float, strength: float,
-                      dora_scale: torch.Tensor) -> None:
+                      dora_scale: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """DoRA, in place, as ComfyUI's ``weight_decompose``: the patched weight's directions rescaled to the
     stored magnitudes, then blended with the old weight by ``strength``."""
     scale = dora_scale.to(torch.float32)
     diff *= alpha
-    patched = weight + diff
+    patched = weight + function(diff)
     if scale.shape[0] == patched.shape[0]:  # a magnitude per output row
         # ComfyUI v0.3.64 takes this norm of the weight *before* the patch; we follow it
         # (out, in[, kh, kw]) -> (out, in*kh*kw) -> (out, 1) -> (out, 1[, 1, 1])

@@ -38,6 +38,7 @@ class LoraPatch:
     offset: Optional[tuple[int, int, int]] = None  # (dim, start, length) of the fused weight
     mid: Optional[torch.Tensor] = None  # LoCon's Tucker core (rank, rank, kh, kw), or None
     dora_scale: Optional[torch.Tensor] = None  # DoRA magnitudes (out, 1) or (1, in), or None
+    swap_scale_shift: bool = False  # a diffusers norm_out LoRA: the change's two halves swapped (ComfyUI's function)
 
     def change(self, shape: torch.Size) -> tuple[torch.Tensor, float]:
         """The float32 change before strength and alpha, shaped as the target ``shape``, and alpha's scale."""
@@ -70,6 +71,7 @@ class LohaPatch:
     t1: Optional[torch.Tensor] = None  # Tucker cores (rank, rank, kh, kw) of a conv LoHa, or None
     t2: Optional[torch.Tensor] = None
     dora_scale: Optional[torch.Tensor] = None
+    swap_scale_shift: bool = False  # a diffusers norm_out LoRA: the change's two halves swapped (ComfyUI's function)
 
     def change(self, shape: torch.Size) -> tuple[torch.Tensor, float]:
         """The float32 change before strength and alpha, shaped as the target ``shape``, and alpha's scale."""
@@ -102,6 +104,7 @@ class LokrPatch:
     strength_model: float = 1.0
     offset: Optional[tuple[int, int, int]] = None
     dora_scale: Optional[torch.Tensor] = None
+    swap_scale_shift: bool = False  # a diffusers norm_out LoRA: the change's two halves swapped (ComfyUI's function)
 
     def change(self, shape: torch.Size) -> tuple[torch.Tensor, float]:
         """The float32 change before strength and alpha, shaped as the target ``shape``, and alpha's scale."""

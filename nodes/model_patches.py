@@ -43,18 +43,20 @@ def lora_patches(model: Any) -> tuple[WeightPatch, ...]:
     """The MODEL's weight patches as records the ranks merge (LoRA, LoCon, DoRA, LoHa, LoKr), in ComfyUI's
     order; ValueError naming what the ranks do not merge (full-weight diffs, OFT/BOFT/GLoRA, custom
     functions, reshaped weights) and the fix."""
+    from comfy.utils import swap_scale_shift  # a diffusers norm_out LoRA's function, which the ranks apply
+
     out = []
     for key, entries in model.patches.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"the MODEL has a patch on {key!r}, outside the diffusion model; use the stock KSampler")
         for strength, adapter, strength_model, offset, function in entries:
-            if function is not None:
+            if function is not None and function is not swap_scale_shift:
                 raise ValueError(f"the {_kind(adapter)} patch on {key} goes through a function "
-                                 f"({getattr(function, '__name__', function)}, e.g. a diffusers LoRA's scale/shift "
-                                 f"swap), which xDiT Parallelize Model does not apply; use the stock KSampler "
-                                 f"for this LoRA")
+                                 f"({getattr(function, '__name__', function)}), which xDiT Parallelize Model does "
+                                 f"not apply; use the stock KSampler for this LoRA")
             where = dict(key=key[len(PREFIX):], strength=float(strength), strength_model=float(strength_model),
-                         offset=None if offset is None else tuple(int(o) for o in offset))
+                         offset=None if offset is None else tuple(int(o) for o in offset),
+                         swap_scale_shift=function is not None)
             out.append(_record(adapter, key, where))
     return tuple(out)
 

@@ -84,6 +84,10 @@ def _scenario(name, dtype):
                                                **{**at, "strength": 1.0}),
         "locon_mid_dora_conv": lambda: LoraPatch(up=t(4, 3, 1, 1), down=t(3, 6, 1, 1), mid=t(3, 3, 3, 3), alpha=1.5,
                                                  dora_scale=m(4, 1, 1, 1), **at),
+        "lora_swap_scale_shift": lambda: LoraPatch(up=t(4, 3), down=t(3, 8), alpha=2.0, swap_scale_shift=True, **at),
+        "lokr_swap_scale_shift_dora": lambda: LokrPatch(w1=t(2, 2), w2=None, w1_a=None, w1_b=None, w2_a=t(2, 2),
+                                                        w2_b=t(2, 4), alpha=2.0, dora_scale=m(4, 1),
+                                                        swap_scale_shift=True, **at),
         "loha": lambda: LohaPatch(w1_a=t(4, 2), w1_b=t(2, 8), w2_a=t(4, 3), w2_b=t(3, 8), alpha=3.0, **at),
         "loha_no_alpha": lambda: LohaPatch(w1_a=t(12, 2), w1_b=t(2, 4), w2_a=t(12, 2), w2_b=t(2, 4), alpha=None,
                                            **{**at, "offset": COLUMNS}),
@@ -109,7 +113,8 @@ def _scenario(name, dtype):
     return (CONV if name.endswith("conv") else LINEAR), [base, patch]
 
 
-SCENARIOS = ["locon_mid_conv", "dora_rows", "dora_columns", "dora_strength_one", "locon_mid_dora_conv", "loha",
+SCENARIOS = ["locon_mid_conv", "dora_rows", "dora_columns", "dora_strength_one", "locon_mid_dora_conv",
+             "lora_swap_scale_shift", "lokr_swap_scale_shift_dora", "loha",
              "loha_no_alpha", "loha_dora", "loha_tucker_conv", "lokr_whole", "lokr_low_rank",
              "lokr_low_rank_no_alpha", "lokr_w1_low_rank", "lokr_w2_low_rank", "lokr_dora", "lokr_conv"]
 
@@ -125,7 +130,8 @@ def _comfy_entry(record, adapters):
     else:
         adapter = adapters.LoKrAdapter(set(), (record.w1, record.w2, record.alpha, record.w1_a, record.w1_b,
                                                record.w2_a, record.w2_b, None, record.dora_scale))
-    return (record.strength, adapter, record.strength_model, record.offset, None)
+    function = import_comfy("comfy.utils").swap_scale_shift if record.swap_scale_shift else None
+    return (record.strength, adapter, record.strength_model, record.offset, function)
 
 
 def _comfy_merge(entries, weight, dtype):
@@ -163,6 +169,8 @@ def test_digest_covers_every_field(name):
         if isinstance(value, torch.Tensor):
             other = value.clone()
             other.view(-1)[0] += 1.0
+        elif isinstance(value, bool):
+            other = not value
         elif isinstance(value, float):
             other = value + 0.25
         elif field.name == "offset":
@@ -195,6 +203,8 @@ def _model_with_adapters(adapters, dtype):
          None, None),
         (1.0, adapters.LoKrAdapter(set(), (None, t(2, 4), 2.0, t(2, 1), t(1, 2), None, None, None, m(4, 1))), 1.0,
          (0, 8, 4), None),
+        (0.5, adapters.LoRAAdapter(set(), (t(12, 3), t(3, 8), None, None, None, None)), 1.0, None,
+         import_comfy("comfy.utils").swap_scale_shift),  # a diffusers norm_out LoRA: scale and shift swapped
     ]
     conv = [
         (0.5, adapters.LoRAAdapter(set(), (t(8, 3, 1, 1), t(3, 6, 1, 1), 1.0, t(3, 3, 3, 3), None, None)), 1.0,
@@ -213,9 +223,10 @@ def test_lora_patches_of_comfy_adapters_merge_as_comfyui(dtype):
     adapters = import_comfy("comfy.weight_adapter")
     model = _model_with_adapters(adapters, dtype)
     records = nodes_module("model_patches").lora_patches(model)
-    assert [type(r).__name__ for r in records] == ["LoraPatch", "LoraPatch", "LohaPatch", "LokrPatch",
+    assert [type(r).__name__ for r in records] == ["LoraPatch", "LoraPatch", "LohaPatch", "LokrPatch", "LoraPatch",
                                                    "LoraPatch", "LohaPatch", "LokrPatch"]
     assert all(r.key in ("w", "c") for r in records) and records[1].dora_scale is not None
+    assert [r.swap_scale_shift for r in records] == [False] * 4 + [True] + [False] * 3
     g = torch.Generator().manual_seed(3)
     state = {"w": torch.randn(*LINEAR, generator=g).to(dtype), "c": torch.randn(*CONV, generator=g).to(dtype)}
     ours = merge_lora(state, records)
