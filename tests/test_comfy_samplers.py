@@ -4,9 +4,9 @@ warm-up covers every step.
 
 Each sampler is paired with a scheduler, cycling through all nine, so every sampler and every scheduler
 runs; cfg 2 with a negative on every third pair. One prompt per layout holds its pairs (Needs
-COMFYUI_PATH; shares the session's ComfyUI host). The default suite runs every pair serially and a
-third of them (every family: one- and multi-call, ancestral, SDE, multistep) with Ulysses 2 and
-PipeFusion 2; every pair with both layouts is the `slow` suite (XDIT_SLOW_TESTS=1), about 6 minutes
+COMFYUI_PATH; shares the session's ComfyUI host). The default suite runs every pair serially and one
+sampler per family (multi-call, SDE, CFG++, noised multi-call, multistep, UniPC) with Ulysses 2 and
+PipeFusion 2; every pair with both layouts is the `slow` suite (XDIT_SLOW_TESTS=1), about 7 minutes
 more on 2 CPU cores. The in-process suites run every sampler in every parallel mode against serial.
 """
 
@@ -30,7 +30,10 @@ PAIRS = tuple((name, SCHEDULER_NAMES[i % len(SCHEDULER_NAMES)], 2.0 if i % 3 == 
               for i, name in enumerate(SAMPLER_NAMES))
 LAYOUTS = {"serial": {}, "ulysses2": {"ulysses_degree": 2},
            "pipefusion2": {"pipefusion_degree": 2, "num_patches": 2, "warmup_steps": STEPS}}
-PARALLEL_SUBSET = tuple(range(2, len(PAIRS), 3))  # the cfg-2 pairs: heun, dpmpp_2s_ancestral, ... (ComfyUI order)
+# one sampler per family with Ulysses 2 and PipeFusion 2 by default: multi-call, SDE (Brownian tree), CFG++
+# with ancestral noise, multi-call with noise, multistep history, UniPC's own latent space
+PARALLEL_FAMILIES = ("heun", "dpmpp_2m_sde", "euler_ancestral_cfg_pp", "seeds_3", "ipndm", "uni_pc")
+PARALLEL_SUBSET = tuple(i for i, (name, _, _) in enumerate(PAIRS) if name in PARALLEL_FAMILIES)
 
 
 def _settings(sampler: str, scheduler: str, cfg: float) -> dict:
@@ -64,6 +67,7 @@ def test_every_name_is_comfyuis_and_the_asked_ones_are_offered() -> None:
     assert set(SAMPLER_NAMES) <= set(samplers.SAMPLER_NAMES)
     assert set(SCHEDULER_NAMES) == set(samplers.SCHEDULER_NAMES)
     assert [name for name in REQUIRED if name not in SAMPLER_NAMES] == []
+    assert set(PARALLEL_FAMILIES) <= set(SAMPLER_NAMES)  # no family silently left out of the parallel runs
     order = [name for name in samplers.SAMPLER_NAMES if name in SAMPLER_NAMES]
     assert list(SAMPLER_NAMES) == order  # listed in ComfyUI's order
 
