@@ -16,6 +16,7 @@ import numpy
 import torch
 
 from .cfg_pp_samplers import CFG_PP_NOISE, CFG_PP_STEPS, GE_GAMMA
+from .dpm_fast_sampler import dpm_fast_functions
 from .multi_call_samplers import MULTI_CALL_SAMPLERS, ancestral_step, call_schedule, multi_call_step
 from .uni_pc_sampler import UNI_PC_VARIANTS, uni_pc_functions
 
@@ -24,7 +25,7 @@ StepNoise = Optional[Callable[[], torch.Tensor]]  # this step's noise for the to
 SamplerStep = Callable[..., "tuple[torch.Tensor, SamplerState]"]  # (x, denoised, sigmas, i, state, noise=None)
 
 SAMPLER_NAMES = ("euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "lms",
-                 "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+                 "dpm_fast", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
                  "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
                  "res_multistep_ancestral_cfg_pp",
                  "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "ddim", "uni_pc",
@@ -493,7 +494,7 @@ def sampler_step(name: str) -> SamplerStep:
     try:
         return _SAMPLERS[name]
     except KeyError:
-        if DEVICE_TREE_SAMPLERS.get(name, name) in MULTI_CALL_SAMPLERS or name in UNI_PC_VARIANTS:
+        if DEVICE_TREE_SAMPLERS.get(name, name) in MULTI_CALL_SAMPLERS or name in UNI_PC_VARIANTS or name == "dpm_fast":
             raise ValueError(f"sampler {name!r} is more than a step after each model call; use sampler_program") from None
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}") from None
 
@@ -540,6 +541,10 @@ def sampler_program(name: str, sigmas: torch.Tensor) -> SamplerProgram:
     if name in MULTI_CALL_SAMPLERS:
         schedule = call_schedule(name, sigmas)
         return SamplerProgram(multi_call_step(name, schedule), schedule.sigmas, schedule.noise_spans, schedule.steps,
+                              needs_uncond)
+    if name == "dpm_fast":  # its own grid in log sigma: n model calls, each counted as one of the n steps
+        step, grid = dpm_fast_functions(sigmas)
+        return SamplerProgram(step, grid.call_sigmas, grid.noise_spans, tuple(range(len(grid.call_sigmas))),
                               needs_uncond)
     steps = max(len(sigmas) - 1, 0)
     if name in UNI_PC_VARIANTS:

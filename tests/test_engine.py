@@ -72,7 +72,7 @@ def test_step_events_and_cancel(engine):
 @pytest.mark.parametrize("overrides,message", [
     (dict(latent=torch.zeros(1, 16, 7, 8)), "divisible by 16"),
     (dict(latent=torch.ones(1, 4, 8, 8)), "EmptySD3LatentImage"),
-    (dict(sampler="dpm_fast"), "euler, euler_cfg_pp, euler_ancestral"),
+    (dict(sampler="dpm_adaptive"), "euler, euler_cfg_pp, euler_ancestral"),
     (dict(scheduler="karas"), "simple, sgm_uniform, karras"),
     (dict(steps=0), "steps must be at least 1"),
     (dict(denoise=1.5), "denoise must be within"),

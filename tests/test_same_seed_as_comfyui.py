@@ -116,6 +116,7 @@ CASES = {
                                             negative=_conditioning(2)),
     "seeds-2-beta-cfg": dict(sampler="seeds_2", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
     "seeds-3-karras": dict(sampler="seeds_3", scheduler="karras"),
+    "dpm-fast-karras-5-steps": dict(sampler="dpm_fast", scheduler="karras", steps=5),
     "uni-pc-karras-6-steps": dict(sampler="uni_pc", scheduler="karras", steps=6),
     "uni-pc-bh2-simple-cfg-img2img": dict(sampler="uni_pc_bh2", scheduler="simple", cfg=2.5, negative=_conditioning(2),
                                           denoise=0.7, latent=torch.randn(1, 16, 16, 16,

@@ -190,4 +190,4 @@ def test_lms_weights_integrate_the_lagrange_basis():
 
 def test_unknown_sampler_names_choices():
     with pytest.raises(ValueError, match="euler, euler_cfg_pp, euler_ancestral"):
-        sampler_step("dpm_fast")
+        sampler_step("dpm_adaptive")
