@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from comfyui_xdit.models.flux_checkpoint import FluxSpec, write_random_flux
 from comfyui_xdit.sampling import StepEvent
 
-ROOT = Path(__file__).resolve().parent.parent
+from nodes_package import nodes_module
 
-
-def load_nodes_package():
-    """Import our ``nodes/`` under another name: ComfyUI's own top-level ``nodes`` module may be importable."""
-    name = "xdit_nodes_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "nodes" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "nodes")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return name
-
-
-PKG = load_nodes_package()
-convert = importlib.import_module(f"{PKG}.convert")
-validation = importlib.import_module(f"{PKG}.validation")
-progress = importlib.import_module(f"{PKG}.progress")
-handles = importlib.import_module(f"{PKG}.handles")
+convert = nodes_module("convert")
+validation = nodes_module("validation")
+progress = nodes_module("progress")
+handles = nodes_module("handles")
 
 
 def flux_cond(guidance=3.5, **extra):
