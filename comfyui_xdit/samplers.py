@@ -18,6 +18,7 @@ import torch
 from .cfg_pp_samplers import CFG_PP_NOISE, CFG_PP_STEPS, GE_GAMMA
 from .dpm_fast_sampler import dpm_fast_functions
 from .multi_call_samplers import MULTI_CALL_SAMPLERS, ancestral_step, call_schedule, multi_call_step
+from .sa_solver_sampler import SA_SOLVER_VARIANTS, PercentToSigma, sa_solver_functions
 from .uni_pc_sampler import UNI_PC_VARIANTS, uni_pc_functions
 
 SamplerState = Optional[tuple[torch.Tensor, ...]]  # history, oldest first, each shaped like x
@@ -28,12 +29,12 @@ SAMPLER_NAMES = ("euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cf
                  "dpm_fast", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
                  "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
                  "res_multistep_ancestral_cfg_pp",
-                 "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "ddim", "uni_pc",
-                 "uni_pc_bh2")
+                 "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver",
+                 "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2")
 # samplers that draw fresh noise while sampling from ComfyUI's default noise sampler (one draw per ask)
 NOISE_SAMPLERS = frozenset({"euler_ancestral", "lcm", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm",
                             "res_multistep_ancestral", "er_sde", "dpmpp_2s_ancestral_cfg_pp", "seeds_2", "seeds_3",
-                            *CFG_PP_NOISE})
+                            *SA_SOLVER_VARIANTS, *CFG_PP_NOISE})
 # CFG++ samplers: their steps also read the unconditional x0 prediction, computed even at cfg 1
 CFG_PP_SAMPLERS = frozenset({*CFG_PP_STEPS, "dpmpp_2s_ancestral_cfg_pp"})
 # the _gpu samplers: their base sampler with the Brownian tree on the model's device instead of the CPU
@@ -43,7 +44,7 @@ DEVICE_TREE_SAMPLERS = {"dpmpp_sde_gpu": "dpmpp_sde", "dpmpp_2m_sde_gpu": "dpmpp
 BROWNIAN_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", *DEVICE_TREE_SAMPLERS})
 # samplers that step on half log-SNR and so start just below sigma 1 (offset_first_sigma_for_snr)
 SNR_OFFSET_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "er_sde", "seeds_2",
-                                 "seeds_3",
+                                 "seeds_3", *SA_SOLVER_VARIANTS,
                                  *DEVICE_TREE_SAMPLERS})
 # KSampler computes one more sigma for these and drops the second to last (its DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", *UNI_PC_VARIANTS})
@@ -494,7 +495,8 @@ def sampler_step(name: str) -> SamplerStep:
     try:
         return _SAMPLERS[name]
     except KeyError:
-        if DEVICE_TREE_SAMPLERS.get(name, name) in MULTI_CALL_SAMPLERS or name in UNI_PC_VARIANTS or name == "dpm_fast":
+        if (DEVICE_TREE_SAMPLERS.get(name, name) in MULTI_CALL_SAMPLERS or name in UNI_PC_VARIANTS
+                or name == "dpm_fast" or name in SA_SOLVER_VARIANTS):
             raise ValueError(f"sampler {name!r} is more than a step after each model call; use sampler_program") from None
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}") from None
 
@@ -535,7 +537,11 @@ class SamplerProgram:
         return sum(1 for s in self.call_steps if s < step)
 
 
-def sampler_program(name: str, sigmas: torch.Tensor) -> SamplerProgram:
+def sampler_program(name: str, sigmas: torch.Tensor,
+                    model_sampling: Optional[PercentToSigma] = None) -> SamplerProgram:
+    """``name``'s program over ``sigmas`` (the loop's: offset, UniPC's final 0.001); ``model_sampling`` (the
+    model's sigma table, with ``percent_to_sigma``) is read by the SA-Solvers only, for their stochastic
+    interval."""
     needs_uncond = name in CFG_PP_SAMPLERS
     name = DEVICE_TREE_SAMPLERS.get(name, name)  # the same steps; only where the noise comes from differs
     if name in MULTI_CALL_SAMPLERS:
@@ -546,6 +552,12 @@ def sampler_program(name: str, sigmas: torch.Tensor) -> SamplerProgram:
         step, grid = dpm_fast_functions(sigmas)
         return SamplerProgram(step, grid.call_sigmas, grid.noise_spans, tuple(range(len(grid.call_sigmas))),
                               needs_uncond)
+    if name in SA_SOLVER_VARIANTS:  # one model call a step; PECE's second at the corrected latent
+        if model_sampling is None:
+            raise ValueError(f"sampler {name!r} needs the model's sampling (its stochastic interval is in "
+                             f"percents of it)")
+        step, calls = sa_solver_functions(name, sigmas, model_sampling)
+        return SamplerProgram(step, calls.sigmas, calls.noise_spans, calls.steps, needs_uncond)
     steps = max(len(sigmas) - 1, 0)
     if name in UNI_PC_VARIANTS:
         step, start = uni_pc_functions(name, sigmas)

@@ -162,7 +162,8 @@ def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPl
     if request.sampler in UNI_PC_VARIANTS:  # a final 0 becomes 0.001, which finish() then divides by as ComfyUI
         loop_sigmas = uni_pc_sigmas(loop_sigmas)
     return SamplingPlan(x=adapter.pack(latent), sigmas=loop_sigmas, image_ids=adapter.image_ids(h, w), height=h,
-                        width=w, program=sampler_program(request.sampler, loop_sigmas), positive=request.positive,
+                        width=w, program=sampler_program(request.sampler, loop_sigmas, model_sampling),
+                        positive=request.positive,
                         negative=_negative_branch(request), cfg=request.cfg, inpaint=inpaint,
                         noise_seed=request.seed if request.sampler in NOISE_SAMPLERS | BROWNIAN_SAMPLERS else None,
                         latent_shape=tuple(latent.shape), brownian_span=sigmas if brownian else None,

@@ -116,6 +116,8 @@ CASES = {
                                             negative=_conditioning(2)),
     "seeds-2-beta-cfg": dict(sampler="seeds_2", scheduler="beta", cfg=2.5, negative=_conditioning(2)),
     "seeds-3-karras": dict(sampler="seeds_3", scheduler="karras"),
+    "sa-solver-karras-6-steps": dict(sampler="sa_solver", scheduler="karras", steps=6),
+    "sa-solver-pece-simple-cfg": dict(sampler="sa_solver_pece", scheduler="simple", cfg=2.5, negative=_conditioning(2)),
     "dpm-fast-karras-5-steps": dict(sampler="dpm_fast", scheduler="karras", steps=5),
     "uni-pc-karras-6-steps": dict(sampler="uni_pc", scheduler="karras", steps=6),
     "uni-pc-bh2-simple-cfg-img2img": dict(sampler="uni_pc_bh2", scheduler="simple", cfg=2.5, negative=_conditioning(2),
