@@ -17,7 +17,7 @@ from .cli import ENVIRONMENT_EXIT
 from .environment import ENGINE, POOL, BrokenEnvironment, require_environment
 from .input_checks import CLI_INPUTS, check_inputs
 from .parallel_config import ParallelConfig
-from .models.flux_checkpoint import NAMED_SPECS, write_random_flux
+from .models.families import TINY_SPECS, family_of, write_random_model
 from .request import DTYPES, GenerationRequest, ModelRef, SigmaShift
 from .samplers import SAMPLER_NAMES
 from .sigmas import SCHEDULER_NAMES
@@ -103,14 +103,14 @@ def check_request_fits(request: GenerationRequest) -> None:
         return
     tokens = (request.latent.shape[2] // 2) * (request.latent.shape[3] // 2)
     request.parallel.validate_for(request.parallel.world_size, spec.num_attention_heads, tokens, request.cfg,
-                                  num_blocks=spec.num_layers + spec.num_single_layers,
+                                  num_blocks=spec.num_blocks,
                                   batch_size=request.latent.shape[0])
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample one latent and save it like ComfyUI's SaveLatent",
                        epilog=COND_KEYS_DOC)
-    p.add_argument("--model", required=True, help="a Flux .safetensors file, or tiny:flux")
+    p.add_argument("--model", required=True, help="a Flux or SD3/SD3.5 .safetensors file, or tiny:flux / tiny:sd3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=1.0)
@@ -188,8 +188,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_make_tiny(args: argparse.Namespace) -> int:
-    write_random_flux(args.out, NAMED_SPECS[args.name], seed=args.seed, dtype=DTYPES[args.dtype])
-    sys.stdout.write(f"wrote {args.out}: random {args.name} in the BFL layout\n")
+    spec = TINY_SPECS[args.name]
+    write_random_model(args.out, spec, seed=args.seed, dtype=DTYPES[args.dtype])
+    sys.stdout.write(f"wrote {args.out}: random {args.name} in {family_of(spec).title}'s single-file layout\n")
     return 0
 
 
@@ -200,7 +201,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     tiny = sub.add_parser("make-tiny", help="write a deterministic random-weight model file")
-    tiny.add_argument("name", choices=list(NAMED_SPECS))
+    tiny.add_argument("name", choices=list(TINY_SPECS))
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--dtype", choices=list(DTYPES), default="fp32")

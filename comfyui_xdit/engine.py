@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .conditioning import Conditioning
-from .models.flux import FluxAdapter
+from .models.adapter import Adapter
 from .parallel_config import ParallelConfig
 from .request import GenerationRequest
 from .sampling import OnStep, ShouldStop, SamplingPlan, finish, prepare_plan, run_loop
@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 class Engine:
     """Samples a ``GenerationRequest`` on one rank; the serial engine is the world-size-1 case."""
 
-    def __init__(self, adapter: FluxAdapter, parallel: ParallelConfig = ParallelConfig(), rank: int = 0) -> None:
+    def __init__(self, adapter: Adapter, parallel: ParallelConfig = ParallelConfig(), rank: int = 0) -> None:
         if not parallel.is_serial:
             raise ValueError(f"Engine is the serial engine; parallel config {parallel} needs the parallel engine")
         self.adapter = adapter

@@ -14,10 +14,9 @@ from typing import Optional
 import torch
 
 from .conditioning import Conditioning
-from .latent_format import FLUX_LATENT_FORMAT
-from .models.flux_checkpoint import FluxSpec
+from .models.families import ModelSpec, family_of
 
-FLUX_PATCH = 2  # latent pixels per token side (image pixels: 16)
+FLUX_PATCH = 2  # latent pixels per token side (image pixels: 16), every 2-D family we run
 T5_WIDTHS = {4096: "T5-XXL"}
 CLIP_WIDTHS = {768: "CLIP-L (SD1.5)", 1024: "OpenCLIP-H (SD2)", 1280: "CLIP-G", 2048: "CLIP-L + CLIP-G (SDXL)"}
 
@@ -29,25 +28,54 @@ class InputNames:
     positive: str
     negative: str
     latent: str
-    text_encoder_fix: str
-    latent_fix: str
+    text_encoder_fix: str  # with {encoders}: the family's text encoder nodes or tensors
+    latent_fix: str  # with {vae}: the family's VAE
+    from_nodes: bool = True  # the user wires nodes (False: CLI flags and files)
+
+    def encoder_fix(self, family: str) -> str:
+        inputs = FAMILY_INPUTS[family]
+        return self.text_encoder_fix.format(encoders=inputs.encoders if self.from_nodes else inputs.tensors,
+                                            title=inputs.title)
+
+    def vae_fix(self, family: str) -> str:
+        return self.latent_fix.format(vae=FAMILY_INPUTS[family].vae, title=FAMILY_INPUTS[family].title)
+
+
+@dataclass(frozen=True)
+class FamilyInputs:
+    """How a ComfyUI user makes a family's inputs, for the messages."""
+
+    title: str
+    encoders: str  # the text encoder nodes
+    tensors: str  # what a --cond file holds
+    vae: str
+
+
+FAMILY_INPUTS = {
+    "flux": FamilyInputs("Flux", "DualCLIPLoader (type flux, clip_l + t5xxl) -> CLIPTextEncode (or CLIPTextEncodeFlux)",
+                         "T5-XXL tokens, CLIP-L pooled vector", "the Flux VAE (ae.safetensors)"),
+    "sd3": FamilyInputs("SD3", "TripleCLIPLoader (clip_l + clip_g + t5xxl) -> CLIPTextEncode (or CLIPTextEncodeSD3), "
+                               "or the CLIP of an SD3/SD3.5 checkpoint",
+                        "CLIP-L/G + T5-XXL tokens (width 4096), CLIP-L + CLIP-G pooled vector (width 2048)",
+                        "the SD3 VAE (the checkpoint's)"),
+}
 
 
 NODE_INPUTS = InputNames(
     positive="xDiT Sampler's positive input",
     negative="xDiT Sampler's negative input",
     latent="xDiT Sampler's latent_image input",
-    text_encoder_fix="encode the prompt with Flux's text encoders: DualCLIPLoader (type flux, clip_l + t5xxl) -> "
-                     "CLIPTextEncode (or CLIPTextEncodeFlux)",
-    latent_fix="use EmptySD3LatentImage (16 channels) or VAEEncode with the Flux VAE (ae.safetensors)",
+    text_encoder_fix="encode the prompt with {title}'s text encoders: {encoders}",
+    latent_fix="use EmptySD3LatentImage (16 channels) or VAEEncode with {vae}",
 )
 
 CLI_INPUTS = InputNames(
     positive="--cond's positive_context/positive_pooled",
     negative="--cond's negative_context/negative_pooled",
     latent="--init-latent's samples",
-    text_encoder_fix="write the --cond file from Flux's text encoders (T5-XXL tokens, CLIP-L pooled vector)",
-    latent_fix="pass a latent saved from a Flux graph (16 channels), or drop --init-latent",
+    text_encoder_fix="write the --cond file from {title}'s text encoders ({encoders})",
+    latent_fix="pass a latent saved from a {title} graph (16 channels), or drop --init-latent",
+    from_nodes=False,
 )
 
 
@@ -55,47 +83,53 @@ def _encoder_name(width: int, known: dict[int, str]) -> str:
     return f" (looks like {known[width]})" if width in known else ""
 
 
-def check_conditioning(cond: Conditioning, spec: FluxSpec, where: str, names: InputNames, latent_batch: int) -> None:
+def check_conditioning(cond: Conditioning, spec: ModelSpec, where: str, names: InputNames, latent_batch: int) -> None:
     """``ValueError`` unless ``cond`` has the token and pooled widths of ``spec`` and a batch that divides the latent's."""
+    title = family_of(spec).title
     width = cond.context.shape[-1]
-    if width != spec.joint_attention_dim:
+    if width != spec.context_dim:
         raise ValueError(f"{where}: text tokens have width {width}{_encoder_name(width, {**CLIP_WIDTHS, **T5_WIDTHS})}, "
-                         f"but this Flux model takes tokens of width {spec.joint_attention_dim}"
-                         f"{_encoder_name(spec.joint_attention_dim, T5_WIDTHS)}; {names.text_encoder_fix}")
+                         f"but this {title} model takes tokens of width {spec.context_dim}"
+                         f"{_encoder_name(spec.context_dim, T5_WIDTHS)}; {names.encoder_fix(spec.family)}")
     pooled = cond.pooled.shape[-1]
-    if pooled != spec.pooled_projection_dim:
+    if pooled != spec.pooled_dim:
         raise ValueError(f"{where}: the pooled vector has width {pooled}{_encoder_name(pooled, CLIP_WIDTHS)}, but this "
-                         f"Flux model takes a pooled vector of width {spec.pooled_projection_dim}; "
-                         f"{names.text_encoder_fix}")
+                         f"{title} model takes a pooled vector of width {spec.pooled_dim}; "
+                         f"{names.encoder_fix(spec.family)}")
     for tensor, what in ((cond.context, "text tokens"), (cond.pooled, "pooled vector")):
         if latent_batch % tensor.shape[0]:
             raise ValueError(f"{where}: the {what} have batch {tensor.shape[0]}, which does not divide the latent "
                              f"batch {latent_batch}; encode one prompt (batch 1) or match the latent batch")
 
 
-def check_latent(latent: torch.Tensor, names: InputNames) -> None:
-    """``ValueError`` unless ``latent`` is a Flux LATENT (B, 16, H, W) with H and W even (image sides % 16).
+def check_latent(latent: torch.Tensor, names: InputNames, spec: ModelSpec) -> None:
+    """``ValueError`` unless ``latent`` is an image LATENT of ``spec``'s channels with H and W even (image sides % 16).
 
     An all-zero latent of another channel count is accepted: ComfyUI widens an empty latent to the
     model's channels (``fix_empty_latent_channels``)."""
+    title, fix = family_of(spec).title, names.vae_fix(spec.family)
     if latent.ndim != 4:
         raise ValueError(f"{names.latent}: expected an image LATENT (batch, channels, height, width), got shape "
-                         f"{tuple(latent.shape)}; {names.latent_fix}")
-    channels = FLUX_LATENT_FORMAT.channels
+                         f"{tuple(latent.shape)}; {fix}")
+    channels = spec.latent_channels
     if latent.shape[1] != channels and torch.count_nonzero(latent) > 0:
-        raise ValueError(f"{names.latent}: the latent has {latent.shape[1]} channels (an SD1.5/SDXL VAE?), Flux needs "
-                         f"{channels}; {names.latent_fix}")
+        raise ValueError(f"{names.latent}: the latent has {latent.shape[1]} channels (an SD1.5/SDXL VAE?), {title} "
+                         f"needs {channels}; {fix}")
     h, w = latent.shape[2], latent.shape[3]
     if h % FLUX_PATCH or w % FLUX_PATCH:
         raise ValueError(f"{names.latent}: image size {w * 8}x{h * 8} px (latent {w}x{h}) is not a multiple of 16 px "
-                         f"on each side, which Flux's 2x2 patches need; use a width and height divisible by 16, e.g. "
+                         f"on each side, which {title}'s 2x2 patches need; use a width and height divisible by 16, e.g. "
                          f"{(w // FLUX_PATCH) * FLUX_PATCH * 8 or 16}x{(h // FLUX_PATCH) * FLUX_PATCH * 8 or 16}")
+    side = getattr(spec, "pos_embed_max_size", None)
+    if side is not None and max(h, w) > side * FLUX_PATCH:
+        raise ValueError(f"{names.latent}: image size {w * 8}x{h * 8} px is larger than this {title} model's position "
+                         f"table ({side * FLUX_PATCH * 8} px a side); use a smaller width and height")
 
 
-def check_inputs(spec: FluxSpec, latent: torch.Tensor, positive: Conditioning, negative: Optional[Conditioning],
+def check_inputs(spec: ModelSpec, latent: torch.Tensor, positive: Conditioning, negative: Optional[Conditioning],
                  names: InputNames) -> None:
     """Every input of one request against ``spec``; ``ValueError`` naming the first that does not fit."""
-    check_latent(latent, names)
+    check_latent(latent, names, spec)
     check_conditioning(positive, spec, names.positive, names, latent.shape[0])
     if negative is not None:
         check_conditioning(negative, spec, names.negative, names, latent.shape[0])

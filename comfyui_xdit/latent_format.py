@@ -27,3 +27,4 @@ class LatentFormat:
 
 
 FLUX_LATENT_FORMAT = LatentFormat(channels=16, scale_factor=0.3611, shift_factor=0.1159)
+SD3_LATENT_FORMAT = LatentFormat(channels=16, scale_factor=1.5305, shift_factor=0.0609)

@@ -1,4 +1,5 @@
-"""Load the model a ``ModelRef`` names: a user's safetensors file or a built-in tiny random model."""
+"""Load the model a ``ModelRef`` names: a user's safetensors file or a built-in tiny random model, of
+any family we run (detected from the file's keys, ``models/families.py``)."""
 
 from __future__ import annotations
 
@@ -7,50 +8,47 @@ from typing import Optional
 import torch
 
 from .conditioning import Conditioning
-from .models.flux import FluxAdapter
-from .models.flux_checkpoint import NAMED_SPECS, FluxSpec, random_bfl_state, read_spec
+from .models.families import TINY_SPECS, ModelSpec, adapter_from_file, build_adapter, random_state, read_spec
 from .request import TINY_PREFIX, ModelRef
 
 TINY_SEED = 0  # tiny models are always the same weights
 
 
-def tiny_spec(name: str) -> FluxSpec:
+def tiny_spec(name: str) -> ModelSpec:
     try:
-        return NAMED_SPECS[name]
+        return TINY_SPECS[name]
     except KeyError:
         raise ValueError(f"unknown tiny model {TINY_PREFIX}{name}; choose one of "
-                         f"{', '.join(TINY_PREFIX + n for n in NAMED_SPECS)}") from None
+                         f"{', '.join(TINY_PREFIX + n for n in TINY_SPECS)}") from None
 
 
 def tiny_state(name: str) -> dict[str, torch.Tensor]:
-    return random_bfl_state(tiny_spec(name), TINY_SEED)
+    return random_state(tiny_spec(name), TINY_SEED)
 
 
-def model_spec(ref: ModelRef) -> FluxSpec:
+def model_spec(ref: ModelRef) -> ModelSpec:
     """The architecture ``ref`` names, without loading weights (a file's header only)."""
     return tiny_spec(ref.path[len(TINY_PREFIX):]) if ref.is_tiny else read_spec(ref.path)
 
 
-def load_model(ref: ModelRef, device: torch.device | str = "cpu",
-               blocks: Optional[tuple[int, int]] = None) -> FluxAdapter:
-    """Build the adapter for ``ref`` on ``device`` (only Flux today; the family is detected from keys);
-    with ``blocks`` (a PipeFusion stage's ``[start, stop)``) only those blocks and the shared tensors."""
+def load_model(ref: ModelRef, device: torch.device | str = "cpu", blocks: Optional[tuple[int, int]] = None):
+    """Build the adapter for ``ref`` on ``device``; with ``blocks`` (a PipeFusion stage's ``[start, stop)``)
+    only those blocks and the shared tensors."""
     if ref.is_tiny:
         name = ref.path[len(TINY_PREFIX):]
-        return FluxAdapter.from_state_dict(tiny_state(name), ref.torch_dtype, device, source=ref.path, blocks=blocks,
-                                           spec=tiny_spec(name))
-    return FluxAdapter.from_file(ref.path, ref.torch_dtype, device, blocks=blocks)
+        return build_adapter(tiny_state(name), tiny_spec(name), ref.torch_dtype, device, ref.path, blocks)
+    return adapter_from_file(ref.path, ref.torch_dtype, device, blocks=blocks)
 
 
 def tiny_conditioning(ref: ModelRef, seed: int, text_len: int = 8,
                       guidance: float = 3.5) -> tuple[Conditioning, Conditioning]:
     """Positive and negative conditioning drawn from ``seed`` for tiny models (no text encoder)."""
-    spec = NAMED_SPECS[ref.path[len(TINY_PREFIX):]]
+    spec = tiny_spec(ref.path[len(TINY_PREFIX):])
     generator = torch.Generator().manual_seed(seed + 1)
 
     def draw() -> Conditioning:
-        return Conditioning(context=torch.randn(1, text_len, spec.joint_attention_dim, generator=generator),
-                            pooled=torch.randn(1, spec.pooled_projection_dim, generator=generator),
+        return Conditioning(context=torch.randn(1, text_len, spec.context_dim, generator=generator),
+                            pooled=torch.randn(1, spec.pooled_dim, generator=generator),
                             guidance=guidance)
 
     return draw(), draw()

@@ -16,7 +16,8 @@ import torch
 
 from .conditioning import Conditioning
 from .inpaint import Inpaint, build_inpaint
-from .models.flux import FluxAdapter
+from .models import packing
+from .models.adapter import Adapter
 from .noise import AncestralNoise, BatchRows, BrownianNoise, inpaint_noise, prepare_batch_noise
 from .request import GenerationRequest
 from .samplers import (BROWNIAN_SAMPLERS, CFG_PP_SAMPLERS, DEVICE_TREE_SAMPLERS, DISCARD_PENULTIMATE_SIGMA_SAMPLERS, NOISE_SAMPLERS, SNR_OFFSET_SAMPLERS,
@@ -72,10 +73,10 @@ class SamplingPlan:
         if self.noise_seed is None:
             return None
         if self.brownian_span is not None:
-            noise = BrownianNoise(self.noise_seed, self.latent_shape, FluxAdapter.pack, device, self.brownian_span,
+            noise = BrownianNoise(self.noise_seed, self.latent_shape, packing.pack, device, self.brownian_span,
                                   self.program.noise_spans, tree_on_device=self.brownian_on_device)
         else:
-            noise = AncestralNoise(self.noise_seed, self.latent_shape, FluxAdapter.pack, device)
+            noise = AncestralNoise(self.noise_seed, self.latent_shape, packing.pack, device)
         return noise if self.batch_rows is None else BatchRows(noise, *self.batch_rows)
 
     def rows(self, start: int, stop: int) -> "SamplingPlan":
@@ -116,7 +117,7 @@ class SamplingPlan:
         return self.program.total_calls
 
 
-def model_sampling_for(adapter: FluxAdapter, request: GenerationRequest) -> ModelSampling:
+def model_sampling_for(adapter: Adapter, request: GenerationRequest) -> ModelSampling:
     if request.shift.mode == "default":
         return adapter.default_sampling()
     if request.shift.mode == "flux":
@@ -136,7 +137,7 @@ def fix_empty_latent_channels(latent: torch.Tensor, channels: int) -> torch.Tens
     return latent
 
 
-def prepare_plan(adapter: FluxAdapter, request: GenerationRequest) -> SamplingPlan:
+def prepare_plan(adapter: Adapter, request: GenerationRequest) -> SamplingPlan:
     latent = fix_empty_latent_channels(request.latent.float(), adapter.latent_format.channels)
     adapter.check_latent(latent)
     noise = prepare_batch_noise(latent, request.seed, request.batch_index)
@@ -190,14 +191,14 @@ def apply_cfg(cond: torch.Tensor, uncond: Optional[torch.Tensor], cfg: float) ->
     return uncond + (cond - uncond) * cfg
 
 
-def finish(adapter: FluxAdapter, plan: SamplingPlan, x: torch.Tensor) -> torch.Tensor:
+def finish(adapter: Adapter, plan: SamplingPlan, x: torch.Tensor) -> torch.Tensor:
     """Tokens (on any device) back into a ComfyUI LATENT on the CPU (inverse noise scaling, then
     ``process_latent_out``)."""
     x = x.cpu() / (1.0 - plan.sigmas[-1])
     return adapter.latent_format.process_out(adapter.unpack(x.float(), plan.height, plan.width))
 
 
-def preview_latent(adapter: FluxAdapter, plan: SamplingPlan, denoised: torch.Tensor) -> torch.Tensor:
+def preview_latent(adapter: Adapter, plan: SamplingPlan, denoised: torch.Tensor) -> torch.Tensor:
     """First image of the x0 prediction as a LATENT, average-pooled to at most PREVIEW_MAX_SIDE a side,
     on the CPU (pooled where ``denoised`` lives, so only the small preview leaves the device)."""
     latent = adapter.latent_format.process_out(adapter.unpack(denoised[:1].float(), plan.height, plan.width))
@@ -213,7 +214,7 @@ def check_stop(should_stop: Optional[ShouldStop], step: int) -> None:
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 
 
-def run_loop(adapter: FluxAdapter, plan: SamplingPlan, velocity: VelocityFn, on_step: Optional[OnStep] = None,
+def run_loop(adapter: Adapter, plan: SamplingPlan, velocity: VelocityFn, on_step: Optional[OnStep] = None,
              should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
     """The whole-latent loop: ``velocity(x, sigma_batch, cond)`` per branch, CFG, one sampler step.
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
-from comfyui_xdit.models.flux_checkpoint import FluxSpec
+
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import ModelRef, SigmaShift
 
@@ -31,6 +31,6 @@ class ModelHandle:
     pool: PoolHandle
     model: ModelRef
     parallel: ParallelConfig
-    spec: FluxSpec  # the architecture, read from the file's header
+    spec: Any  # the architecture (models/families.py), read from the file's header
     name: str  # the file name as ComfyUI lists it ("MODEL" for XDiTParallelModel)
     shift: Optional[SigmaShift] = None  # the MODEL's model sampling; None: the sampler's sigma_shift widget

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from comfyui_xdit.environment import require_environment
 
-from comfyui_xdit.models.flux_checkpoint import read_spec
+from comfyui_xdit.models.families import read_spec
 from comfyui_xdit.request import ModelRef
 
 from .comfy_types import CATEGORY, XDiTModelType, XDiTPoolType
@@ -28,7 +28,7 @@ class XDiTLoadModel(io.ComfyNode):
             node_id="XDiTLoadModel",
             display_name="xDiT Load Diffusion Model",
             category=CATEGORY,
-            description="Loads a Flux diffusion model once onto every rank of the pool. The product of the "
+            description="Loads a diffusion transformer (Flux, SD3/SD3.5; detected from the file) once onto every rank of the pool. The product of the "
                         "degrees (x2 with cfg_parallel, x data_degree) is the number of GPUs used.",
             inputs=[
                 XDiTPoolType.Input("pool"),
@@ -36,7 +36,7 @@ class XDiTLoadModel(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES, default="default",
                                tooltip="Compute dtype on the ranks; default = bf16 on GPUs, fp32 on CPU."),
                 io.Int.Input("ulysses_degree", **degree, tooltip="Ulysses sequence parallel (all-to-all every "
-                             "layer; keep on GPUs of one host). Must divide the attention heads (24)."),
+                             "layer; keep on GPUs of one host). Must divide the attention heads (Flux 24, SD3.5 large 38, SD3 medium 24)."),
                 io.Int.Input("ring_degree", **degree, tooltip="Ring attention sequence parallel."),
                 io.Int.Input("pipefusion_degree", **degree, tooltip="PipeFusion stages (blocks split over GPUs; "
                              "may cross hosts)."),
@@ -71,7 +71,7 @@ class XDiTLoadModel(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         config = parallel_config(ulysses_degree, ring_degree, pipefusion_degree, num_patches, warmup_steps,
                                  cfg_parallel, data_degree)
-        spec = read_spec(path)  # ValueError naming what the file holds when it is not Flux
+        spec = read_spec(path)  # ValueError naming what the file holds when it is no family we run
         ref = ModelRef(path=path, dtype=resolve_dtype(weight_dtype, pool))
         live = registry().get(pool)
         live.warm(config)  # build the ranks now, so a shortage of devices shows on this node

@@ -1,4 +1,4 @@
-"""What a ComfyUI MODEL carries, read for the ranks: its base Flux weights, its LoRA patches and its model
+"""What a ComfyUI MODEL carries, read for the ranks: its base weights (Flux or SD3), its LoRA patches and its model
 sampling. Only this module looks inside ComfyUI's ModelPatcher; the ranks get plain tensors."""
 
 from __future__ import annotations
@@ -13,11 +13,17 @@ from comfyui_xdit.request import SigmaShift
 PREFIX = "diffusion_model."
 
 
-def check_flux(model: Any) -> None:
+# ComfyUI's model classes (comfy/model_base.py) whose weights we run, and our family for each.
+COMFY_MODEL_FAMILIES = {"Flux": "flux", "SD3": "sd3"}
+
+
+def check_family(model: Any) -> str:
+    """The family id of a MODEL we run; ValueError naming what it is otherwise."""
     kind = type(getattr(model, "model", None)).__name__
-    if kind != "Flux":
-        raise ValueError(f"xDiT Parallelize Model takes a Flux MODEL (UNETLoader of a Flux file, optionally "
-                         f"through LoRA loaders and ModelSamplingFlux); this MODEL is {kind}")
+    if kind not in COMFY_MODEL_FAMILIES:
+        raise ValueError(f"xDiT Parallelize Model takes a Flux or SD3/SD3.5 MODEL (UNETLoader or "
+                         f"CheckpointLoaderSimple, optionally through LoRA loaders and ModelSamplingFlux / "
+                         f"ModelSamplingSD3); this MODEL is {kind}")
     options = getattr(model, "model_options", {}) or {}
     transformer = options.get("transformer_options", {}) or {}
     extras = [name for name in ("model_function_wrapper", "sampler_cfg_function", "sampler_post_cfg_function")
@@ -26,10 +32,11 @@ def check_flux(model: Any) -> None:
         raise ValueError(f"the MODEL carries {', '.join(extras)} from a node that changes how the model runs "
                          f"(attention or CFG patches), which the xDiT ranks cannot apply; connect the MODEL from "
                          f"before that node, or use the stock KSampler")
+    return COMFY_MODEL_FAMILIES[kind]
 
 
 def base_weights(model: Any) -> dict[str, torch.Tensor]:
-    """The MODEL's Flux weights without its patches, BFL-named, on the CPU. Where a sampler left patches
+    """The MODEL's weights without its patches, in the family's single-file names, on the CPU. Where a sampler left patches
     merged in place, ComfyUI's backup holds the original and that is what we read."""
     backup = getattr(model, "backup", {}) or {}
     out = {}
@@ -109,7 +116,8 @@ def _number(value: Any) -> Optional[float]:
 
 
 def sigma_shift(model: Any) -> SigmaShift:
-    """The MODEL's model sampling (UNETLoader's default or ModelSamplingFlux's patch) as our SigmaShift."""
+    """The MODEL's model sampling (the loader's default, ModelSamplingFlux's or ModelSamplingSD3's patch) as our
+    SigmaShift."""
     import comfy.model_sampling
 
     sampling = model.get_model_object("model_sampling")
@@ -117,5 +125,5 @@ def sigma_shift(model: Any) -> SigmaShift:
         return SigmaShift(mode="flux", shift=float(sampling.shift))
     if isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
         return SigmaShift(mode="discrete_flow", shift=float(sampling.shift), multiplier=float(sampling.multiplier))
-    raise ValueError(f"the MODEL's model sampling is {type(sampling).__name__}; xDiT runs Flux's flow sampling "
-                     f"(ModelSamplingFlux / ModelSamplingDiscreteFlow) only")
+    raise ValueError(f"the MODEL's model sampling is {type(sampling).__name__}; xDiT runs flow sampling "
+                     f"(ModelSamplingFlux / ModelSamplingDiscreteFlow, as Flux and SD3 use) only")

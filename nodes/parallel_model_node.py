@@ -8,12 +8,12 @@ from comfy_api.latest import io
 
 from comfyui_xdit.environment import require_environment
 from comfyui_xdit.lora import patches_digest
-from comfyui_xdit.models.flux_checkpoint import infer_flux_spec
+from comfyui_xdit.models.families import family_of, infer_spec
 from comfyui_xdit.request import IN_MEMORY_PREFIX, ModelRef
 
 from .comfy_types import CATEGORY, XDiTModelType, XDiTPoolType
 from .handles import ModelHandle, PoolHandle
-from .model_patches import base_weights, check_flux, lora_patches, sigma_shift
+from .model_patches import base_weights, check_family, lora_patches, sigma_shift
 from .pool_access import registry
 from .validation import MAX_DEGREE, WEIGHT_DTYPES, parallel_config, resolve_dtype
 
@@ -33,7 +33,7 @@ class XDiTParallelModel(io.ComfyNode):
             node_id="XDiTParallelModel",
             display_name="xDiT Parallelize Model",
             category=CATEGORY,
-            description="Takes ComfyUI's MODEL (UNETLoader -> LoRA loaders -> ModelSamplingFlux) to the pool: "
+            description="Takes ComfyUI's Flux or SD3 MODEL (UNETLoader -> LoRA loaders -> ModelSamplingFlux/SD3) to the pool: "
                         "the base weights go once, LoRAs are merged on the ranks, the model sampling is kept.",
             inputs=[
                 XDiTPoolType.Input("pool"),
@@ -59,15 +59,18 @@ class XDiTParallelModel(io.ComfyNode):
                 pipefusion_degree: int, num_patches: int, warmup_steps: int, cfg_parallel: bool,
                 data_degree: int = 1) -> io.NodeOutput:
         require_environment()
-        check_flux(model)
+        family = check_family(model)
         config = parallel_config(ulysses_degree, ring_degree, pipefusion_degree, num_patches, warmup_steps,
                                  cfg_parallel, data_degree)
         state = base_weights(model)
-        spec = infer_flux_spec(state, "the MODEL")
+        spec = infer_spec(state, "the MODEL")
+        if spec.family != family:
+            raise ValueError(f"the MODEL is ComfyUI's {family} but its weights read as {spec.family}; load the file "
+                             f"with UNETLoader or CheckpointLoaderSimple")
         patches = lora_patches(model)
         unknown = sorted({p.key for p in patches} - set(state))
         if unknown:
-            raise ValueError(f"a LoRA patches {unknown[0]!r}, which this Flux model does not have; the LoRA was "
+            raise ValueError(f"a LoRA patches {unknown[0]!r}, which this {family_of(spec).title} model does not have; the LoRA was "
                              f"made for another model")
         digest = patches_digest(patches)
         ref = ModelRef(path=model_identity(model), dtype=resolve_dtype(weight_dtype, pool), patches=digest)

@@ -50,7 +50,7 @@ def build_request(model: ModelHandle, positive, negative, latent_image: dict, se
                                 noise_mask=latent_noise_mask(latent_image), batch_index=latent_batch_index(latent_image))
     check_inputs(model.spec, latent, request.positive, request.negative if request.uses_cfg else None, NODE_INPUTS)
     model.parallel.validate_for(model.parallel.world_size, model.spec.num_attention_heads, image_tokens(latent),
-                                request.cfg, num_blocks=model.spec.num_layers + model.spec.num_single_layers,
+                                request.cfg, num_blocks=model.spec.num_blocks,
                                 batch_size=latent.shape[0])
     return request
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from comfyui_xdit.models.flux_checkpoint import read_spec
+from comfyui_xdit.models.families import read_spec
 from comfyui_xdit.parallel_config import ParallelConfig
 
 from .handles import PoolHandle
@@ -31,7 +31,7 @@ def parallel_config(ulysses_degree: int, ring_degree: int, pipefusion_degree: in
 def check_config(unet_path: Optional[str], unet_name: str, **degrees) -> Optional[str]:
     """None when the widgets make a config that fits the file; otherwise the message naming the fix."""
     if unet_path is None:
-        return (f"unet_name {unet_name!r} is not in models/diffusion_models; put the Flux .safetensors file there "
+        return (f"unet_name {unet_name!r} is not in models/diffusion_models; put the Flux or SD3 .safetensors file there "
                 "and press R in the UI to refresh the list")
     if degrees["num_patches"] < 0:
         return f"num_patches must be 0 (one per PipeFusion stage) or positive, got {degrees['num_patches']}"
@@ -52,7 +52,7 @@ def check_config(unet_path: Optional[str], unet_name: str, **degrees) -> Optiona
         usable = [d for d in range(1, heads + 1) if heads % d == 0]
         return (f"ulysses_degree {config.ulysses_degree} does not divide the model's {heads} attention heads; use "
                 f"one of {usable} and put the remaining GPUs on ring_degree")
-    blocks = spec.num_layers + spec.num_single_layers
+    blocks = spec.num_blocks
     if config.pipefusion_degree > blocks:
         return (f"pipefusion_degree {config.pipefusion_degree} exceeds the model's {blocks} transformer blocks; use "
                 f"pipefusion_degree <= {blocks} and put the remaining GPUs on ulysses_degree or ring_degree")

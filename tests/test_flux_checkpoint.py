@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from comfyui_xdit.model_loader import load_model
 from comfyui_xdit.models.flux import FluxAdapter
 from comfyui_xdit.models.flux_checkpoint import (TINY_FLUX, infer_flux_spec, random_bfl_state, read_checkpoint,
-                                                 read_spec, write_random_flux)
+                                                 read_flux_spec as read_spec, write_random_flux)
 from comfyui_xdit.request import ModelRef
 
 
@@ -53,12 +53,16 @@ def test_schnell_is_detected_by_missing_guidance(tmp_path):
     assert type(adapter.default_sampling()).__name__ == "DiscreteFlowShift"
 
 
-def test_not_flux_file_names_what_was_found(tmp_path):
+def test_not_a_family_we_run_names_what_was_found(tmp_path):
     path = tmp_path / "sd15.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
                "first_stage_model.decoder.conv_in.weight": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(ValueError, match=r"not a Flux transformer.*missing img_in.weight.*input_blocks"):
+    with pytest.raises(ValueError, match=r"not a diffusion transformer we run \(Flux, SD3/SD3.5\).*SD1.5/SDXL UNet"):
         load_model(ModelRef(str(path)))
+    other = tmp_path / "other.safetensors"
+    save_file({"model.diffusion_model.some.weight": torch.zeros(2, 2)}, str(other))
+    with pytest.raises(ValueError, match=r"not a diffusion transformer we run.*found 1 tensors \(some.weight"):
+        load_model(ModelRef(str(other)))
 
 
 def test_truncated_file_is_a_clear_error(tmp_path):
@@ -82,7 +86,7 @@ def test_missing_file_and_wrong_shapes(tmp_path):
 
 def test_unknown_tiny_name_and_bad_dtype():
     with pytest.raises(ValueError, match="tiny:flux"):
-        load_model(ModelRef("tiny:sd3"))
+        load_model(ModelRef("tiny:sd1"))
     with pytest.raises(ValueError, match="fp32, bf16, fp16"):
         ModelRef("tiny:flux", dtype="fp8")
 

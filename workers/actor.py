@@ -110,15 +110,14 @@ class RankWorker:
         """Load (or reuse) the model, then (re)build the engine only when the config changed."""
         from comfyui_xdit.lora import merge_lora
         from comfyui_xdit.model_loader import load_model, model_spec
-        from comfyui_xdit.models.flux import FluxAdapter
-        from comfyui_xdit.models.flux_checkpoint import read_spec
+        from comfyui_xdit.models.families import adapter_from_file, build_adapter, infer_spec, read_spec
         from comfyui_xdit.parallel.pipefusion_schedule import stage_blocks
 
         info = self._info()
         ref = source.ref
         spec = model_spec(ref) if ref.is_tiny else read_spec(source.local_path) if source.local_path else source.spec
         # a PipeFusion stage builds only its blocks (shipped weights already hold only those)
-        blocks = None if spec is None else stage_blocks(parallel, info.rank, spec.num_layers + spec.num_single_layers)
+        blocks = None if spec is None else stage_blocks(parallel, info.rank, spec.num_blocks)
         key = (ref.path, ref.dtype, ref.patches, blocks)  # a stage-only model serves only that stage
         if self.model_key != key:
             if self.engine is not None:
@@ -127,16 +126,15 @@ class RankWorker:
             if ref.is_tiny:
                 self.adapter = load_model(ref, self.device, blocks=blocks)
             elif source.local_path is not None:
-                self.adapter = FluxAdapter.from_file(source.local_path, ref.torch_dtype, self.device, blocks=blocks)
+                self.adapter = adapter_from_file(source.local_path, ref.torch_dtype, self.device, blocks=blocks)
             else:
                 import ray
 
                 state = dict(ray.get(source.shipped))
                 if source.lora is not None:  # merged here, in float32, as ComfyUI merges them
                     state = merge_lora(state, [p for p in ray.get(source.lora) if p.key in state])
-                self.adapter = FluxAdapter.from_state_dict(state, ref.torch_dtype, self.device,
-                                                           source=f"{ref.path!r} (object store)", blocks=blocks,
-                                                           spec=spec)
+                self.adapter = build_adapter(state, spec if spec is not None else infer_spec(state, ref.path),
+                                             ref.torch_dtype, self.device, f"{ref.path!r} (object store)", blocks)
             how = source.how if blocks is None or source.blocks else f"{source.how} (blocks {blocks[0]}-{blocks[1] - 1})"
             self.model_key, self.weights_how = key, how
             self.loads += 1

@@ -5,7 +5,7 @@ set before ``ray start`` on that host, else the pool's ``models_folder``) by fil
 ``COMFYUI_XDIT_NO_LOCAL_WEIGHTS=1`` never reads model files and always receives tensors. The ComfyUI
 machine reads the file once and ``ray.put``s it: the whole state dict, or with PipeFusion one object
 per stage holding the shared tensors and only that stage's blocks. Either way a PipeFusion rank builds
-only its stage's blocks (``FluxAdapter.from_state_dict(blocks=...)``), so both the network and the
+only its stage's blocks (the family adapter's ``from_state_dict(blocks=...)``), so both the network and the
 rank's memory carry only those.
 """
 
@@ -29,7 +29,7 @@ class WeightSource:
     ref: ModelRef
     local_path: Optional[str] = None
     shipped: Any = None  # ray.ObjectRef of dict[str, torch.Tensor], or None
-    spec: Any = None  # FluxSpec of the file when ``shipped`` holds one stage's blocks only
+    spec: Any = None  # the file's spec (models/families.py) when ``shipped`` holds one stage's blocks only
     blocks: Optional[tuple[int, int]] = None  # that stage's [start, stop) block range
     lora: Any = None  # ray.ObjectRef of tuple[LoraPatch, ...] merged on the rank, or None
 
@@ -69,7 +69,7 @@ def read_for_shipping(ref: ModelRef, models_folder: Optional[str]) -> dict[str, 
 
     Raises ``FileNotFoundError`` when this machine has no copy either.
     """
-    from comfyui_xdit.models.flux_checkpoint import read_checkpoint
+    from comfyui_xdit.models.checkpoint_file import read_checkpoint
 
     for candidate in candidate_paths(ref.path, models_folder, {}):
         if os.path.isfile(candidate):
@@ -82,15 +82,15 @@ def ship(state: Mapping[str, torch.Tensor], ref: ModelRef, parallel: Any,
     """Sources for every rank: its own file, else an object-store copy (per PipeFusion stage)."""
     import ray
 
-    from comfyui_xdit.models.flux_checkpoint import infer_flux_spec, stage_state
+    from comfyui_xdit.models.families import infer_spec, stage_state
     from comfyui_xdit.parallel.mesh import RankCoords
     from comfyui_xdit.parallel.pipefusion_schedule import split_stages
 
     if parallel.pipefusion_degree == 1:
         whole = ray.put(dict(state))
         return [WeightSource(ref, local_path=p, shipped=None if p else whole) for p in local_paths]
-    spec = infer_flux_spec(state, ref.path)
-    bounds = split_stages(spec.num_layers + spec.num_single_layers, parallel.pipefusion_degree)
+    spec = infer_spec(state, ref.path)
+    bounds = split_stages(spec.num_blocks, parallel.pipefusion_degree)
     objects: dict[int, Any] = {}
     sources = []
     for rank, path in enumerate(local_paths):
@@ -99,6 +99,6 @@ def ship(state: Mapping[str, torch.Tensor], ref: ModelRef, parallel: Any,
             continue
         stage = RankCoords.of(rank, parallel).pipefusion
         if stage not in objects:
-            objects[stage] = ray.put(stage_state(state, spec.num_layers, bounds[stage]))
+            objects[stage] = ray.put(stage_state(state, spec, bounds[stage]))
         sources.append(WeightSource(ref, shipped=objects[stage], spec=spec, blocks=tuple(bounds[stage])))
     return sources

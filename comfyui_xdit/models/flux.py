@@ -20,26 +20,16 @@ from diffusers.models.embeddings import apply_rotary_emb
 from ..attention import AttentionSeam
 from ..conditioning import Conditioning
 from ..latent_format import FLUX_LATENT_FORMAT, LatentFormat
+from . import packing
+from .absent_block import AbsentBlock
 from ..sigmas import DiscreteFlowShift, FluxShift, ModelSampling
-from .flux_checkpoint import (FluxSpec, bfl_to_diffusers, in_blocks, infer_flux_spec, read_checkpoint, read_spec,
+from .flux_checkpoint import (FluxSpec, bfl_to_diffusers, in_blocks, infer_flux_spec, read_checkpoint, read_flux_spec,
                               stage_state, with_placeholders)
 
 logger = logging.getLogger(__name__)
 
-PATCH = 2  # Flux packs 2x2 latent pixels into one token
+PATCH = packing.PATCH  # Flux packs 2x2 latent pixels into one token
 _DIFFUSERS_BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
-
-
-class AbsentBlock(torch.nn.Module):
-    """Stands where a block of another PipeFusion stage would be: no weights, and running it is an error."""
-
-    def __init__(self, layer: int, present: tuple[int, int]) -> None:
-        super().__init__()
-        self.layer, self.present = layer, present
-
-    def forward(self, *args: object, **kwargs: object) -> None:
-        raise RuntimeError(f"block {self.layer} belongs to another PipeFusion stage: this rank loaded blocks "
-                           f"{self.present[0]}..{self.present[1] - 1} only; load it with blocks=None to run all")
 
 
 def _diffusers_block(key: str, num_double: int) -> Optional[int]:
@@ -166,7 +156,7 @@ class FluxAdapter:
         """Load a file; with ``blocks`` only the shared tensors and those blocks are read from disk."""
         if blocks is None:
             return cls.from_state_dict(read_checkpoint(path), dtype, device, source=repr(os.fspath(path)))
-        spec = read_spec(path)
+        spec = read_flux_spec(path)
         state = read_checkpoint(path, keep=lambda key: in_blocks(key, spec.num_layers, blocks))
         return cls.from_state_dict(state, dtype, device, source=repr(os.fspath(path)), blocks=blocks, spec=spec)
 
@@ -202,20 +192,8 @@ class FluxAdapter:
             raise ValueError(f"Flux needs image height and width divisible by 16; got latent "
                              f"{latent.shape[2]}x{latent.shape[3]} (image {latent.shape[2] * 8}x{latent.shape[3] * 8})")
 
-    @staticmethod
-    def pack(latent: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = latent.shape
-        # (B, C, H, W) -> (B, H/2 * W/2, C*2*2), channel-major inside a token as ComfyUI packs it
-        x = latent.view(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
-
-    @staticmethod
-    def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        b, _, d = tokens.shape
-        c = d // (PATCH * PATCH)
-        # (B, H/2 * W/2, C*2*2) -> (B, C, H, W)
-        x = tokens.view(b, height // PATCH, width // PATCH, c, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(b, c, height, width)
+    pack = staticmethod(packing.pack)
+    unpack = staticmethod(packing.unpack)
 
     @staticmethod
     def image_ids(height: int, width: int) -> torch.Tensor:

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from .checkpoint_file import check_format, read_checkpoint, read_shapes  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
-_COMFY_PREFIX = "model.diffusion_model."
 _REQUIRED_KEYS = ("img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "final_layer.linear.weight",
                   "double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_attn.norm.query_norm.scale")
 
@@ -41,6 +41,26 @@ class FluxSpec:
     @property
     def hidden_size(self) -> int:
         return self.attention_head_dim * self.num_attention_heads
+
+    @property
+    def family(self) -> str:
+        return "flux"
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_layers + self.num_single_layers
+
+    @property
+    def context_dim(self) -> int:
+        return self.joint_attention_dim
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.pooled_projection_dim
+
+    @property
+    def latent_channels(self) -> int:
+        return self.in_channels // 4
 
     @property
     def axes_dims_rope(self) -> tuple[int, int, int]:
@@ -70,57 +90,9 @@ COMFY_MIN_FLUX = FluxSpec(num_layers=1, num_single_layers=1, attention_head_dim=
 NAMED_SPECS: Mapping[str, FluxSpec] = {"flux": TINY_FLUX, "flux-comfy-min": COMFY_MIN_FLUX}
 
 
-def check_format(path: str) -> None:
-    """Refuse what we cannot load, naming what to use instead (ValueError)."""
-    if path.lower().endswith(".gguf"):
-        raise ValueError(f"{path!r} is a GGUF file: its quantized blocks need ComfyUI-GGUF's dequantizing loader, "
-                         f"which the xDiT ranks do not have; use the .safetensors release of the model (bf16, fp16 "
-                         f"or fp8, e.g. flux1-dev-fp8.safetensors)")
-
-
-def read_checkpoint(path: str | os.PathLike, keep: Optional[Callable[[str], bool]] = None) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, with ComfyUI's ``model.diffusion_model.`` prefix stripped; with ``keep``
-    only the tensors whose (stripped) name it accepts are read (one PipeFusion stage's blocks)."""
-    path = os.fspath(path)
-    check_format(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"model file not found: {path!r}")
-    try:
-        if keep is None:
-            state = load_file(path, device="cpu")
-        else:
-            with safe_open(path, framework="pt", device="cpu") as handle:
-                state = {k: handle.get_tensor(k) for k in handle.keys()
-                         if keep(k[len(_COMFY_PREFIX):] if k.startswith(_COMFY_PREFIX) else k)}
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        size = os.path.getsize(path)
-        raise ValueError(f"{path!r} ({size} bytes) is not a readable safetensors file "
-                         f"(truncated or corrupt download?): {exc}") from exc
-    return {k[len(_COMFY_PREFIX):] if k.startswith(_COMFY_PREFIX) else k: v for k, v in state.items()}
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """A tensor's shape without its data (what ``infer_flux_spec`` reads)."""
-
-    shape: tuple[int, ...]
-
-
-def read_spec(path: str | os.PathLike) -> FluxSpec:
-    """The architecture of a Flux file from its header alone (no weights read), e.g. to check a parallel
-    config before any rank starts."""
-    path = os.fspath(path)
-    check_format(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"model file not found: {path!r}")
-    try:
-        with safe_open(path, framework="pt") as handle:
-            shapes = {k[len(_COMFY_PREFIX):] if k.startswith(_COMFY_PREFIX) else k:
-                      _Shape(tuple(handle.get_slice(k).get_shape())) for k in handle.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt download?): "
-                         f"{exc}") from exc
-    return infer_flux_spec(shapes, repr(path))  # type: ignore[arg-type]
+def read_flux_spec(path: str | os.PathLike) -> FluxSpec:
+    """The architecture of a Flux file from its header alone (no weights read)."""
+    return infer_flux_spec(read_shapes(path), repr(os.fspath(path)))  # type: ignore[arg-type]
 
 
 _BLOCK_KEY = re.compile(r"(double_blocks|single_blocks)\.(\d+)\.")

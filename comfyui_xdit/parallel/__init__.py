@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from ..engine import Engine
-from ..models.flux import FluxAdapter
+from ..models.adapter import Adapter
 from ..parallel_config import ParallelConfig
 from .comm import CommCounter
 from .distributed import free_port, init_distributed, shutdown_distributed
@@ -19,7 +19,7 @@ __all__ = ["CommCounter", "Mesh", "ParallelEngine", "RankCoords", "create_engine
            "shutdown_distributed"]
 
 
-def create_engine(adapter: FluxAdapter, parallel: ParallelConfig, rank: int, mesh: Optional[Mesh] = None,
+def create_engine(adapter: Adapter, parallel: ParallelConfig, rank: int, mesh: Optional[Mesh] = None,
                   counter: Optional[CommCounter] = None) -> Union[Engine, ParallelEngine]:
     """The serial ``Engine`` for a world of one, else a ``ParallelEngine`` for ``rank``.
 

@@ -20,7 +20,7 @@ import torch
 
 from ..attention import AttentionBackend
 from ..conditioning import Conditioning
-from ..models.flux import FluxAdapter
+from ..models.adapter import Adapter
 from ..parallel_config import ParallelConfig
 from ..request import GenerationRequest
 from ..sampling import (GenerationCancelled, OnStep, SamplingPlan, ShouldStop, StepEvent, apply_cfg, denoised_from,
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 class ParallelEngine:
     """Samples a request as one rank of ``mesh``; ``counter`` (optional) records the bytes it sends."""
 
-    def __init__(self, adapter: FluxAdapter, parallel: ParallelConfig, mesh: Mesh,
+    def __init__(self, adapter: Adapter, parallel: ParallelConfig, mesh: Mesh,
                  counter: Optional[CommCounter] = None) -> None:
         if mesh.parallel != parallel:
             raise ValueError(f"mesh was built for {mesh.parallel.describe()}, engine asked for {parallel.describe()}; "

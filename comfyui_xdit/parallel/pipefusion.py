@@ -26,14 +26,14 @@ every rank of the group, then sends stage 0 only the tokens its peer reads next 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from ..conditioning import Conditioning
 from ..inpaint import Inpaint
 from ..noise import AncestralNoise
-from ..models.flux import BlockState, FluxAdapter
+from ..models.adapter import Adapter
 from ..parallel_config import ParallelConfig
 from ..samplers import SamplerState, step_patch
 from ..sampling import (GenerationCancelled, OnStep, SamplingPlan, ShouldStop, StepEvent, apply_cfg, denoised_from,
@@ -115,7 +115,7 @@ class _Returns:
 class PipeFusionLoop:
     """One rank's part of PipeFusion sampling; ``run`` returns the final tokens on every rank."""
 
-    def __init__(self, adapter: FluxAdapter, parallel: ParallelConfig, mesh: Mesh,
+    def __init__(self, adapter: Adapter, parallel: ParallelConfig, mesh: Mesh,
                  counter: Optional[CommCounter] = None) -> None:
         check_pipefusion(parallel, len(adapter.blocks))
         self.adapter, self.parallel, self.mesh, self.counter = adapter, parallel, mesh, counter
@@ -144,7 +144,7 @@ class PipeFusionLoop:
         return apply_cfg(both[0], both[1], cfg), both[1]
 
     def _forward(self, part: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
-                 sigma: torch.Tensor) -> BlockState:
+                 sigma: torch.Tensor) -> Any:
         """This stage's blocks on one branch of one item's shard ``part`` (B, n_local, 64); stage 0 embeds
         it, later stages receive the activations and embed only the timestep and rotary positions."""
         adapter, links = self.adapter, self.links

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.flux import FluxAdapter
+from ..models.adapter import Adapter
 from ..samplers import step_patch
 from ..sampling import SamplingPlan, apply_cfg, denoised_from
 from .patch_kv_buffer import StaleKVAttention
@@ -19,7 +19,7 @@ from .pipefusion_schedule import patch_bounds, stage_work
 
 
 @torch.no_grad()
-def pipefusion_reference(adapter: FluxAdapter, plan: SamplingPlan, num_patches: int,
+def pipefusion_reference(adapter: Adapter, plan: SamplingPlan, num_patches: int,
                          warmup_steps: int) -> torch.Tensor:
     """Final tokens (B, N, 64) of PipeFusion sampling with ``num_patches`` patches after ``warmup_steps``."""
     if warmup_steps < 1 and plan.total_calls > 0:
@@ -58,14 +58,14 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm())
 
 
-def serial_tokens(adapter: FluxAdapter, plan: SamplingPlan) -> torch.Tensor:
+def serial_tokens(adapter: Adapter, plan: SamplingPlan) -> torch.Tensor:
     """Final tokens of ordinary serial sampling of ``plan`` (the ground truth PipeFusion approximates)."""
     from ..sampling import run_loop
 
     return run_loop(adapter, plan, lambda x, sigma, cond: adapter.velocity(x, plan.image_ids, cond, sigma))
 
 
-def error_table(adapter: FluxAdapter, plan: SamplingPlan, patches: list[int],
+def error_table(adapter: Adapter, plan: SamplingPlan, patches: list[int],
                 warmups: list[int]) -> dict[tuple[int, int], float]:
     """{(patches, warmup_steps): relative error of PipeFusion's final latent against serial sampling}."""
     truth = serial_tokens(adapter, plan)

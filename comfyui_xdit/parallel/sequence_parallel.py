@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..conditioning import Conditioning
-from ..models.flux import FluxAdapter
+from ..models.adapter import Adapter
 from .comm import CommCounter, all_gather_cat
 
 
@@ -44,7 +44,7 @@ class SequenceShard:
 class SequenceParallelVelocity:
     """``velocity(x, image_ids, cond, sigma)`` on the whole latent, computed shard-wise over ``group``."""
 
-    def __init__(self, adapter: FluxAdapter, shard: SequenceShard, group: Optional[dist.ProcessGroup],
+    def __init__(self, adapter: Adapter, shard: SequenceShard, group: Optional[dist.ProcessGroup],
                  counter: Optional[CommCounter] = None) -> None:
         self.adapter = adapter
         self.shard = shard

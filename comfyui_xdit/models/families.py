@@ -1,0 +1,137 @@
+"""The seam for model families: a family is an adapter plus data (ARCHITECTURE.md 2a).
+
+Everything outside ``models/`` asks this module, never a family by name: which family a file holds
+(from its keys), its architecture (a spec with ``family``, ``num_attention_heads``, ``num_blocks``,
+``context_dim``, ``pooled_dim``, ``latent_channels``), which tensors one PipeFusion stage needs, how to
+build the adapter, and the built-in tiny models. The sampling loop, CFG, samplers and PipeFusion see
+only the adapter's piecewise forward.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from safetensors.torch import save_file
+
+from . import flux_checkpoint, sd3_checkpoint
+from .checkpoint_file import read_shapes
+
+ModelSpec = Any  # FluxSpec | SD3Spec: frozen dataclasses with the properties listed above
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family as data: how to recognise, describe, split and build it."""
+
+    id: str  # the ``tiny:<id>`` / ``make-tiny <id>`` name and ``spec.family``
+    title: str  # for messages
+    marker_key: str  # a (prefix-stripped) key only this family's files have
+    infer_spec: Callable[[Mapping[str, Any], str], ModelSpec]
+    block_index: Callable[[str, ModelSpec], Optional[int]]  # file key -> adapter block (None: shared tensor)
+    random_state: Callable[[ModelSpec, int, torch.dtype], dict[str, torch.Tensor]]
+    adapter: Callable[[], type]  # the adapter class (imported lazily: diffusers loads slowly)
+
+
+def _flux_adapter() -> type:
+    from .flux import FluxAdapter
+    return FluxAdapter
+
+
+def _sd3_adapter() -> type:
+    from .sd3 import SD3Adapter
+    return SD3Adapter
+
+
+FLUX = Family(id="flux", title="Flux", marker_key="double_blocks.0.img_attn.qkv.weight",
+              infer_spec=flux_checkpoint.infer_flux_spec,
+              block_index=lambda key, spec: flux_checkpoint.block_index(key, spec.num_layers),
+              random_state=flux_checkpoint.random_bfl_state, adapter=_flux_adapter)
+SD3 = Family(id="sd3", title="SD3/SD3.5", marker_key=sd3_checkpoint.MARKER_KEY,
+             infer_spec=sd3_checkpoint.infer_sd3_spec, block_index=sd3_checkpoint.block_index,
+             random_state=sd3_checkpoint.random_mmdit_state, adapter=_sd3_adapter)
+FAMILIES: tuple[Family, ...] = (FLUX, SD3)
+
+# Built-in random-weight models: name -> spec (``spec.family`` says whose).
+TINY_SPECS: Mapping[str, ModelSpec] = {**flux_checkpoint.NAMED_SPECS, **sd3_checkpoint.NAMED_SD3_SPECS}
+
+# Families ComfyUI runs that we do not yet, by a key their files have: for the refusal message.
+_NOT_YET = {"adaln_single.linear.weight": "PixArt (diffusers layout)", "t_block.1.weight": "PixArt",
+            "extra_embedder.0.weight": "HunyuanDiT", "mlp_t5.0.weight": "HunyuanDiT",
+            "txt_norm.weight": "Qwen-Image", "img_in.weight": "Qwen-Image or another DiT",
+            "patch_embedding.weight": "Wan", "input_blocks.0.0.weight": "an SD1.5/SDXL UNet",
+            "txt_in.individual_token_refiner.blocks.0.norm1.weight": "HunyuanVideo"}
+
+
+def family(family_id: str) -> Family:
+    for fam in FAMILIES:
+        if fam.id == family_id:
+            return fam
+    raise ValueError(f"unknown model family {family_id!r}; we run {', '.join(f.id for f in FAMILIES)}")
+
+
+def family_of(spec: ModelSpec) -> Family:
+    return family(spec.family)
+
+
+def detect_family(keys: Mapping[str, Any], source: str = "checkpoint") -> Family:
+    """The family whose marker key ``keys`` holds; ``ValueError`` naming what the file looks like otherwise."""
+    for fam in FAMILIES:
+        if fam.marker_key in keys:
+            return fam
+    looks = next((name for key, name in _NOT_YET.items() if key in keys), None)
+    shown = ", ".join(sorted(keys)[:5])
+    what = f"it looks like {looks}, which the xDiT nodes do not run yet" if looks else f"found {len(keys)} tensors ({shown}, ...)"
+    raise ValueError(f"{source} is not a diffusion transformer we run ({', '.join(f.title for f in FAMILIES)}): "
+                     f"{what}; pick a Flux or SD3/SD3.5 file from models/diffusion_models (or a checkpoint holding one)")
+
+
+def infer_spec(state: Mapping[str, Any], source: str = "checkpoint") -> ModelSpec:
+    """The architecture of tensors (or shapes) in a family's single-file layout, prefix stripped."""
+    return detect_family(state, source).infer_spec(state, source)
+
+
+def read_spec(path: str | os.PathLike) -> ModelSpec:
+    """The architecture of a file from its header alone (no weights read), e.g. to check a parallel
+    config before any rank starts."""
+    return infer_spec(read_shapes(path), repr(os.fspath(path)))
+
+
+def in_blocks(key: str, spec: ModelSpec, blocks: Optional[tuple[int, int]]) -> bool:
+    """Whether a rank that runs ``blocks`` ([start, stop), ``None`` = all) needs file tensor ``key``."""
+    if blocks is None:
+        return True
+    index = family_of(spec).block_index(key, spec)
+    return index is None or blocks[0] <= index < blocks[1]
+
+
+def stage_state(state: Mapping[str, torch.Tensor], spec: ModelSpec, blocks: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The shared tensors plus the blocks in ``[start, stop)``."""
+    return {k: v for k, v in state.items() if in_blocks(k, spec, blocks)}
+
+
+def build_adapter(state: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
+                  source: str, blocks: Optional[tuple[int, int]] = None):
+    """The family's adapter from file-layout tensors (all of them, or one stage's with ``blocks``)."""
+    return family_of(spec).adapter().from_state_dict(state, dtype, device, source=source, blocks=blocks, spec=spec)
+
+
+def adapter_from_file(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str,
+                      blocks: Optional[tuple[int, int]] = None):
+    """Load a file's adapter; with ``blocks`` only the shared tensors and those blocks are read from disk."""
+    from .checkpoint_file import read_checkpoint
+    spec = read_spec(path)
+    state = read_checkpoint(path, keep=None if blocks is None else (lambda key: in_blocks(key, spec, blocks)))
+    return build_adapter(state, spec, dtype, device, repr(os.fspath(path)), blocks)
+
+
+def random_state(spec: ModelSpec, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    return family_of(spec).random_state(spec, seed, dtype)
+
+
+def write_random_model(path: str | os.PathLike, spec: ModelSpec, seed: int = 0,
+                       dtype: torch.dtype = torch.float32) -> None:
+    """Write a random-weight file in the family's single-file layout (what ``make-tiny`` does)."""
+    save_file(random_state(spec, seed, dtype), os.fspath(path), metadata={"comfyui_xdit_family": spec.family})
