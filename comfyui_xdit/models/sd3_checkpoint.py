@@ -3,7 +3,7 @@ CheckpointLoaderSimple read): architecture from tensor shapes, renaming onto dif
 ``SD3Transformer2DModel``, and deterministic random-weight files for ``tiny:sd3``.
 
 MMDiT ties its widths to the depth: hidden = 64 * depth, heads = depth (ComfyUI builds it so), so a
-stock-loadable tiny SD3 is simply a shallow one: depth 2 -> width 128, 2 heads of 64.
+stock-loadable tiny SD3 is simply a shallow one: depth 4 -> width 256, 4 heads of 64.
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ class SD3Spec:
                     qk_norm="rms_norm" if self.qk_norm else None)
 
 
-# Stock-loadable tiny SD3: depth 2 (width 128, 2 heads), a 32-patch position grid (latents up to 64x64).
-TINY_SD3 = SD3Spec(depth=2, num_layers=2, joint_attention_dim=64, pooled_projection_dim=32, pos_embed_max_size=32)
+# Stock-loadable tiny SD3: depth 4 (width 256, 4 heads: Ulysses up to 4, PipeFusion up to 4 stages), a
+# 32-patch position grid (latents up to 64x64).
+TINY_SD3 = SD3Spec(depth=4, num_layers=4, joint_attention_dim=64, pooled_projection_dim=32, pos_embed_max_size=32)
 # Full SD3.5-large shapes (benchmarks / memory tables; never built with real weights here).
 SD35_LARGE = SD3Spec(depth=38, num_layers=38, joint_attention_dim=4096, pooled_projection_dim=2048,
                      pos_embed_max_size=192, qk_norm=True)

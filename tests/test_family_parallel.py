@@ -1,0 +1,96 @@
+"""Every parallel mode for the families after Flux (issue 11.3), on their tiny models.
+
+Each world size (2, 4, 8 local gloo ranks, NCCL's rules on) is spawned once for all its layouts:
+sequence parallel (Ulysses, Ring, USP) and CFG parallel equal serial to float tolerance; PipeFusion
+equals serial when warm-up = steps and its single-process reference after (stale K/V), in products with
+the other axes. Flux has the same matrix in test_parallel_engine.py / test_pipefusion_hybrid.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator
+
+import psutil
+import pytest
+import torch
+
+from comfyui_xdit.engine import Engine
+from comfyui_xdit.model_loader import load_model, model_spec, tiny_conditioning
+from comfyui_xdit.parallel.launch import generate_local_many, stop_helper_processes
+from comfyui_xdit.parallel.pipefusion_reference import pipefusion_reference
+from comfyui_xdit.parallel_config import ParallelConfig
+from comfyui_xdit.request import GenerationRequest, ModelRef
+from comfyui_xdit.sampling import finish, prepare_plan
+
+FAMILY_MODELS = ["tiny:sd3"]  # 4 heads, 4 blocks
+LATENT = 16  # 16x16 latent -> 64 image tokens
+STEPS = 3
+P = ParallelConfig
+
+LAYOUTS = {  # (config, sampler); warm-up = steps unless the config says otherwise
+    2: [(P(ulysses_degree=2), "euler"), (P(ring_degree=2), "dpmpp_2m"), (P(cfg_degree=2), "euler_ancestral"),
+        (P(pipefusion_degree=2, warmup_steps=STEPS), "dpmpp_2m"), (P(pipefusion_degree=2, num_patches=4), "euler")],
+    4: [(P(ulysses_degree=4), "euler"), (P(ulysses_degree=2, ring_degree=2), "dpmpp_2m"),
+        (P(cfg_degree=2, ulysses_degree=2), "euler"), (P(pipefusion_degree=4, warmup_steps=STEPS), "euler"),
+        (P(pipefusion_degree=2, ulysses_degree=2, warmup_steps=STEPS), "dpmpp_2m"),
+        (P(pipefusion_degree=2, ring_degree=2), "dpmpp_2m")],
+    8: [(P(cfg_degree=2, ulysses_degree=2, ring_degree=2), "dpmpp_2m"),
+        (P(pipefusion_degree=4, ulysses_degree=2, warmup_steps=STEPS), "euler"),
+        (P(cfg_degree=2, pipefusion_degree=2, ring_degree=2, num_patches=4), "euler")],
+}
+
+
+def request(model: str, parallel: ParallelConfig, sampler: str) -> GenerationRequest:
+    ref = ModelRef(model)
+    positive, negative = tiny_conditioning(ref, seed=3)
+    return GenerationRequest(model=ref, latent=torch.zeros(1, 16, LATENT, LATENT), positive=positive,
+                             negative=negative, seed=7, steps=STEPS, cfg=2.5, sampler=sampler, parallel=parallel)
+
+
+def live_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process(os.getpid()).children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_process_left() -> Iterator[None]:
+    before = {p.pid for p in live_children()}
+    yield
+    stop_helper_processes()
+    assert [p.cmdline() for p in live_children() if p.pid not in before] == [], "processes left behind"
+
+
+def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+@pytest.mark.parametrize("model", FAMILY_MODELS)
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_every_mode_equals_serial_or_its_reference(model: str, world: int) -> None:
+    reqs = [request(model, config, sampler) for config, sampler in LAYOUTS[world]]
+    results = generate_local_many(reqs, timeout=500)
+    adapter = load_model(ModelRef(model))
+    for req, result in zip(reqs, results):
+        par = req.parallel
+        label = f"{model} {par.describe()} warm-up {par.warmup_steps} {req.sampler}"
+        serial = Engine(adapter).generate(dataclasses.replace(req, parallel=ParallelConfig()))
+        if par.pipefusion_degree == 1 or par.warmup_steps >= req.steps:
+            assert relative(result.latent, serial) < 1e-4, label
+        else:
+            plan = prepare_plan(adapter, req)
+            reference = finish(adapter, plan, pipefusion_reference(adapter, plan, par.patches, par.warmup_steps))
+            assert relative(result.latent, reference) < 1e-4, label
+            assert relative(result.latent, serial) > 1e-4, f"{label}: stale K/V should differ from serial"
+
+
+@pytest.mark.parametrize("model", FAMILY_MODELS)
+def test_layouts_that_cannot_work_are_refused_naming_one_that_does(model: str) -> None:
+    spec = model_spec(ModelRef(model))
+    heads, blocks = spec.num_attention_heads, spec.num_blocks
+    tokens = (LATENT // 2) ** 2
+    with pytest.raises(ValueError, match=rf"{heads}"):
+        P(ulysses_degree=heads * 2).validate_for(heads * 2, heads, tokens, 2.5, num_blocks=blocks)
+    with pytest.raises(ValueError, match=rf"{blocks}"):
+        P(pipefusion_degree=blocks * 2).validate_for(blocks * 2, heads, tokens, 2.5, num_blocks=blocks)
