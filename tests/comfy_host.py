@@ -70,19 +70,28 @@ def _die_with_parent() -> None:
         pass
 
 
+# Stock-loadable tiny files of the families after Flux: file name -> tiny model name (models/families.py).
+FAMILY_FILES = {"sd3-tiny.safetensors": "sd3"}
+
+
 def write_model(models_dir: Path) -> Path:
-    """The smallest Flux stock ComfyUI loads (random, seeded, bf16, ~1.1 GB); written once per folder."""
+    """The smallest Flux stock ComfyUI loads (random, seeded, bf16, ~1.1 GB) and the tiny files of the
+    other families (``FAMILY_FILES``, fp32, a few MB); each written once per folder."""
     import torch
 
-    from comfyui_xdit.models.flux_checkpoint import COMFY_MIN_FLUX, write_random_flux
+    from comfyui_xdit.models.families import TINY_SPECS, write_random_model
+    from comfyui_xdit.models.flux_checkpoint import COMFY_MIN_FLUX
 
-    target = models_dir / "diffusion_models" / MODEL_NAME
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        write_random_flux(partial, COMFY_MIN_FLUX, seed=0, dtype=torch.bfloat16)
-        partial.rename(target)
-    return target
+    folder = models_dir / "diffusion_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, spec, dtype in [(MODEL_NAME, COMFY_MIN_FLUX, torch.bfloat16),
+                              *((file, TINY_SPECS[tiny], torch.float32) for file, tiny in FAMILY_FILES.items())]:
+        target = folder / name
+        if not target.exists():
+            partial = target.with_suffix(".partial")
+            write_random_model(partial, spec, seed=0, dtype=dtype)
+            partial.rename(target)
+    return folder / MODEL_NAME
 
 
 def install_plugin(custom_nodes: Path, mode: str) -> Path:

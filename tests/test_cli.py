@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -21,17 +22,18 @@ def _cli(*args, check=True):
     return result
 
 
-def test_make_tiny_then_generate_from_file_equals_builtin(tmp_path):
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_make_tiny_then_generate_from_file_equals_builtin(tmp_path, family):
     model = tmp_path / "tiny.safetensors"
-    _cli("make-tiny", "flux", str(model))
-    positive, negative = tiny_conditioning(ModelRef("tiny:flux"), seed=5)
+    _cli("make-tiny", family, str(model))
+    positive, negative = tiny_conditioning(ModelRef(f"tiny:{family}"), seed=5)
     cond = tmp_path / "cond.safetensors"
     save_file({"positive_context": positive.context, "positive_pooled": positive.pooled,
                "negative_context": negative.context, "negative_pooled": negative.pooled,
                "guidance": torch.tensor([positive.guidance])}, str(cond))
     common = ["--seed", "5", "--steps", "2", "--cfg", "2.0", "--height", "64", "--width", "96",
               "--sampler", "dpmpp_2m", "--scheduler", "beta"]
-    _cli("generate", "--model", "tiny:flux", *common, "--out", str(tmp_path / "a.safetensors"))
+    _cli("generate", "--model", f"tiny:{family}", *common, "--out", str(tmp_path / "a.safetensors"))
     _cli("generate", "--model", str(model), "--cond", str(cond), *common, "--out", str(tmp_path / "b.safetensors"))
     a = load_file(str(tmp_path / "a.safetensors"))["samples"]
     b = load_file(str(tmp_path / "b.safetensors"))["samples"]
