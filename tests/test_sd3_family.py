@@ -88,11 +88,20 @@ def sd3_file(tmp_path_factory) -> str:
     return str(path)
 
 
-def _stock(path: str, request: GenerationRequest, shift: float | None = None) -> torch.Tensor:
-    comfy_sd = import_comfy("comfy.sd")
-    comfy_sample = import_comfy("comfy.sample")
-    model = comfy_sd.load_diffusion_model(path, model_options={"dtype": torch.float32})
+@pytest.fixture(scope="module")
+def sd3_engine(sd3_file) -> Engine:
+    return Engine(load_model(ModelRef(sd3_file, "fp32")))
+
+
+@pytest.fixture(scope="module")
+def stock_model(sd3_file):
+    model = import_comfy("comfy.sd").load_diffusion_model(sd3_file, model_options={"dtype": torch.float32})
     assert type(model.model).__name__ == "SD3"
+    return model
+
+
+def _stock(model, request: GenerationRequest, shift: float | None = None) -> torch.Tensor:
+    comfy_sample = import_comfy("comfy.sample")
     if shift is not None:
         advanced = import_comfy("comfy_extras.nodes_model_advanced")
         (model,) = advanced.ModelSamplingSD3().patch(model, shift)
@@ -108,36 +117,53 @@ def _stock(path: str, request: GenerationRequest, shift: float | None = None) ->
                                disable_pbar=True, seed=request.seed)
 
 
+def _every_flux_case() -> dict:
+    """Every sampler/scheduler case of the Flux same-seed test, with SD3's conditioning and default sampling
+    (ModelSamplingFlux's resolution shift is Flux's): the whole sampler list against stock, cheaply."""
+    from test_same_seed_as_comfyui import CASES
+
+    out = {}
+    for name, options in CASES.items():
+        options = dict(options)
+        if "negative" in options:
+            options["negative"] = _conditioning(2)
+        options.pop("shift", None)
+        out[f"flux-case-{name}"] = options
+    return out
+
+
 SAME_SEED_CASES = {
     "euler-simple-cfg": dict(sampler="euler", scheduler="simple", cfg=3.0, negative=_conditioning(2)),
     "dpmpp-2m-karras-cfg": dict(sampler="dpmpp_2m", scheduler="karras", cfg=4.5, negative=_conditioning(2)),
     "euler-ancestral-sgm-uniform": dict(sampler="euler_ancestral", scheduler="sgm_uniform"),
     "img2img-denoise": dict(sampler="euler", scheduler="normal", denoise=0.6,
                             latent=torch.randn(1, 16, 16, 24, generator=torch.Generator().manual_seed(4))),
+    **(_every_flux_case() if comfy_path() is not None else {}),
 }
 
 
 @pytest.mark.skipif(comfy_path() is None, reason=SKIP_REASON)
 @pytest.mark.parametrize("case", sorted(SAME_SEED_CASES))
-def test_serial_engine_equals_stock_comfyui(case, sd3_file) -> None:
+def test_serial_engine_equals_stock_comfyui(case, sd3_file, stock_model, sd3_engine) -> None:
     options = dict(SAME_SEED_CASES[case])
     latent = options.pop("latent", torch.zeros(1, 16, 16, 24))
+    options.setdefault("steps", 4)
     request = GenerationRequest(model=ModelRef(sd3_file, "fp32"), latent=latent, positive=_conditioning(1),
-                                seed=77, steps=4, **options)
-    theirs = _stock(sd3_file, request)
-    ours = Engine(load_model(request.model)).generate(request)
+                                seed=77, **options)
+    theirs = _stock(stock_model, request)
+    ours = sd3_engine.generate(request)
     assert ours.shape == theirs.shape
     error = float((ours - theirs).norm() / theirs.norm())
     assert error < 1e-4, error
 
 
 @pytest.mark.skipif(comfy_path() is None, reason=SKIP_REASON)
-def test_model_sampling_sd3_shift_equals_stock(sd3_file) -> None:
+def test_model_sampling_sd3_shift_equals_stock(sd3_file, stock_model) -> None:
     request = GenerationRequest(model=ModelRef(sd3_file, "fp32"), latent=torch.zeros(1, 16, 16, 16),
                                 positive=_conditioning(1), negative=_conditioning(2), cfg=2.0, seed=3, steps=4,
                                 sampler="dpmpp_2m", scheduler="beta",
                                 shift=SigmaShift(mode="discrete_flow", shift=6.0, multiplier=1000.0))
-    theirs = _stock(sd3_file, request, shift=6.0)
+    theirs = _stock(stock_model, request, shift=6.0)
     ours = Engine(load_model(request.model)).generate(request)
     error = float((ours - theirs).norm() / theirs.norm())
     assert error < 1e-4, error

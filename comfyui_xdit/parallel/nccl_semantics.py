@@ -125,16 +125,19 @@ class _Shim:
                           ("send", "recv", "isend", "irecv", "batch_isend_irecv", "P2POp", "new_group",
                            "destroy_process_group", *COLLECTIVES)}
         self.timeout = datetime.timedelta(seconds=min(config.wait_bound_s, collective_timeout_s))
+        # The companions' own agreement checks wait twice the bound: a rank stuck behind a send must be
+        # reported by the watchdog (naming the send), not by its peer's gloo timeout inside the check.
+        self.companion_timeout = 2 * self.timeout
         self.companions: dict[Any, Any] = {}
         self.streams: dict[tuple[Any, int], _Stream] = {}
         self.acks_in_flight: list[Any] = []  # acknowledgement sends, kept alive until done
-        self.companions[None] = self.originals["new_group"](timeout=self.timeout)  # the world's
+        self.companions[None] = self.originals["new_group"](timeout=self.companion_timeout)  # the world's
 
     # ---- groups ---------------------------------------------------------------------------------
     def new_group(self, ranks: Any = None, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self.timeout)
         group = self.originals["new_group"](ranks, *args, **kwargs)
-        companion = self.originals["new_group"](ranks, timeout=self.timeout)  # collective too, same order
+        companion = self.originals["new_group"](ranks, timeout=self.companion_timeout)  # collective too, same order
         if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
             self.companions[group] = companion
         return group
