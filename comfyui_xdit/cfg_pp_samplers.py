@@ -30,14 +30,25 @@ def _sigma(t: torch.Tensor) -> torch.Tensor:
     return t.neg().exp()
 
 
+def _flow_half_log_snr(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma.logit().neg()
+
+
+def _eps_half_log_snr(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma.log().neg()
+
+
 def _euler_ancestral_cfg_pp(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int, state: State,
-                            noise: Noise, uncond: torch.Tensor, eta: float) -> tuple[torch.Tensor, State]:
-    """Steps toward the guided x0 along the unconditional noise direction, on flow alphas (1 - sigma)."""
+                            noise: Noise, uncond: torch.Tensor, eta: float,
+                            half_log_snr: Callable[[torch.Tensor], torch.Tensor] = _flow_half_log_snr
+                            ) -> tuple[torch.Tensor, State]:
+    """Steps toward the guided x0 along the unconditional noise direction, on the model's alphas (a flow
+    model's 1 - sigma by default; ``_eps_half_log_snr`` gives an EPS model's 1)."""
     s_noise = eta  # ComfyUI's euler_cfg_pp is this with eta 0 and s_noise 0
     if sigmas[i + 1] == 0:
         return denoised, None
-    alpha_s = sigmas[i] * sigmas[i].logit().neg().exp()
-    alpha_t = sigmas[i + 1] * sigmas[i + 1].logit().neg().exp()
+    alpha_s = sigmas[i] * half_log_snr(sigmas[i]).exp()
+    alpha_t = sigmas[i + 1] * half_log_snr(sigmas[i + 1]).exp()
     d = (x - alpha_s * uncond) / sigmas[i]
     sigma_down, sigma_up = ancestral_step(sigmas[i] / alpha_s, sigmas[i + 1] / alpha_t, eta)
     sigma_down = alpha_t * sigma_down
@@ -55,6 +66,17 @@ def euler_cfg_pp_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Ten
 def euler_ancestral_cfg_pp_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int, state: State,
                                 noise: Noise = None, uncond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
     return _euler_ancestral_cfg_pp(x, denoised, sigmas, i, state, noise, uncond, eta=1.0)
+
+
+def euler_cfg_pp_eps_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int, state: State,
+                          noise: Noise = None, uncond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
+    return _euler_ancestral_cfg_pp(x, denoised, sigmas, i, state, noise, uncond, 0.0, _eps_half_log_snr)
+
+
+def euler_ancestral_cfg_pp_eps_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+                                    state: State, noise: Noise = None,
+                                    uncond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
+    return _euler_ancestral_cfg_pp(x, denoised, sigmas, i, state, noise, uncond, 1.0, _eps_half_log_snr)
 
 
 def dpmpp_2m_cfg_pp_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int, state: State,
@@ -129,4 +151,6 @@ CFG_PP_STEPS = {"euler_cfg_pp": euler_cfg_pp_step, "euler_ancestral_cfg_pp": eul
                 "dpmpp_2m_cfg_pp": dpmpp_2m_cfg_pp_step, "res_multistep_cfg_pp": res_multistep_cfg_pp_step,
                 "res_multistep_ancestral_cfg_pp": res_multistep_ancestral_cfg_pp_step,
                 "gradient_estimation_cfg_pp": gradient_estimation_cfg_pp_step}
+# the CFG++ steps whose ComfyUI code asks for the model sampling type, in their EPS / v form
+CFG_PP_EPS_FORMS = {"euler_cfg_pp": euler_cfg_pp_eps_step, "euler_ancestral_cfg_pp": euler_ancestral_cfg_pp_eps_step}
 CFG_PP_NOISE = frozenset({"euler_ancestral_cfg_pp", "res_multistep_ancestral_cfg_pp"})  # default noise sampler

@@ -15,15 +15,22 @@ class Conditioning:
     """One prompt's conditioning: ComfyUI's ``[[context, {"pooled_output", "guidance"}]]`` as plain data.
 
     ``context``: (1 or B, L, joint_attention_dim) text-encoder (T5) tokens.
-    ``pooled``: (1 or B, pooled_projection_dim) pooled CLIP vector.
+    ``pooled``: (1 or B, pooled_projection_dim) pooled CLIP vector; families without one (PixArt, Qwen-Image)
+    take (1, 0), and None (a T5-only encoder's ``pooled_output``) becomes that.
     ``guidance``: Flux-dev's distilled guidance (the FluxGuidance node); ignored by schnell.
+    ``resolution`` / ``aspect_ratio``: the conditioning's ``height, width`` (pixels) and ``aspect_ratio``
+    (CLIPTextEncodePixArtAlpha sets the first), PixArt-alpha's micro-conditions; None: the latent's own.
     """
 
     context: torch.Tensor
-    pooled: torch.Tensor
+    pooled: Optional[torch.Tensor]
     guidance: Optional[float] = DEFAULT_FLUX_GUIDANCE
+    resolution: Optional[tuple[float, float]] = None  # (height, width) in image pixels
+    aspect_ratio: Optional[float] = None  # height / width by default
 
     def __post_init__(self) -> None:
+        if self.pooled is None:
+            object.__setattr__(self, "pooled", torch.zeros(1, 0))
         if self.context.ndim != 3:
             raise ValueError(f"conditioning context must be (batch, tokens, dim), got shape {tuple(self.context.shape)}")
         if self.pooled.ndim != 2:

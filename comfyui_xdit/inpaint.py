@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from .prediction import FLOW, Prediction
+
 
 @dataclass(frozen=True)
 class Inpaint:
@@ -22,18 +24,20 @@ class Inpaint:
     mask: torch.Tensor
     latent: torch.Tensor  # after process_latent_in
     noise: torch.Tensor
+    prediction: Prediction = FLOW  # the model's noise scaling re-noises the kept latent
 
     def to(self, device: torch.device) -> "Inpaint":
-        return Inpaint(self.mask.to(device), self.latent.to(device), self.noise.to(device))
+        return Inpaint(self.mask.to(device), self.latent.to(device), self.noise.to(device), self.prediction)
 
     def rows(self, start: int, stop: int) -> "Inpaint":
         """Images ``[start, stop)`` of the batch (a data group's chunk)."""
-        return Inpaint(self.mask[start:stop], self.latent[start:stop], self.noise[start:stop])
+        return Inpaint(self.mask[start:stop], self.latent[start:stop], self.noise[start:stop], self.prediction)
 
     def model_input(self, x: torch.Tensor, sigma: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """What the model sees for tokens ``[start, start + x.shape[1])``: CONST noise scaling of the kept latent."""
+        """What the sampler shows the model for tokens ``[start, start + x.shape[1])``: the model's noise
+        scaling of the kept latent where the mask is 0 (flow: sigma * noise + (1 - sigma) * latent)."""
         mask, latent, noise = (t[:, start:start + x.shape[1]] for t in (self.mask, self.latent, self.noise))
-        return x * mask + (sigma * noise + (1.0 - sigma) * latent) * (1.0 - mask)
+        return x * mask + self.prediction.noise_scaling(sigma, noise, latent) * (1.0 - mask)
 
     def model_output(self, denoised: torch.Tensor, start: int = 0) -> torch.Tensor:
         """The x0 prediction with the kept latent where the mask is 0."""
@@ -55,7 +59,7 @@ def mask_to_latent(noise_mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Te
 
 
 def build_inpaint(noise_mask: torch.Tensor, latent: torch.Tensor, noise: torch.Tensor,
-                  pack: Callable[[torch.Tensor], torch.Tensor]) -> Inpaint:
+                  pack: Callable[[torch.Tensor], torch.Tensor], prediction: Prediction = FLOW) -> Inpaint:
     """``latent`` (after process_latent_in) and ``noise`` in (B, C, H, W); ``pack`` makes tokens of them."""
     mask = mask_to_latent(noise_mask, tuple(latent.shape))
-    return Inpaint(mask=pack(mask), latent=pack(latent), noise=pack(noise))
+    return Inpaint(mask=pack(mask), latent=pack(latent), noise=pack(noise), prediction=prediction)

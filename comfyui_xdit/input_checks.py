@@ -17,7 +17,7 @@ from .conditioning import Conditioning
 from .models.families import ModelSpec, family_of
 
 FLUX_PATCH = 2  # latent pixels per token side (image pixels: 16), every 2-D family we run
-T5_WIDTHS = {4096: "T5-XXL"}
+TOKEN_WIDTHS = {4096: "T5-XXL", 3584: "Qwen2.5-VL-7B"}  # the token encoders of the families we run
 CLIP_WIDTHS = {768: "CLIP-L (SD1.5)", 1024: "OpenCLIP-H (SD2)", 1280: "CLIP-G", 2048: "CLIP-L + CLIP-G (SDXL)"}
 
 
@@ -58,6 +58,14 @@ FAMILY_INPUTS = {
                                "or the CLIP of an SD3/SD3.5 checkpoint",
                         "CLIP-L/G + T5-XXL tokens (width 4096), CLIP-L + CLIP-G pooled vector (width 2048)",
                         "the SD3 VAE (the checkpoint's)"),
+    "qwen-image": FamilyInputs("Qwen-Image", "CLIPLoader (type qwen_image, qwen_2.5_vl_7b) -> CLIPTextEncode",
+                               "Qwen2.5-VL-7B tokens (width 3584); no pooled vector",
+                               "the Qwen-Image VAE (qwen_image_vae.safetensors)"),
+    "pixart-alpha": FamilyInputs("PixArt-alpha", "CLIPLoader (type pixart, t5xxl) -> CLIPTextEncodePixArtAlpha (or "
+                                                 "CLIPTextEncode)", "T5-XXL tokens (width 4096); no pooled vector",
+                                 "the SD1.5 VAE (4 channels)"),
+    "pixart-sigma": FamilyInputs("PixArt-sigma", "CLIPLoader (type pixart, t5xxl) -> CLIPTextEncode",
+                                 "T5-XXL tokens (width 4096); no pooled vector", "the SDXL VAE (4 channels)"),
 }
 
 
@@ -88,11 +96,12 @@ def check_conditioning(cond: Conditioning, spec: ModelSpec, where: str, names: I
     title = family_of(spec).title
     width = cond.context.shape[-1]
     if width != spec.context_dim:
-        raise ValueError(f"{where}: text tokens have width {width}{_encoder_name(width, {**CLIP_WIDTHS, **T5_WIDTHS})}, "
+        known = {**CLIP_WIDTHS, **TOKEN_WIDTHS}
+        raise ValueError(f"{where}: text tokens have width {width}{_encoder_name(width, known)}, "
                          f"but this {title} model takes tokens of width {spec.context_dim}"
-                         f"{_encoder_name(spec.context_dim, T5_WIDTHS)}; {names.encoder_fix(spec.family)}")
+                         f"{_encoder_name(spec.context_dim, TOKEN_WIDTHS)}; {names.encoder_fix(spec.family)}")
     pooled = cond.pooled.shape[-1]
-    if pooled != spec.pooled_dim:
+    if spec.pooled_dim and pooled != spec.pooled_dim:  # pooled_dim 0: the model takes none and ignores any given
         raise ValueError(f"{where}: the pooled vector has width {pooled}{_encoder_name(pooled, CLIP_WIDTHS)}, but this "
                          f"{title} model takes a pooled vector of width {spec.pooled_dim}; "
                          f"{names.encoder_fix(spec.family)}")
@@ -124,6 +133,10 @@ def check_latent(latent: torch.Tensor, names: InputNames, spec: ModelSpec) -> No
     if side is not None and max(h, w) > side * FLUX_PATCH:
         raise ValueError(f"{names.latent}: image size {w * 8}x{h * 8} px is larger than this {title} model's position "
                          f"table ({side * FLUX_PATCH * 8} px a side); use a smaller width and height")
+    least = getattr(spec, "min_mean_side", None)  # PixArt: ComfyUI's position base size is 0 below it
+    if least is not None and (h + w) // 2 < least:
+        raise ValueError(f"{names.latent}: image size {w * 8}x{h * 8} px is too small for this {title} model: "
+                         f"(width + height) / 2 must be at least {least * 8} px; use a larger width and height")
 
 
 def check_inputs(spec: ModelSpec, latent: torch.Tensor, positive: Conditioning, negative: Optional[Conditioning],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 
@@ -28,3 +29,51 @@ class LatentFormat:
 
 FLUX_LATENT_FORMAT = LatentFormat(channels=16, scale_factor=0.3611, shift_factor=0.1159)
 SD3_LATENT_FORMAT = LatentFormat(channels=16, scale_factor=1.5305, shift_factor=0.0609)
+
+
+@dataclass(frozen=True)
+class PerChannelLatentFormat:
+    """A per-channel mean and std between LATENT and model space: ComfyUI's ``Wan21`` latent format
+    (Qwen-Image's), ``process_in = (x - mean) * scale / std``, ``process_out = x * std / scale + mean``,
+    in that order of operations. Works on (B, C, H, W) and (B, C, T, H, W) latents alike."""
+
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"a per-channel latent format needs {self.channels} means and stds, got "
+                             f"{len(self.mean)} and {len(self.std)}")
+
+    def _stats(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (C,) -> (1, C, 1, ...) broadcasting over the latent's batch and spatial axes
+        shape = (1, self.channels) + (1,) * (latent.ndim - 2)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(shape).to(latent.device, latent.dtype)
+        std = torch.tensor(self.std, dtype=torch.float32).view(shape).to(latent.device, latent.dtype)
+        return mean, std
+
+    def process_in(self, latent: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(latent)
+        return (latent - mean) * self.scale_factor / std
+
+    def process_out(self, latent: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(latent)
+        return latent * std / self.scale_factor + mean
+
+
+AnyLatentFormat = Union[LatentFormat, PerChannelLatentFormat]  # what an adapter's ``latent_format`` may be
+
+# ComfyUI's Wan21 format (comfy/latent_formats.py), which its QwenImage model uses.
+QWEN_IMAGE_LATENT_FORMAT = PerChannelLatentFormat(
+    channels=16,
+    mean=(-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+          0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921),
+    std=(2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+         3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160),
+)
+
+# ComfyUI's SD15 and SDXL formats (4 channels, scale only), which PixArt-alpha and PixArt-sigma use.
+SD15_LATENT_FORMAT = LatentFormat(channels=4, scale_factor=0.18215, shift_factor=0.0)
+SDXL_LATENT_FORMAT = LatentFormat(channels=4, scale_factor=0.13025, shift_factor=0.0)

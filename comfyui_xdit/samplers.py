@@ -10,14 +10,16 @@ operation on float32 0-dim sigma tensors, so the results match bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import numpy
 import torch
 
-from .cfg_pp_samplers import CFG_PP_NOISE, CFG_PP_STEPS, GE_GAMMA
+from .cfg_pp_samplers import CFG_PP_EPS_FORMS, CFG_PP_NOISE, CFG_PP_STEPS, GE_GAMMA
 from .dpm_fast_sampler import dpm_fast_functions
 from .multi_call_samplers import MULTI_CALL_SAMPLERS, ancestral_step, call_schedule, multi_call_step
+from .prediction import EPS, FLOW, Prediction
 from .sa_solver_sampler import SA_SOLVER_VARIANTS, PercentToSigma, sa_solver_functions
 from .uni_pc_sampler import UNI_PC_VARIANTS, uni_pc_functions
 
@@ -78,20 +80,22 @@ def euler_ancestral_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.
 
 
 def _dpmpp_2m_sde(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int, state: SamplerState,
-                  noise: StepNoise, solver: str) -> tuple[torch.Tensor, SamplerState]:
-    """ComfyUI's DPM-Solver++(2M) SDE for flow models (eta 1, half log-SNR log((1 - sigma) / sigma));
-    ``state`` holds the previous denoised prediction. ``sigmas`` start just below 1 (see
-    ``offset_first_sigma_for_snr``)."""
+                  noise: StepNoise, solver: str,
+                  half_log_snr: HalfLogSnr = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's DPM-Solver++(2M) SDE (eta 1) on ``half_log_snr`` (flow models' log((1 - sigma) / sigma) by
+    default, EPS models' -log sigma); ``state`` holds the previous denoised prediction. A flow model's
+    ``sigmas`` start just below 1 (see ``offset_first_sigma_for_snr``)."""
+    half_log_snr = half_log_snr or _half_log_snr
     eta, s_noise = 1.0, 1.0
     if sigmas[i + 1] == 0:
         return denoised, (denoised,)
-    lambda_s, lambda_t = _half_log_snr(sigmas[i]), _half_log_snr(sigmas[i + 1])
+    lambda_s, lambda_t = half_log_snr(sigmas[i]), half_log_snr(sigmas[i + 1])
     h = lambda_t - lambda_s
     h_eta = h * (eta + 1)
     alpha_t = sigmas[i + 1] * lambda_t.exp()
     x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
     if state is not None:
-        h_last = lambda_s - _half_log_snr(sigmas[i - 1])  # the previous step's h, computed as it was
+        h_last = lambda_s - half_log_snr(sigmas[i - 1])  # the previous step's h, computed as it was
         r = h_last / h
         if solver == "heun":
             x = x + alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * (denoised - state[0])
@@ -115,25 +119,30 @@ def _half_log_snr(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.logit().neg()  # log((1 - sigma) / sigma) for flow models
 
 
+HalfLogSnr = Optional[Callable[[torch.Tensor], torch.Tensor]]  # sigma -> log(alpha / sigma); None: flow's
+
+
 def dpmpp_3m_sde_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
-                      state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
-    """ComfyUI's DPM-Solver++(3M) SDE for flow models (eta 1); ``state`` holds the last two denoised
-    predictions, oldest first (the history before step i holds min(i, 2); see ``ipndm_step``)."""
+                      state: SamplerState, noise: StepNoise = None,
+                      half_log_snr: HalfLogSnr = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's DPM-Solver++(3M) SDE (eta 1) on ``half_log_snr`` (flow's by default); ``state`` holds the
+    last two denoised predictions, oldest first (the history before step i holds min(i, 2); see ``ipndm_step``)."""
+    half_log_snr = half_log_snr or _half_log_snr
     eta, s_noise = 1.0, 1.0
     history = (state or ())[:min(i, 2)]
     new_history = (*history, denoised)[-2:]
     if sigmas[i + 1] == 0:
         return denoised, new_history
-    lambda_s, lambda_t = _half_log_snr(sigmas[i]), _half_log_snr(sigmas[i + 1])
+    lambda_s, lambda_t = half_log_snr(sigmas[i]), half_log_snr(sigmas[i + 1])
     h = lambda_t - lambda_s
     h_eta = h * (eta + 1)
     alpha_t = sigmas[i + 1] * lambda_t.exp()
     x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
     if history:
-        h_1 = lambda_s - _half_log_snr(sigmas[i - 1])  # the previous steps' h, computed as they were
+        h_1 = lambda_s - half_log_snr(sigmas[i - 1])  # the previous steps' h, computed as they were
         phi_2 = h_eta.neg().expm1() / h_eta + 1
         if len(history) == 2:
-            h_2 = _half_log_snr(sigmas[i - 1]) - _half_log_snr(sigmas[i - 2])
+            h_2 = half_log_snr(sigmas[i - 1]) - half_log_snr(sigmas[i - 2])
             denoised_1, denoised_2 = history[-1], history[-2]
             r0, r1 = h_1 / h, h_2 / h
             d1_0 = (denoised - denoised_1) / r0
@@ -439,17 +448,19 @@ def _er_sde_noise_scaler(er_lambda: torch.Tensor) -> torch.Tensor:
 
 
 def er_sde_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
-                state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
-    """ComfyUI's ``er_sde`` (VP ER-SDE-Solver-3, arXiv 2309.06169) for flow models, on
-    ``er_lambda = sigma / (1 - sigma)`` (exp of minus the half log-SNR); ``state`` holds the last two
+                state: SamplerState, noise: StepNoise = None,
+                half_log_snr: HalfLogSnr = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``er_sde`` (VP ER-SDE-Solver-3, arXiv 2309.06169) on ``er_lambda`` = exp of minus the half
+    log-SNR (a flow model's sigma / (1 - sigma) by default; an EPS model's sigma); ``state`` holds the last two
     denoised predictions, oldest first (the history before step i holds min(i, 2); see ``ipndm_step``).
-    ``sigmas`` start just below 1 (see ``offset_first_sigma_for_snr``)."""
+    A flow model's ``sigmas`` start just below 1 (see ``offset_first_sigma_for_snr``)."""
+    half_log_snr = half_log_snr or _half_log_snr
     s_noise = 1.0
     history = (state or ())[:min(i, 2)]
     new_history = (*history, denoised)[-2:]
     if sigmas[i + 1] == 0:
         return denoised, new_history
-    er_lambdas = _half_log_snr(sigmas).neg().exp()  # the whole grid at once, as ComfyUI
+    er_lambdas = half_log_snr(sigmas).neg().exp()  # the whole grid at once, as ComfyUI
     stage = min(ER_SDE_STAGES, i + 1)
     er_lambda_s, er_lambda_t = er_lambdas[i], er_lambdas[i + 1]
     alpha_s = sigmas[i] / er_lambda_s
@@ -490,8 +501,68 @@ _SAMPLERS.update(CFG_PP_STEPS)
 _SAMPLERS.update({name: _SAMPLERS[base] for name, base in DEVICE_TREE_SAMPLERS.items() if base in _SAMPLERS})
 
 
-def sampler_step(name: str) -> SamplerStep:
-    """The step of a one-call sampler (model call ``i`` is step ``i``); see ``sampler_program`` for all."""
+# --- EPS / v models ------------------------------------------------------------------------------
+# ComfyUI's samplers are one code for every model but where they ask ``isinstance(model_sampling, CONST)``:
+# the *_RF variants, the half log-SNR, lcm's re-noise. Those with an EPS form here run on EPS / v models
+# (bit-equal to ComfyUI's non-CONST branch); the rest are refused for them (``check_sampler``).
+
+def euler_ancestral_eps_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+                             state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``euler_ancestral`` for EPS / v models (eta 1): Euler down to k-diffusion's ``sigma_down``,
+    then this step's noise times ``sigma_up``."""
+    eta, s_noise = 1.0, 1.0
+    sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+    if sigma_down == 0:
+        return denoised, None
+    d = (x - denoised) / sigmas[i]
+    dt = sigma_down - sigmas[i]
+    return x + d * dt + noise() * s_noise * sigma_up, None
+
+
+def lcm_eps_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,
+                 state: SamplerState, noise: StepNoise = None) -> tuple[torch.Tensor, SamplerState]:
+    """ComfyUI's ``lcm`` for EPS / v models: the x0 prediction re-noised with EPS noise scaling."""
+    sigma_next = sigmas[i + 1]
+    if sigma_next > 0:
+        return EPS.noise_scaling(sigma_next, noise(), denoised), None
+    return denoised, None
+
+
+# samplers whose ComfyUI code asks for the model sampling type, in their EPS / v form
+_EPS_FORMS: dict[str, SamplerStep] = {
+    "euler_ancestral": euler_ancestral_eps_step, "lcm": lcm_eps_step,
+    "dpmpp_2m_sde": partial(_dpmpp_2m_sde, solver="midpoint", half_log_snr=EPS.half_log_snr),
+    "dpmpp_2m_sde_heun": partial(_dpmpp_2m_sde, solver="heun", half_log_snr=EPS.half_log_snr),
+    "dpmpp_3m_sde": partial(dpmpp_3m_sde_step, half_log_snr=EPS.half_log_snr),
+    "er_sde": partial(er_sde_step, half_log_snr=EPS.half_log_snr),
+}
+_EPS_FORMS.update(CFG_PP_EPS_FORMS)
+_EPS_FORMS.update({name: _EPS_FORMS[base] for name, base in DEVICE_TREE_SAMPLERS.items() if base in _EPS_FORMS})
+# samplers that take a flow-only path in our code and have no EPS form here yet
+FLOW_ONLY_SAMPLERS = frozenset({"dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_sde_gpu", "seeds_2",
+                                "seeds_3", *SA_SOLVER_VARIANTS})
+
+
+def samplers_for(prediction: Prediction) -> tuple[str, ...]:
+    """The sampler names (in ComfyUI's order) that run, equal to ComfyUI, on a model of ``prediction``."""
+    if prediction.is_flow:
+        return SAMPLER_NAMES
+    return tuple(name for name in SAMPLER_NAMES if name not in FLOW_ONLY_SAMPLERS)
+
+
+def check_sampler(name: str, prediction: Prediction) -> None:
+    """``ValueError`` naming the samplers that work when ``name`` does not run on a ``prediction`` model."""
+    if name in SAMPLER_NAMES and name not in samplers_for(prediction):
+        raise ValueError(f"sampler {name!r} is not available for this {prediction.name.upper()}-prediction model "
+                         f"(xDiT has only its flow-model form); choose one of {', '.join(samplers_for(prediction))}")
+
+
+def sampler_step(name: str, prediction: Prediction = FLOW) -> SamplerStep:
+    """The step of a one-call sampler (model call ``i`` is step ``i``) for a ``prediction`` model; see
+    ``sampler_program`` for all."""
+    check_sampler(name, prediction)
+    if not prediction.is_flow and name in _EPS_FORMS:
+        return _EPS_FORMS[name]
     try:
         return _SAMPLERS[name]
     except KeyError:
@@ -538,10 +609,12 @@ class SamplerProgram:
 
 
 def sampler_program(name: str, sigmas: torch.Tensor,
-                    model_sampling: Optional[PercentToSigma] = None) -> SamplerProgram:
-    """``name``'s program over ``sigmas`` (the loop's: offset, UniPC's final 0.001); ``model_sampling`` (the
-    model's sigma table, with ``percent_to_sigma``) is read by the SA-Solvers only, for their stochastic
-    interval."""
+                    model_sampling: Optional[PercentToSigma] = None,
+                    prediction: Prediction = FLOW) -> SamplerProgram:
+    """``name``'s program over ``sigmas`` (the loop's: offset, UniPC's final 0.001) for a ``prediction``
+    model (``ValueError`` for a sampler it cannot run); ``model_sampling`` (the model's sigma table, with
+    ``percent_to_sigma``) is read by the SA-Solvers only, for their stochastic interval."""
+    check_sampler(name, prediction)
     needs_uncond = name in CFG_PP_SAMPLERS
     name = DEVICE_TREE_SAMPLERS.get(name, name)  # the same steps; only where the noise comes from differs
     if name in MULTI_CALL_SAMPLERS:
@@ -563,8 +636,8 @@ def sampler_program(name: str, sigmas: torch.Tensor,
         step, start = uni_pc_functions(name, sigmas)
         return SamplerProgram(step, sigmas[:steps], torch.stack([sigmas[:steps], sigmas[1:]], dim=1),
                               tuple(range(steps)), needs_uncond, start)
-    return SamplerProgram(sampler_step(name), sigmas[:steps], torch.stack([sigmas[:steps], sigmas[1:]], dim=1),
-                          tuple(range(steps)), needs_uncond)
+    return SamplerProgram(sampler_step(name, prediction), sigmas[:steps],
+                          torch.stack([sigmas[:steps], sigmas[1:]], dim=1), tuple(range(steps)), needs_uncond)
 
 
 def step_patch(step: SamplerStep, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int,

@@ -1,9 +1,10 @@
 """The sampling loop the engine owns, equal to ComfyUI's KSampler for the same seed.
 
 ``prepare_plan`` turns a request into noise, sigmas and the starting tokens exactly as ComfyUI does
-(``prepare_noise``, the scheduler, ``process_latent_in``, CONST noise scaling); ``denoised_from``
-applies CFG to the model's velocity; ``finish`` undoes the scaling back into a ComfyUI LATENT. The
-serial loop here and the parallel loops call the same pieces.
+(``prepare_noise``, the scheduler, ``process_latent_in``, the model's noise scaling); each model call
+sees ``plan.prediction.model_input`` of the tokens and ``denoised_from`` turns its output into an x0
+prediction (``prediction.py``: flow, EPS or v, as the adapter says); ``finish`` undoes the scaling back
+into a ComfyUI LATENT. The serial loop here and the parallel loops call the same pieces.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from .inpaint import Inpaint, build_inpaint
 from .models import packing
 from .models.adapter import Adapter
 from .noise import AncestralNoise, BatchRows, BrownianNoise, inpaint_noise, prepare_batch_noise
+from .prediction import FLOW, Prediction, max_denoise, prediction_of
 from .request import GenerationRequest
 from .samplers import (BROWNIAN_SAMPLERS, CFG_PP_SAMPLERS, DEVICE_TREE_SAMPLERS, DISCARD_PENULTIMATE_SIGMA_SAMPLERS, NOISE_SAMPLERS, SNR_OFFSET_SAMPLERS,
-                       SamplerProgram, SamplerState, SamplerStep, sampler_program)
+                       SamplerProgram, SamplerState, SamplerStep, check_sampler, sampler_program)
 from .uni_pc_sampler import UNI_PC_VARIANTS, uni_pc_sigmas
 from .sigmas import DiscreteFlowShift, FluxShift, ModelSampling, offset_first_sigma_for_snr, resolution_shift, sampling_sigmas
 
@@ -66,6 +68,7 @@ class SamplingPlan:
     brownian_span: Optional[torch.Tensor] = None  # SDE samplers: the schedule their Brownian tree spans
     brownian_on_device: bool = False  # the _gpu samplers: the tree on the model's device, not the CPU
     batch_rows: Optional[tuple[int, int]] = None  # a data group's plan: the rows [start, stop) of the batch it holds
+    prediction: Prediction = FLOW  # the model's: its input scaling and x0 from its output (prediction.py)
 
     def step_noise(self, device: torch.device) -> "Optional[AncestralNoise | BrownianNoise | BatchRows]":
         """The noise the sampler draws during sampling, on ``device`` as ComfyUI draws it (for the whole
@@ -120,6 +123,10 @@ class SamplingPlan:
 def model_sampling_for(adapter: Adapter, request: GenerationRequest) -> ModelSampling:
     if request.shift.mode == "default":
         return adapter.default_sampling()
+    prediction = prediction_of(adapter)
+    if not prediction.is_flow:
+        raise ValueError(f"sigma shift {request.shift.mode!r} is a flow-model sampling, but this model predicts "
+                         f"{prediction.name}; use the model's default sampling (no ModelSamplingFlux / SD3 node)")
     if request.shift.mode == "flux":
         return FluxShift(shift=request.shift.shift)
     if request.shift.mode == "discrete_flow":
@@ -140,6 +147,8 @@ def fix_empty_latent_channels(latent: torch.Tensor, channels: int) -> torch.Tens
 def prepare_plan(adapter: Adapter, request: GenerationRequest) -> SamplingPlan:
     latent = fix_empty_latent_channels(request.latent.float(), adapter.latent_format.channels)
     adapter.check_latent(latent)
+    prediction = prediction_of(adapter)
+    check_sampler(request.sampler, prediction)  # a flow-only sampler on an EPS model: refused before anything
     noise = prepare_batch_noise(latent, request.seed, request.batch_index)
     model_sampling = model_sampling_for(adapter, request)
     if request.sigmas is not None:  # SamplerCustom: the schedule as given
@@ -152,23 +161,24 @@ def prepare_plan(adapter: Adapter, request: GenerationRequest) -> SamplingPlan:
     inpaint = None
     if request.noise_mask is not None:  # ddim re-noises the kept latent with its own draw, as ComfyUI's
         kept_noise = inpaint_noise(latent.shape, request.seed) if request.sampler == "ddim" else noise
-        inpaint = build_inpaint(request.noise_mask, latent, kept_noise, adapter.pack)
-    if len(sigmas) > 0:
-        sigma0 = sigmas[0]
-        latent = sigma0 * noise + (1.0 - sigma0) * latent  # CONST noise scaling
+        inpaint = build_inpaint(request.noise_mask, latent, kept_noise, adapter.pack, prediction)
+    if len(sigmas) > 0:  # KSAMPLER's noise scaling, from the model's largest sigma or below it
+        latent = prediction.noise_scaling(sigmas[0], noise, latent,
+                                          max_denoise(float(model_sampling.table()[-1]), sigmas))
     _, _, h, w = latent.shape
     brownian = request.sampler in BROWNIAN_SAMPLERS
-    loop_sigmas = (offset_first_sigma_for_snr(sigmas, model_sampling) if request.sampler in SNR_OFFSET_SAMPLERS
-                   else sigmas)  # offset after noise scaling, as ComfyUI's samplers do
+    # flow models' SDE samplers start just below sigma 1 (offset after noise scaling, as ComfyUI's samplers do)
+    offset = request.sampler in SNR_OFFSET_SAMPLERS and prediction.is_flow
+    loop_sigmas = offset_first_sigma_for_snr(sigmas, model_sampling) if offset else sigmas
     if request.sampler in UNI_PC_VARIANTS:  # a final 0 becomes 0.001, which finish() then divides by as ComfyUI
         loop_sigmas = uni_pc_sigmas(loop_sigmas)
     return SamplingPlan(x=adapter.pack(latent), sigmas=loop_sigmas, image_ids=adapter.image_ids(h, w), height=h,
-                        width=w, program=sampler_program(request.sampler, loop_sigmas, model_sampling),
+                        width=w, program=sampler_program(request.sampler, loop_sigmas, model_sampling, prediction),
                         positive=request.positive,
                         negative=_negative_branch(request), cfg=request.cfg, inpaint=inpaint,
                         noise_seed=request.seed if request.sampler in NOISE_SAMPLERS | BROWNIAN_SAMPLERS else None,
                         latent_shape=tuple(latent.shape), brownian_span=sigmas if brownian else None,
-                        brownian_on_device=request.sampler in DEVICE_TREE_SAMPLERS)
+                        brownian_on_device=request.sampler in DEVICE_TREE_SAMPLERS, prediction=prediction)
 
 
 def _negative_branch(request: GenerationRequest) -> Optional[Conditioning]:
@@ -179,9 +189,11 @@ def _negative_branch(request: GenerationRequest) -> Optional[Conditioning]:
     return request.negative if request.uses_cfg else None
 
 
-def denoised_from(x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
-    """CONST ``calculate_denoised``: x0 = x - v * sigma."""
-    return x - velocity * sigma
+def denoised_from(x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor,
+                  prediction: Prediction = FLOW) -> torch.Tensor:
+    """ComfyUI's ``calculate_denoised`` for the model's ``prediction``: the x0 prediction from the model's
+    output at tokens ``x`` (what the sampler holds, before ``model_input``); flow: x0 = x - v * sigma."""
+    return prediction.denoised(x, sigma, velocity)
 
 
 def apply_cfg(cond: torch.Tensor, uncond: Optional[torch.Tensor], cfg: float) -> torch.Tensor:
@@ -194,7 +206,7 @@ def apply_cfg(cond: torch.Tensor, uncond: Optional[torch.Tensor], cfg: float) ->
 def finish(adapter: Adapter, plan: SamplingPlan, x: torch.Tensor) -> torch.Tensor:
     """Tokens (on any device) back into a ComfyUI LATENT on the CPU (inverse noise scaling, then
     ``process_latent_out``)."""
-    x = x.cpu() / (1.0 - plan.sigmas[-1])
+    x = plan.prediction.inverse_noise_scaling(plan.sigmas[-1], x.cpu())
     return adapter.latent_format.process_out(adapter.unpack(x.float(), plan.height, plan.width))
 
 
@@ -216,7 +228,7 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 
 def run_loop(adapter: Adapter, plan: SamplingPlan, velocity: VelocityFn, on_step: Optional[OnStep] = None,
              should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
-    """The whole-latent loop: ``velocity(x, sigma_batch, cond)`` per branch, CFG, one sampler step.
+    """The whole-latent loop: ``velocity(model_input, sigma_batch, cond)`` per branch, CFG, one sampler step.
 
     Serial sampling passes the adapter's forward; sequence/CFG parallel pass a velocity that shards
     and gathers. The tokens live on the model's device (sigmas stay 0-dim CPU scalars, which every
@@ -230,9 +242,11 @@ def run_loop(adapter: Adapter, plan: SamplingPlan, velocity: VelocityFn, on_step
         check_stop(should_stop, i)
         sigma = plan.call_sigmas[i]
         sigma_batch = sigma * x.new_ones(batch)
-        seen = inpaint.model_input(x, sigma) if inpaint is not None else x  # what the model sees
-        cond = denoised_from(seen, sigma, velocity(seen, sigma_batch, plan.positive))
-        uncond = denoised_from(seen, sigma, velocity(seen, sigma_batch, plan.negative)) if plan.negative else None
+        seen = inpaint.model_input(x, sigma) if inpaint is not None else x  # what the sampler shows the model
+        model_in = plan.prediction.model_input(seen, sigma)  # EPS: scaled to unit variance
+        cond = denoised_from(seen, sigma, velocity(model_in, sigma_batch, plan.positive), plan.prediction)
+        uncond = (denoised_from(seen, sigma, velocity(model_in, sigma_batch, plan.negative), plan.prediction)
+                  if plan.negative else None)
         denoised = apply_cfg(cond, uncond, plan.cfg)
         if inpaint is not None:
             denoised = inpaint.model_output(denoised)

@@ -1,9 +1,11 @@
-"""Noise levels (sigmas) for flow-matching DiTs, computed exactly as ComfyUI computes them.
+"""Noise levels (sigmas) for DiTs, computed exactly as ComfyUI computes them.
 
-Two model-sampling tables exist for Flux in ComfyUI:
+Model-sampling tables, as ComfyUI's:
 - ``FluxShift`` (ComfyUI's ``ModelSamplingFlux``): flux-dev files, constant shift 1.15 by default, or
   the resolution-dependent shift of the ModelSamplingFlux node;
-- ``DiscreteFlowShift`` (``ModelSamplingDiscreteFlow``): flux-schnell files, shift 1.0, multiplier 1.0.
+- ``DiscreteFlowShift`` (``ModelSamplingDiscreteFlow``): flux-schnell files, shift 1.0, multiplier 1.0;
+  SD3, shift 3.0, multiplier 1000;
+- ``DiscreteSchedule`` (``ModelSamplingDiscrete``): the DDPM beta schedules of EPS / v models (PixArt).
 Schedulers turn a table into ``steps + 1`` sigmas ending in 0. Every formula keeps ComfyUI's float32
 tensor arithmetic and order of operations so the numbers match bit for bit.
 """
@@ -77,7 +79,67 @@ class DiscreteFlowShift:
                                       else self.shift * t / (1 + (self.shift - 1) * t))
 
 
-ModelSampling = Union[FluxShift, DiscreteFlowShift]
+BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
+
+
+def beta_schedule(schedule: str, timesteps: int, linear_start: float, linear_end: float,
+                  cosine_s: float = 8e-3) -> torch.Tensor:
+    """ComfyUI's ``make_beta_schedule``: (timesteps,) float64 betas."""
+    if schedule == "linear":
+        return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+    if schedule == "cosine":
+        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + cosine_s
+        alphas = torch.cos(steps / (1 + cosine_s) * numpy.pi / 2).pow(2)
+        alphas = alphas / alphas[0]
+        return torch.clamp(1 - alphas[1:] / alphas[:-1], min=0, max=0.999)
+    if schedule == "sqrt_linear":
+        return torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64)
+    if schedule == "sqrt":
+        return torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64) ** 0.5
+    raise ValueError(f"unknown beta schedule {schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+
+
+@dataclass(frozen=True)
+class DiscreteSchedule:
+    """ComfyUI ``ModelSamplingDiscrete``: sigma_t = sqrt((1 - alphabar_t) / alphabar_t) of a DDPM beta
+    schedule, ``timesteps`` entries (sigma_min first); timestep(sigma) is the nearest entry in log sigma,
+    sigma(t) interpolates log sigma linearly between entries."""
+
+    beta_schedule: str = "linear"
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
+
+    def _sigmas64(self) -> torch.Tensor:
+        betas = beta_schedule(self.beta_schedule, self.timesteps, self.linear_start, self.linear_end)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # (timesteps,) float64
+
+    def table(self) -> torch.Tensor:
+        return self._sigmas64().float()
+
+    def log_table(self) -> torch.Tensor:
+        return self._sigmas64().log().float()  # the log in float64, as ComfyUI's set_sigmas
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        dists = sigma.log() - self.log_table()[:, None]  # (timesteps, *sigma)
+        return dists.abs().argmin(dim=0).view(sigma.shape)
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        log_sigmas = self.log_table()
+        t = torch.clamp(timestep.float(), min=0, max=(len(log_sigmas) - 1))
+        low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
+        return ((1 - w) * log_sigmas[low_idx] + w * log_sigmas[high_idx]).exp()
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        return self.sigma(torch.tensor((1.0 - percent) * 999.0)).item()
+
+
+ModelSampling = Union[FluxShift, DiscreteFlowShift, DiscreteSchedule]
 
 
 def resolution_shift(max_shift: float, base_shift: float, width: int, height: int) -> float:

@@ -29,12 +29,11 @@ def to_conditioning(value: Any, name: str) -> Conditioning:
     if used:
         raise ValueError(f"{name}: conditioning carries {', '.join(used)}, which xDiT Sampler does not support yet; "
                          "use the stock KSampler for area/mask/ControlNet/reference conditioning")
-    pooled = extras.get("pooled_output")
-    if pooled is None:
-        raise ValueError(f"{name}: conditioning has no pooled_output; encode the prompt with a Flux CLIP "
-                         "(DualCLIPLoader type flux + CLIPTextEncode)")
+    pooled = extras.get("pooled_output")  # None from text encoders without one (Qwen-Image's, PixArt's T5):
+    # the family's input check then says whether the model needs one, naming its text encoder
     guidance = extras.get("guidance", DEFAULT_FLUX_GUIDANCE)
-    return Conditioning(context=context.detach().float().cpu(), pooled=pooled.detach().float().cpu(),
+    return Conditioning(context=context.detach().float().cpu(),
+                        pooled=None if pooled is None else pooled.detach().float().cpu(),
                         guidance=None if guidance is None else float(guidance))
 
 
@@ -43,8 +42,11 @@ def to_latent_tensor(latent: dict) -> torch.Tensor:
     if not isinstance(latent, dict) or "samples" not in latent:
         raise ValueError("latent_image: expected a LATENT (from EmptySD3LatentImage or VAEEncode)")
     samples = latent["samples"]
+    if samples.ndim == 5 and samples.shape[2] == 1:  # (B, C, 1, H, W): an image in a video VAE's latent (Qwen-Image)
+        samples = samples[:, :, 0]
     if samples.ndim != 4:
-        raise ValueError(f"latent_image must be an image latent (B, C, H, W), got shape {tuple(samples.shape)}")
+        raise ValueError(f"latent_image must be an image latent (B, C, H, W) or (B, C, 1, H, W), got shape "
+                         f"{tuple(samples.shape)}; video latents are not sampled by the xDiT nodes yet")
     return samples.detach().float().cpu()
 
 
@@ -60,10 +62,12 @@ def latent_batch_index(latent: dict) -> Optional[tuple[int, ...]]:
     return None if index is None else tuple(int(i) for i in index)
 
 
-def to_latent_output(latent_in: dict, samples: torch.Tensor) -> dict:
-    """Like KSampler: a copy of the input LATENT dict with new ``samples`` (the input is not mutated)."""
+def to_latent_output(latent_in: dict, samples: torch.Tensor, latent_dimensions: int = 2) -> dict:
+    """Like KSampler: a copy of the input LATENT dict with new ``samples`` (the input is not mutated). A
+    family whose latent format has a time axis (``latent_dimensions`` 3: Qwen-Image's Wan VAE) gets
+    (B, C, 1, H, W), as KSampler returns for it."""
     out = latent_in.copy()
-    out["samples"] = samples
+    out["samples"] = samples.unsqueeze(2) if latent_dimensions == 3 and samples.ndim == 4 else samples
     return out
 
 

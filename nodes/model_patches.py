@@ -14,7 +14,7 @@ PREFIX = "diffusion_model."
 
 
 # ComfyUI's model classes (comfy/model_base.py) whose weights we run, and our family for each.
-COMFY_MODEL_FAMILIES = {"Flux": "flux", "SD3": "sd3"}
+COMFY_MODEL_FAMILIES = {"Flux": "flux", "SD3": "sd3", "QwenImage": "qwen-image", "PixArtAlpha": "pixart-alpha", "PixArtSigma": "pixart-sigma"}
 
 
 def check_family(model: Any) -> str:

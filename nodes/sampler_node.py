@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from comfyui_xdit.environment import require_environment
 
 from comfyui_xdit.input_checks import NODE_INPUTS, check_inputs
+from comfyui_xdit.models.families import family_of
 from comfyui_xdit.request import GenerationRequest, SigmaShift
 from comfyui_xdit.samplers import SAMPLER_NAMES
 from comfyui_xdit.sigmas import SCHEDULER_NAMES
@@ -100,4 +101,4 @@ class XDiTSampler(io.ComfyNode):
         job = registry().get(model.pool).submit(request)
         progress = ComfyProgress(total=request.sampling_steps)
         samples = drive_job(job, progress)
-        return io.NodeOutput(to_latent_output(latent_image, samples))
+        return io.NodeOutput(to_latent_output(latent_image, samples, family_of(model.spec).latent_dimensions))

@@ -70,13 +70,15 @@ def _die_with_parent() -> None:
         pass
 
 
-# Stock-loadable tiny files of the families after Flux: file name -> tiny model name (models/families.py).
-FAMILY_FILES = {"sd3-tiny.safetensors": "sd3"}
+# Stock-loadable tiny files of the families after Flux: file name -> (tiny model name (models/families.py),
+# stored dtype). Qwen-Image's is the smallest stock ComfyUI loads (one full-width block, ~0.8 GB in bf16).
+FAMILY_FILES = {"sd3-tiny.safetensors": ("sd3", "float32"),
+                "qwen-image-min.safetensors": ("qwen-image-comfy-min", "bfloat16")}
 
 
 def write_model(models_dir: Path) -> Path:
     """The smallest Flux stock ComfyUI loads (random, seeded, bf16, ~1.1 GB) and the tiny files of the
-    other families (``FAMILY_FILES``, fp32, a few MB); each written once per folder."""
+    other families (``FAMILY_FILES``); each written once per folder."""
     import torch
 
     from comfyui_xdit.models.families import TINY_SPECS, write_random_model
@@ -85,7 +87,8 @@ def write_model(models_dir: Path) -> Path:
     folder = models_dir / "diffusion_models"
     folder.mkdir(parents=True, exist_ok=True)
     for name, spec, dtype in [(MODEL_NAME, COMFY_MIN_FLUX, torch.bfloat16),
-                              *((file, TINY_SPECS[tiny], torch.float32) for file, tiny in FAMILY_FILES.items())]:
+                              *((file, TINY_SPECS[tiny], getattr(torch, dtype))
+                                for file, (tiny, dtype) in FAMILY_FILES.items())]:
         target = folder / name
         if not target.exists():
             partial = target.with_suffix(".partial")

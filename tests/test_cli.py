@@ -22,7 +22,7 @@ def _cli(*args, check=True):
     return result
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwen-image"])
 def test_make_tiny_then_generate_from_file_equals_builtin(tmp_path, family):
     model = tmp_path / "tiny.safetensors"
     _cli("make-tiny", family, str(model))

@@ -14,14 +14,17 @@ from test_comfy_nodes import relative_error, save, saved_latent
 SIZE = 128  # px: 16x16 latent, 64 tokens
 STEPS = 4
 PAIRS = {"euler-simple": ("euler", "simple", 3.0), "dpmpp2m-karras": ("dpmpp_2m", "karras", 4.5)}
-FAMILIES = {  # file -> (conditioning widths (tokens, pooled), the family's model-sampling node and its inputs)
-    "sd3-tiny.safetensors": ((64, 32), ("ModelSamplingSD3", {"shift": 5.0})),
+FAMILIES = {  # file -> (conditioning widths (tokens, pooled), the family's model-sampling node and its inputs,
+    # whether Ulysses 2 runs here too: not for the full-width Qwen-Image block, whose layouts are tested in
+    # process in test_family_parallel.py, to keep two ranks of it out of the host's memory)
+    "sd3-tiny.safetensors": ((64, 32), ("ModelSamplingSD3", {"shift": 5.0}), True),
+    "qwen-image-min.safetensors": ((3584, 1), ("ModelSamplingAuraFlow", {"shift": 3.1}), False),
 }
 assert set(FAMILIES) == set(FAMILY_FILES)  # every stock-loadable family file is tested here
 
 
 def family_prompt(file: str) -> dict:
-    (width, pooled), (sampling_node, sampling_inputs) = FAMILIES[file]
+    (width, pooled), (sampling_node, sampling_inputs), with_ulysses = FAMILIES[file]
     cond = {"tokens": 8, "guidance": 0.0, "width": width, "pooled_width": pooled}
     prompt = {
         "pos": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 1, **cond}},
@@ -35,7 +38,7 @@ def family_prompt(file: str) -> dict:
                                       "ulysses_degree": 1, "ring_degree": 1, "pipefusion_degree": 1,
                                       "num_patches": 0, "warmup_steps": 1, "cfg_parallel": False}},
     }
-    for layout, ulysses in (("serial", 1), ("ulysses2", 2)):
+    for layout, ulysses in (("serial", 1), ("ulysses2", 2))[:2 if with_ulysses else 1]:
         prompt[f"load_{layout}"] = {"class_type": "XDiTLoadModel", "inputs": {
             "pool": ["pool", 0], "unet_name": file, "weight_dtype": "default", "ulysses_degree": ulysses,
             "ring_degree": 1, "pipefusion_degree": 1, "num_patches": 0, "warmup_steps": 1, "cfg_parallel": False}}
@@ -57,8 +60,9 @@ def family_prompt(file: str) -> dict:
         prompt[f"save_xdit_{pair}"] = save(f"xs_{pair}", f"xdit_{pair}")
     prompt["ks_sampling"] = {"class_type": "KSampler", "inputs": {"model": ["sampling", 0], **settings("euler-simple")}}
     prompt["save_stock_sampling"] = save("ks_sampling", "stock_sampling")
-    prompt["xs_ulysses2"] = xdit("load_ulysses2", "euler-simple")
-    prompt["save_xdit_ulysses2"] = save("xs_ulysses2", "xdit_ulysses2")
+    if with_ulysses:
+        prompt["xs_ulysses2"] = xdit("load_ulysses2", "euler-simple")
+        prompt["save_xdit_ulysses2"] = save("xs_ulysses2", "xdit_ulysses2")
     prompt["xs_parallel_model"] = xdit("parallel_model", "euler-simple")
     prompt["save_xdit_parallel_model"] = save("xs_parallel_model", "xdit_parallel_model")
     return prompt
@@ -69,7 +73,7 @@ def family_run(request, comfy_host: ComfyHost):
     with comfy_host.connect() as ws:
         result = ws.run(family_prompt(request.param), timeout=600)
     assert result.succeeded, result.describe() + "\n" + comfy_host.log_tail()
-    return comfy_host, result.of_type("executed")
+    return comfy_host, result.of_type("executed"), request.param
 
 
 CHECKS = {"euler-simple": ("stock_euler-simple", "xdit_euler-simple"),
@@ -78,20 +82,24 @@ CHECKS = {"euler-simple": ("stock_euler-simple", "xdit_euler-simple"),
           "parallel-model-with-model-sampling": ("stock_sampling", "xdit_parallel_model")}
 
 
-@pytest.mark.parametrize("check", sorted(CHECKS))
-def test_xdit_nodes_equal_stock_ksampler(family_run, check: str) -> None:
-    host, executed = family_run
-    stock, ours = CHECKS[check]
-    reference = saved_latent(host, executed, f"save_{stock}")
-    latent = saved_latent(host, executed, f"save_{ours}")
-    assert latent.shape == reference.shape == (1, 16, SIZE // 8, SIZE // 8)
-    assert torch.isfinite(latent).all()
-    assert relative_error(latent, reference) < 1e-3, check
+def test_xdit_nodes_equal_stock_ksampler(family_run) -> None:
+    host, executed, file = family_run
+    errors = {}
+    for check, (stock, ours) in CHECKS.items():
+        if check == "ulysses2" and not FAMILIES[file][2]:
+            continue
+        reference = saved_latent(host, executed, f"save_{stock}")
+        latent = saved_latent(host, executed, f"save_{ours}")
+        assert latent.shape == reference.shape and latent.shape[-2:] == (SIZE // 8, SIZE // 8), check
+        assert torch.isfinite(latent).all(), check
+        errors[check] = relative_error(latent, reference)
+    print(f"{file}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    assert all(error < 1e-3 for error in errors.values()), errors
 
 
 def test_the_model_sampling_node_changes_the_picture(family_run) -> None:
     """So the ModelSampling parity above really tells the shifts apart."""
-    host, executed = family_run
+    host, executed, _ = family_run
     plain = saved_latent(host, executed, "save_stock_euler-simple")
     shifted = saved_latent(host, executed, "save_stock_sampling")
     assert relative_error(plain, shifted) > 1e-2

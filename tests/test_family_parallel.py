@@ -24,8 +24,11 @@ from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit.sampling import finish, prepare_plan
 
-FAMILY_MODELS = ["tiny:sd3"]  # 4 heads, 4 blocks
+FAMILY_MODELS = ["tiny:sd3", "tiny:qwen-image"]  # each 4 heads, 4 blocks: every layout below fits
+FAMILY_MODELS += ["tiny:pixart-sigma"]  # 16 heads, 4 blocks; EPS, text by cross-attention
 LATENT = 16  # 16x16 latent -> 64 image tokens
+# PixArt's smallest size is larger (ComfyUI's position base size needs (h + w) / 2 >= 33): 32x40 -> 320 tokens
+LATENTS = {"tiny:pixart-sigma": (32, 40)}
 STEPS = 3
 P = ParallelConfig
 
@@ -42,10 +45,14 @@ LAYOUTS = {  # (config, sampler); warm-up = steps unless the config says otherwi
 }
 
 
+def latent_size(model: str) -> tuple[int, int]:
+    return LATENTS.get(model, (LATENT, LATENT))
+
+
 def request(model: str, parallel: ParallelConfig, sampler: str) -> GenerationRequest:
     ref = ModelRef(model)
     positive, negative = tiny_conditioning(ref, seed=3)
-    return GenerationRequest(model=ref, latent=torch.zeros(1, 16, LATENT, LATENT), positive=positive,
+    return GenerationRequest(model=ref, latent=torch.zeros(1, 16, *latent_size(model)), positive=positive,
                              negative=negative, seed=7, steps=STEPS, cfg=2.5, sampler=sampler, parallel=parallel)
 
 
@@ -89,7 +96,8 @@ def test_every_mode_equals_serial_or_its_reference(model: str, world: int) -> No
 def test_layouts_that_cannot_work_are_refused_naming_one_that_does(model: str) -> None:
     spec = model_spec(ModelRef(model))
     heads, blocks = spec.num_attention_heads, spec.num_blocks
-    tokens = (LATENT // 2) ** 2
+    height, width = latent_size(model)
+    tokens = (height // 2) * (width // 2)
     with pytest.raises(ValueError, match=rf"{heads}"):
         P(ulysses_degree=heads * 2).validate_for(heads * 2, heads, tokens, 2.5, num_blocks=blocks)
     with pytest.raises(ValueError, match=rf"{blocks}"):

@@ -57,7 +57,7 @@ def test_not_a_family_we_run_names_what_was_found(tmp_path):
     path = tmp_path / "sd15.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
                "first_stage_model.decoder.conv_in.weight": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(ValueError, match=r"not a diffusion transformer we run \(Flux, SD3/SD3.5\).*SD1.5/SDXL UNet"):
+    with pytest.raises(ValueError, match=r"not a diffusion transformer we run \(Flux, SD3/SD3.5, Qwen-Image[^)]*\).*SD1.5/SDXL UNet"):
         load_model(ModelRef(str(path)))
     other = tmp_path / "other.safetensors"
     save_file({"model.diffusion_model.some.weight": torch.zeros(2, 2)}, str(other))

@@ -35,12 +35,34 @@ def test_conditioning_conversion() -> None:
 @pytest.mark.parametrize("value, words", [
     (flux_cond() + flux_cond(), "one conditioning entry"),
     (flux_cond(area=(8, 8, 0, 0)), "area"),
-    ([[torch.randn(1, 8, 4096), {}]], "pooled_output"),
     ("text", "CONDITIONING"),
 ])
 def test_conditioning_refused_with_the_fix(value, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         convert.to_conditioning(value, "positive")
+
+
+def test_conditioning_without_a_pooled_vector_is_the_familys_to_judge() -> None:
+    """Qwen-Image's and PixArt's text encoders give no pooled_output; a Flux model then says which encoder."""
+    from comfyui_xdit.input_checks import NODE_INPUTS, check_inputs
+    from comfyui_xdit.models.families import TINY_SPECS
+
+    cond = convert.to_conditioning([[torch.randn(1, 8, 64), {}]], "positive")
+    assert cond.pooled.shape == (1, 0)
+    check_inputs(TINY_SPECS["qwen-image"], torch.zeros(1, 16, 8, 8), cond, None, NODE_INPUTS)
+    with pytest.raises(ValueError, match="pooled vector has width 0.*DualCLIPLoader"):
+        check_inputs(TINY_SPECS["flux"], torch.zeros(1, 16, 8, 8), cond, None, NODE_INPUTS)
+
+
+def test_a_time_axis_of_one_frame_comes_off_and_back_on() -> None:
+    """Qwen-Image's LATENT (Wan VAE) is (B, C, 1, H, W): sampled as an image, returned as KSampler returns it."""
+    latent = {"samples": torch.zeros(1, 16, 1, 8, 8)}
+    assert convert.to_latent_tensor(latent).shape == (1, 16, 8, 8)
+    assert convert.to_latent_output(latent, torch.ones(1, 16, 8, 8), latent_dimensions=3)["samples"].shape == \
+        (1, 16, 1, 8, 8)
+    assert convert.to_latent_output(latent, torch.ones(1, 16, 8, 8))["samples"].shape == (1, 16, 8, 8)
+    with pytest.raises(ValueError, match="video latents"):
+        convert.to_latent_tensor({"samples": torch.zeros(1, 16, 5, 8, 8)})
 
 
 def test_latent_conversion_keeps_the_input_untouched() -> None:

@@ -15,16 +15,18 @@ import torch
 
 from ..attention import AttentionSeam
 from ..conditioning import Conditioning
-from ..latent_format import LatentFormat
+from ..latent_format import AnyLatentFormat
+from ..prediction import Prediction
 from ..sigmas import ModelSampling
 
 
 class Adapter(Protocol):
     family: str
-    latent_format: LatentFormat
+    latent_format: AnyLatentFormat  # process_in / process_out on (B, C, H, W) and ``channels``
     seam: AttentionSeam
     blocks: list[torch.nn.Module]
     spec: Any
+    prediction: Prediction  # flow / eps / v: the model's input scaling and x0 from its output (prediction.py)
 
     @property
     def dtype(self) -> torch.dtype: ...

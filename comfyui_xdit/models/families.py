@@ -16,10 +16,10 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from safetensors.torch import save_file
 
-from . import flux_checkpoint, sd3_checkpoint
+from . import flux_checkpoint, pixart_checkpoint, qwen_image_checkpoint, sd3_checkpoint
 from .checkpoint_file import read_shapes
 
-ModelSpec = Any  # FluxSpec | SD3Spec: frozen dataclasses with the properties listed above
+ModelSpec = Any  # FluxSpec | SD3Spec | QwenImageSpec: frozen dataclasses with the properties listed above
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Family:
     block_index: Callable[[str, ModelSpec], Optional[int]]  # file key -> adapter block (None: shared tensor)
     random_state: Callable[[ModelSpec, int, torch.dtype], dict[str, torch.Tensor]]
     adapter: Callable[[], type]  # the adapter class (imported lazily: diffusers loads slowly)
+    latent_dimensions: int = 2  # 3: ComfyUI's LATENT has a time axis (B, C, 1, H, W) for this family's images
 
 
 def _flux_adapter() -> type:
@@ -45,6 +46,16 @@ def _sd3_adapter() -> type:
     return SD3Adapter
 
 
+def _pixart_adapter() -> type:
+    from .pixart import PixArtAdapter
+    return PixArtAdapter
+
+
+def _qwen_image_adapter() -> type:
+    from .qwen_image import QwenImageAdapter
+    return QwenImageAdapter
+
+
 FLUX = Family(id="flux", title="Flux", marker_key="double_blocks.0.img_attn.qkv.weight",
               infer_spec=flux_checkpoint.infer_flux_spec,
               block_index=lambda key, spec: flux_checkpoint.block_index(key, spec.num_layers),
@@ -52,15 +63,30 @@ FLUX = Family(id="flux", title="Flux", marker_key="double_blocks.0.img_attn.qkv.
 SD3 = Family(id="sd3", title="SD3/SD3.5", marker_key=sd3_checkpoint.MARKER_KEY,
              infer_spec=sd3_checkpoint.infer_sd3_spec, block_index=sd3_checkpoint.block_index,
              random_state=sd3_checkpoint.random_mmdit_state, adapter=_sd3_adapter)
-FAMILIES: tuple[Family, ...] = (FLUX, SD3)
+QWEN_IMAGE = Family(id="qwen-image", title="Qwen-Image", marker_key=qwen_image_checkpoint.MARKER_KEY,
+                    infer_spec=qwen_image_checkpoint.infer_qwen_image_spec,
+                    block_index=qwen_image_checkpoint.block_index,
+                    random_state=qwen_image_checkpoint.random_qwen_image_state, adapter=_qwen_image_adapter,
+                    latent_dimensions=3)  # ComfyUI's Wan21 latent format
+# PixArt: both have t_block; alpha's files also the micro-condition embedders (as ComfyUI tells them apart),
+# so alpha is asked first
+PIXART_ALPHA = Family(id="pixart-alpha", title="PixArt-alpha", marker_key=pixart_checkpoint.ALPHA_MARKER_KEY,
+                      infer_spec=pixart_checkpoint.infer_pixart_spec, block_index=pixart_checkpoint.block_index,
+                      random_state=pixart_checkpoint.random_pixart_state, adapter=_pixart_adapter)
+PIXART_SIGMA = Family(id="pixart-sigma", title="PixArt-sigma", marker_key=pixart_checkpoint.MARKER_KEY,
+                      infer_spec=pixart_checkpoint.infer_pixart_spec, block_index=pixart_checkpoint.block_index,
+                      random_state=pixart_checkpoint.random_pixart_state, adapter=_pixart_adapter)
+FAMILIES: tuple[Family, ...] = (FLUX, SD3, QWEN_IMAGE, PIXART_ALPHA, PIXART_SIGMA)
 
 # Built-in random-weight models: name -> spec (``spec.family`` says whose).
-TINY_SPECS: Mapping[str, ModelSpec] = {**flux_checkpoint.NAMED_SPECS, **sd3_checkpoint.NAMED_SD3_SPECS}
+TINY_SPECS: Mapping[str, ModelSpec] = {**flux_checkpoint.NAMED_SPECS, **sd3_checkpoint.NAMED_SD3_SPECS,
+                                       **qwen_image_checkpoint.NAMED_QWEN_IMAGE_SPECS,
+                                       **pixart_checkpoint.NAMED_PIXART_SPECS}
 
 # Families ComfyUI runs that we do not yet, by a key their files have: for the refusal message.
 _NOT_YET = {"adaln_single.linear.weight": "PixArt (diffusers layout)", "t_block.1.weight": "PixArt",
             "extra_embedder.0.weight": "HunyuanDiT", "mlp_t5.0.weight": "HunyuanDiT",
-            "txt_norm.weight": "Qwen-Image", "img_in.weight": "Qwen-Image or another DiT",
+            "img_in.weight": "another DiT (HunyuanVideo, Chroma, HiDream, ...)",
             "patch_embedding.weight": "Wan", "input_blocks.0.0.weight": "an SD1.5/SDXL UNet",
             "txt_in.individual_token_refiner.blocks.0.norm1.weight": "HunyuanVideo"}
 
@@ -85,7 +111,8 @@ def detect_family(keys: Mapping[str, Any], source: str = "checkpoint") -> Family
     shown = ", ".join(sorted(keys)[:5])
     what = f"it looks like {looks}, which the xDiT nodes do not run yet" if looks else f"found {len(keys)} tensors ({shown}, ...)"
     raise ValueError(f"{source} is not a diffusion transformer we run ({', '.join(f.title for f in FAMILIES)}): "
-                     f"{what}; pick a Flux or SD3/SD3.5 file from models/diffusion_models (or a checkpoint holding one)")
+                     f"{what}; pick a Flux, SD3/SD3.5 or Qwen-Image file from models/diffusion_models (or a checkpoint "
+                     f"holding one)")
 
 
 def infer_spec(state: Mapping[str, Any], source: str = "checkpoint") -> ModelSpec:

@@ -22,6 +22,7 @@ from ..conditioning import Conditioning
 from ..latent_format import FLUX_LATENT_FORMAT, LatentFormat
 from . import packing
 from .absent_block import AbsentBlock
+from ..prediction import FLOW, Prediction
 from ..sigmas import DiscreteFlowShift, FluxShift, ModelSampling
 from .flux_checkpoint import (FluxSpec, bfl_to_diffusers, in_blocks, infer_flux_spec, read_checkpoint, read_flux_spec,
                               stage_state, with_placeholders)
@@ -102,6 +103,7 @@ class FluxAdapter:
 
     family = "flux"
     latent_format: LatentFormat = FLUX_LATENT_FORMAT
+    prediction: Prediction = FLOW
 
     def __init__(self, transformer: FluxTransformer2DModel, spec: FluxSpec,
                  present: Optional[tuple[int, int]] = None) -> None:

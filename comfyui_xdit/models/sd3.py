@@ -27,6 +27,7 @@ from . import packing
 from ..attention import AttentionSeam
 from ..conditioning import Conditioning
 from ..latent_format import SD3_LATENT_FORMAT, LatentFormat
+from ..prediction import FLOW, Prediction
 from ..sigmas import DiscreteFlowShift, ModelSampling
 from .absent_block import AbsentBlock
 from .checkpoint_file import read_checkpoint, read_shapes
@@ -100,6 +101,7 @@ class SD3Adapter:
 
     family = "sd3"
     latent_format: LatentFormat = SD3_LATENT_FORMAT
+    prediction: Prediction = FLOW
 
     def __init__(self, transformer: SD3Transformer2DModel, spec: SD3Spec,
                  present: Optional[tuple[int, int]] = None) -> None:

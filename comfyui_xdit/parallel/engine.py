@@ -111,15 +111,16 @@ class ParallelEngine:
             self._check_stop(should_stop, i, x.device)
             sigma = plan.call_sigmas[i]
             sigma_batch = sigma * x.new_ones(x.shape[0])
-            seen = inpaint.model_input(x, sigma) if inpaint is not None else x  # what the model sees
+            seen = inpaint.model_input(x, sigma) if inpaint is not None else x  # what the sampler shows the model
+            model_in = plan.prediction.model_input(seen, sigma)
 
             def branch(cond: Conditioning) -> torch.Tensor:
-                return velocity(seen, image_ids, cond, sigma_batch)
+                return velocity(model_in, image_ids, cond, sigma_batch)
 
             v_cond, v_uncond = branch_velocities(branch, plan.positive, plan.negative, self.mesh.group(("cfg",)),
                                                  self.mesh.coords.cfg, self.counter)
-            uncond = denoised_from(seen, sigma, v_uncond) if v_uncond is not None else None
-            denoised = apply_cfg(denoised_from(seen, sigma, v_cond), uncond, plan.cfg)
+            uncond = denoised_from(seen, sigma, v_uncond, plan.prediction) if v_uncond is not None else None
+            denoised = apply_cfg(denoised_from(seen, sigma, v_cond, plan.prediction), uncond, plan.cfg)
             if inpaint is not None:
                 denoised = inpaint.model_output(denoised)
             x, state = plan.step(x, denoised, plan.sigmas, i, state, None if step_noise is None else (lambda: step_noise(i)),

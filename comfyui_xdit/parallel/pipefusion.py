@@ -201,14 +201,15 @@ class PipeFusionLoop:
                 lo, hi = shard_range(self.shard, start, stop)
                 sigma = plan.call_sigmas[step]
                 part = x[:, lo:hi]  # (B, n_local, C_latent): this rank's shard of the item
-                seen = inpaint.model_input(part, sigma, lo) if inpaint is not None else part  # what the model sees
+                seen = inpaint.model_input(part, sigma, lo) if inpaint is not None else part  # what the sampler shows
+                model_in = plan.prediction.model_input(seen, sigma)  # what the model sees
                 sigma_batch = sigma * part.new_ones(part.shape[0])
                 denoised = []
                 for backend, cond in zip(backends, branches):
                     adapter.seam.backend = backend.at(start, stop)
-                    state = self._forward(seen, plan.image_ids[lo:hi], cond, sigma_batch)
+                    state = self._forward(model_in, plan.image_ids[lo:hi], cond, sigma_batch)
                     if links.is_last:
-                        local = denoised_from(seen, sigma, adapter.head(state))  # (B, n_local, C)
+                        local = denoised_from(seen, sigma, adapter.head(state), plan.prediction)  # (B, n_local, C)
                         # (B, n_local, C) from each ring x ulysses rank -> (B, n, C), the whole item
                         denoised.append(all_gather_cat(local, 1, self.sequence_group, self.counter, "sequence"))
                 if links.is_last:

@@ -38,11 +38,13 @@ def pipefusion_reference(adapter: Adapter, plan: SamplingPlan, num_patches: int,
             sigma = plan.call_sigmas[work.step]
             part = x[:, start:stop]  # (B, n, 64)
             seen = plan.inpaint.model_input(part, sigma, start) if plan.inpaint is not None else part
+            model_in = plan.prediction.model_input(seen, sigma)
             denoised = []
             for backend, cond in zip(backends, branches):
                 adapter.seam.backend = backend.at(start, stop)
-                velocity = adapter.velocity(seen, plan.image_ids[start:stop], cond, sigma * part.new_ones(len(part)))
-                denoised.append(denoised_from(seen, sigma, velocity))
+                velocity = adapter.velocity(model_in, plan.image_ids[start:stop], cond,
+                                            sigma * part.new_ones(len(part)))
+                denoised.append(denoised_from(seen, sigma, velocity, plan.prediction))
             guided = apply_cfg(denoised[0], denoised[1] if len(denoised) > 1 else None, plan.cfg)
             if plan.inpaint is not None:
                 guided = plan.inpaint.model_output(guided, start)
