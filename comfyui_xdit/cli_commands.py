@@ -18,15 +18,18 @@ from .environment import ENGINE, POOL, BrokenEnvironment, require_environment
 from .input_checks import CLI_INPUTS, check_inputs
 from .parallel_config import ParallelConfig
 from .models.families import TINY_SPECS, family_of, write_random_model
+from .prediction import prediction_of
+from .samplers import check_sampler
 from .request import DTYPES, GenerationRequest, ModelRef, SigmaShift
 from .samplers import SAMPLER_NAMES
 from .sigmas import SCHEDULER_NAMES
 
 logger = logging.getLogger(__name__)
 
-COND_KEYS_DOC = ("--cond FILE.safetensors holds: 'positive_context' (1, L, 4096) T5 tokens, "
-                 "'positive_pooled' (1, 768) CLIP pooled vector, optional 'negative_context' and "
-                 "'negative_pooled' (needed when cfg != 1), optional 'guidance' (a 1-element tensor, default 3.5)")
+COND_KEYS_DOC = ("--cond FILE.safetensors holds: 'positive_context' (1, L, width) text tokens (Flux and SD3: 4096, "
+                 "Qwen-Image: 3584, PixArt: 4096 T5), 'positive_pooled' (1, width) pooled vector where the family has "
+                 "one (Flux: 768 CLIP-L, SD3: 2048 CLIP-L+G), optional 'negative_context' (+ 'negative_pooled'; needed "
+                 "when cfg != 1), optional 'guidance' (Flux-dev: a 1-element tensor, default 3.5)")
 
 
 def default_dtype() -> str:
@@ -43,17 +46,16 @@ def read_tensors(path: str, what: str) -> dict[str, torch.Tensor]:
 def read_cond_file(path: str) -> tuple[Conditioning, Optional[Conditioning]]:
     tensors = read_tensors(path, "--cond")
     guidance = float(tensors["guidance"].reshape(-1)[0]) if "guidance" in tensors else 3.5
-    for key in ("positive_context", "positive_pooled"):
-        if key not in tensors:
-            raise ValueError(f"{path!r} lacks {key!r}. {COND_KEYS_DOC}")
-    if ("negative_context" in tensors) != ("negative_pooled" in tensors):
-        raise ValueError(f"{path!r} has only one of 'negative_context' and 'negative_pooled'; give both or neither. "
+    if "positive_context" not in tensors:
+        raise ValueError(f"{path!r} lacks 'positive_context'. {COND_KEYS_DOC}")
+    if "negative_pooled" in tensors and "negative_context" not in tensors:
+        raise ValueError(f"{path!r} has 'negative_pooled' but no 'negative_context'; give the tokens too. "
                          f"{COND_KEYS_DOC}")
-    try:
-        positive = Conditioning(tensors["positive_context"], tensors["positive_pooled"], guidance)
+    try:  # a missing pooled vector: the family's input check says whether the model needs one
+        positive = Conditioning(tensors["positive_context"], tensors.get("positive_pooled"), guidance)
         negative = None
         if "negative_context" in tensors:
-            negative = Conditioning(tensors["negative_context"], tensors["negative_pooled"], guidance)
+            negative = Conditioning(tensors["negative_context"], tensors.get("negative_pooled"), guidance)
     except ValueError as exc:
         raise ValueError(f"{path!r}: {exc}. {COND_KEYS_DOC}") from None
     return positive, negative
@@ -99,6 +101,7 @@ def check_request_fits(request: GenerationRequest) -> None:
         return
     spec = model_spec(request.model)
     check_inputs(spec, request.latent, request.positive, request.negative, CLI_INPUTS)
+    check_sampler(request.sampler, prediction_of(family_of(spec).adapter()))
     if request.parallel.is_serial:
         return
     tokens = (request.latent.shape[2] // 2) * (request.latent.shape[3] // 2)

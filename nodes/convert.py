@@ -32,9 +32,13 @@ def to_conditioning(value: Any, name: str) -> Conditioning:
     pooled = extras.get("pooled_output")  # None from text encoders without one (Qwen-Image's, PixArt's T5):
     # the family's input check then says whether the model needs one, naming its text encoder
     guidance = extras.get("guidance", DEFAULT_FLUX_GUIDANCE)
+    width, height = extras.get("width"), extras.get("height")  # CLIPTextEncodePixArtAlpha's micro-conditions
+    resolution = (float(height), float(width)) if width is not None and height is not None else None
+    ratio = extras.get("aspect_ratio")
     return Conditioning(context=context.detach().float().cpu(),
                         pooled=None if pooled is None else pooled.detach().float().cpu(),
-                        guidance=None if guidance is None else float(guidance))
+                        guidance=None if guidance is None else float(guidance), resolution=resolution,
+                        aspect_ratio=None if ratio is None or resolution is None else float(ratio))
 
 
 def to_latent_tensor(latent: dict) -> torch.Tensor:

@@ -14,16 +14,20 @@ PREFIX = "diffusion_model."
 
 
 # ComfyUI's model classes (comfy/model_base.py) whose weights we run, and our family for each.
-COMFY_MODEL_FAMILIES = {"Flux": "flux", "SD3": "sd3", "QwenImage": "qwen-image", "PixArtAlpha": "pixart-alpha", "PixArtSigma": "pixart-sigma"}
+# PixArt: one model class for both, told apart by the model config (supported_models.PixArtAlpha / PixArtSigma).
+COMFY_MODEL_FAMILIES = {"Flux": "flux", "SD3": "sd3", "QwenImage": "qwen-image", "PixArtAlpha": "pixart-alpha",
+                        "PixArtSigma": "pixart-sigma"}
 
 
 def check_family(model: Any) -> str:
     """The family id of a MODEL we run; ValueError naming what it is otherwise."""
     kind = type(getattr(model, "model", None)).__name__
+    if kind == "PixArt":
+        kind = type(getattr(model.model, "model_config", None)).__name__
     if kind not in COMFY_MODEL_FAMILIES:
-        raise ValueError(f"xDiT Parallelize Model takes a Flux or SD3/SD3.5 MODEL (UNETLoader or "
-                         f"CheckpointLoaderSimple, optionally through LoRA loaders and ModelSamplingFlux / "
-                         f"ModelSamplingSD3); this MODEL is {kind}")
+        raise ValueError(f"xDiT Parallelize Model takes a Flux, SD3/SD3.5, Qwen-Image or PixArt MODEL (UNETLoader "
+                         f"or CheckpointLoaderSimple, optionally through LoRA loaders and the family's ModelSampling "
+                         f"node); this MODEL is {kind}")
     options = getattr(model, "model_options", {}) or {}
     transformer = options.get("transformer_options", {}) or {}
     extras = [name for name in ("model_function_wrapper", "sampler_cfg_function", "sampler_post_cfg_function")
@@ -125,5 +129,17 @@ def sigma_shift(model: Any) -> SigmaShift:
         return SigmaShift(mode="flux", shift=float(sampling.shift))
     if isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
         return SigmaShift(mode="discrete_flow", shift=float(sampling.shift), multiplier=float(sampling.multiplier))
+    if isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        # a discrete schedule (PixArt) is taken only as the model's own: a ModelSamplingDiscrete node that
+        # changed it (zsnr, another prediction) is something the ranks do not reproduce
+        own = comfy.model_sampling.ModelSamplingDiscrete(model.model.model_config)
+        same_prediction = isinstance(sampling, comfy.model_sampling.EPS) and not isinstance(
+            sampling, (comfy.model_sampling.V_PREDICTION, comfy.model_sampling.EDM))
+        if same_prediction and torch.equal(sampling.sigmas.cpu(), own.sigmas.cpu()):
+            return SigmaShift(mode="default")
+        raise ValueError("the MODEL's discrete model sampling was changed (a ModelSamplingDiscrete node: zsnr, "
+                         "v-prediction, ...), which the xDiT ranks do not reproduce; connect the MODEL from before "
+                         "that node, or use the stock KSampler")
     raise ValueError(f"the MODEL's model sampling is {type(sampling).__name__}; xDiT runs flow sampling "
-                     f"(ModelSamplingFlux / ModelSamplingDiscreteFlow, as Flux and SD3 use) only")
+                     f"(ModelSamplingFlux / ModelSamplingDiscreteFlow: Flux, SD3, Qwen-Image) and the discrete "
+                     f"schedule of PixArt only")

@@ -13,15 +13,22 @@ POLL_S = 0.1  # how often the node checks for step events and the Cancel button
 CANCEL_GRACE_S = 120.0  # how long a cancelled job may take to stop at its next step
 
 
-class ComfyProgress:
-    """Feeds ComfyUI's ProgressBar; previews go through ComfyUI's previewer for the user's preview setting."""
+# ComfyUI's latent format (comfy/latent_formats.py) of each family's VAE: the previewer's colours and scaling.
+COMFY_LATENT_FORMATS = {"flux": "Flux", "sd3": "SD3", "qwen-image": "Wan21", "pixart-alpha": "SD15",
+                        "pixart-sigma": "SDXL"}
 
-    def __init__(self, total: int) -> None:
+
+class ComfyProgress:
+    """Feeds ComfyUI's ProgressBar; previews go through ComfyUI's previewer for the user's preview setting,
+    with the latent format of the model's family."""
+
+    def __init__(self, total: int, family: str = "flux", latent_dimensions: int = 2) -> None:
         import comfy.latent_formats
         import comfy.utils
         import latent_preview
 
-        self.latent_format = comfy.latent_formats.Flux()
+        self.latent_format = getattr(comfy.latent_formats, COMFY_LATENT_FORMATS[family])()
+        self.time_axis = latent_dimensions == 3  # Wan21's per-channel statistics are (1, C, 1, 1, 1)
         # None when the user's preview method is "none": then no preview is decoded at all.
         self.previewer = latent_preview.get_previewer(torch.device("cpu"), self.latent_format)
         self.bar = comfy.utils.ProgressBar(total)
@@ -30,7 +37,8 @@ class ComfyProgress:
         preview = None
         if self.previewer is not None and getattr(event, "preview", None) is not None:
             # the engine's preview is a LATENT (VAE space); ComfyUI previews the model-space x0
-            x0 = self.latent_format.process_in(event.preview.float())
+            latent = event.preview.float()
+            x0 = self.latent_format.process_in(latent.unsqueeze(2) if self.time_axis else latent)
             preview = self.previewer.decode_latent_to_preview_image("JPEG", x0)
         self.bar.update_absolute(event.step, event.total, preview)
 

@@ -12,8 +12,9 @@ from comfyui_xdit.environment import require_environment
 
 from comfyui_xdit.input_checks import NODE_INPUTS, check_inputs
 from comfyui_xdit.models.families import family_of
+from comfyui_xdit.prediction import prediction_of
 from comfyui_xdit.request import GenerationRequest, SigmaShift
-from comfyui_xdit.samplers import SAMPLER_NAMES
+from comfyui_xdit.samplers import SAMPLER_NAMES, check_sampler
 from comfyui_xdit.sigmas import SCHEDULER_NAMES
 
 from .comfy_types import CATEGORY, XDiTModelType
@@ -50,6 +51,7 @@ def build_request(model: ModelHandle, positive, negative, latent_image: dict, se
                                 shift=model.shift or shift, parallel=model.parallel, sigmas=sigmas,
                                 noise_mask=latent_noise_mask(latent_image), batch_index=latent_batch_index(latent_image))
     check_inputs(model.spec, latent, request.positive, request.negative if request.uses_cfg else None, NODE_INPUTS)
+    check_sampler(sampler_name, prediction_of(family_of(model.spec).adapter()))  # e.g. a flow-only one on PixArt
     model.parallel.validate_for(model.parallel.world_size, model.spec.num_attention_heads, image_tokens(latent),
                                 request.cfg, num_blocks=model.spec.num_blocks,
                                 batch_size=latent.shape[0])
@@ -99,6 +101,8 @@ class XDiTSampler(io.ComfyNode):
         request = build_request(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                                 denoise, shift, sigmas)
         job = registry().get(model.pool).submit(request)
-        progress = ComfyProgress(total=request.sampling_steps)
+        family = family_of(model.spec)
+        progress = ComfyProgress(total=request.sampling_steps, family=family.id,
+                                 latent_dimensions=family.latent_dimensions)
         samples = drive_job(job, progress)
-        return io.NodeOutput(to_latent_output(latent_image, samples, family_of(model.spec).latent_dimensions))
+        return io.NodeOutput(to_latent_output(latent_image, samples, family.latent_dimensions))

@@ -73,7 +73,9 @@ def _die_with_parent() -> None:
 # Stock-loadable tiny files of the families after Flux: file name -> (tiny model name (models/families.py),
 # stored dtype). Qwen-Image's is the smallest stock ComfyUI loads (one full-width block, ~0.8 GB in bf16).
 FAMILY_FILES = {"sd3-tiny.safetensors": ("sd3", "float32"),
-                "qwen-image-min.safetensors": ("qwen-image-comfy-min", "bfloat16")}
+                "qwen-image-min.safetensors": ("qwen-image-comfy-min", "bfloat16"),
+                "pixart-sigma-tiny.safetensors": ("pixart-sigma", "float32"),
+                "pixart-alpha-tiny.safetensors": ("pixart-alpha", "float32")}
 
 
 def write_model(models_dir: Path) -> Path:

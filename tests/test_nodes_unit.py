@@ -186,3 +186,18 @@ def test_gpus_widget_checks() -> None:
     assert validation.check_gpus("auto", "10.0.0.1:6379") is None
     assert validation.normal_gpus(" 1, 2 ") == "1,2" and validation.normal_gpus("") == "auto"
     assert handles.PoolHandle(gpus="1,2").describe() == "embedded local Ray, gpus 1,2"
+
+
+def test_every_family_has_its_comfyui_latent_format_and_model_class() -> None:
+    """Previews use the family's own latent format; XDiTParallelModel knows each family's ComfyUI model."""
+    from comfy_reference import import_comfy
+    from comfyui_xdit.models.families import FAMILIES
+
+    ids = {family.id for family in FAMILIES}
+    assert set(progress.COMFY_LATENT_FORMATS) == ids
+    assert set(nodes_module("model_patches").COMFY_MODEL_FAMILIES.values()) == ids
+    latent_formats, supported = import_comfy("comfy.latent_formats"), import_comfy("comfy.supported_models")
+    for comfy_model, family in nodes_module("model_patches").COMFY_MODEL_FAMILIES.items():
+        config = getattr(supported, comfy_model, None)
+        expected = progress.COMFY_LATENT_FORMATS[family]
+        assert config is not None and config.latent_format is getattr(latent_formats, expected), (comfy_model, family)
