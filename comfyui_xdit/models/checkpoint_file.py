@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -85,3 +86,18 @@ def read_shapes(path: str | os.PathLike) -> dict[str, TensorShape]:
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt download?): "
                          f"{exc}") from exc
+
+
+def count_blocks(keys: Iterable[str], pattern: re.Pattern) -> int:
+    """Blocks in a file: one more than the largest index ``pattern`` (one group: the index) matches."""
+    indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def check_shapes(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str, looks: str) -> None:
+    """``ValueError`` naming the first tensors whose shape is not what the inferred architecture needs
+    (``looks``: what the file was taken for, e.g. "SD3 (depth 24, 24 blocks)")."""
+    wrong = [f"{k}: expected {tuple(s)}, found {tuple(state[k].shape) if k in state else 'nothing'}"
+             for k, s in expected.items() if k not in state or tuple(state[k].shape) != tuple(s)]
+    if wrong:
+        raise ValueError(f"{source} looks like {looks} but {len(wrong)} tensors do not fit: {'; '.join(wrong[:3])}")

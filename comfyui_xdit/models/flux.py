@@ -22,6 +22,7 @@ from ..conditioning import Conditioning
 from ..latent_format import FLUX_LATENT_FORMAT, LatentFormat
 from . import packing
 from .absent_block import AbsentBlock
+from .adapter_base import AdapterBase
 from ..prediction import FLOW, Prediction
 from ..sigmas import DiscreteFlowShift, FluxShift, ModelSampling
 from .flux_checkpoint import (FluxSpec, bfl_to_diffusers, in_blocks, infer_flux_spec, read_checkpoint, read_flux_spec,
@@ -98,11 +99,12 @@ class BlockState:
     rotary: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (L + N_local, head_dim)
 
 
-class FluxAdapter:
+class FluxAdapter(AdapterBase):
     """One loaded Flux transformer and the ComfyUI conventions around it."""
 
     family = "flux"
     latent_format: LatentFormat = FLUX_LATENT_FORMAT
+    ANCHOR = "x_embedder.weight"
     prediction: Prediction = FLOW
 
     def __init__(self, transformer: FluxTransformer2DModel, spec: FluxSpec,
@@ -162,23 +164,7 @@ class FluxAdapter:
         state = read_checkpoint(path, keep=lambda key: in_blocks(key, spec.num_layers, blocks))
         return cls.from_state_dict(state, dtype, device, source=repr(os.fspath(path)), blocks=blocks, spec=spec)
 
-    def parameter_bytes(self) -> int:
-        """Bytes of this adapter's weights (what a rank holds on its device)."""
-        return sum(t.numel() * t.element_size() for t in self.transformer.state_dict().values())
-
     # ---- properties -----------------------------------------------------------------------------
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.x_embedder.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.x_embedder.weight.device
-
-    @property
-    def num_heads(self) -> int:
-        return self.spec.num_attention_heads
-
     def default_sampling(self) -> ModelSampling:
         """ComfyUI's choice for a file loaded by UNETLoader: dev -> shift 1.15, schnell -> discrete flow 1.0."""
         if self.spec.guidance_embeds:
@@ -193,9 +179,6 @@ class FluxAdapter:
         if latent.shape[2] % PATCH or latent.shape[3] % PATCH:
             raise ValueError(f"Flux needs image height and width divisible by 16; got latent "
                              f"{latent.shape[2]}x{latent.shape[3]} (image {latent.shape[2] * 8}x{latent.shape[3] * 8})")
-
-    pack = staticmethod(packing.pack)
-    unpack = staticmethod(packing.unpack)
 
     @staticmethod
     def image_ids(height: int, width: int) -> torch.Tensor:
@@ -244,11 +227,6 @@ class FluxAdapter:
         """Text tokens the model sees for ``cond`` (the length of its encoder hidden states)."""
         return cond.context.shape[1]
 
-    @property
-    def hidden_size(self) -> int:
-        """Width of the hidden states that flow between blocks."""
-        return self.spec.hidden_size
-
     def run_blocks(self, state: BlockState, start: int, stop: int) -> BlockState:
         text_len = state.encoder_hidden.shape[1]
         enc, hidden = state.encoder_hidden, state.hidden
@@ -261,10 +239,3 @@ class FluxAdapter:
         """Final norm + projection: (B, N_local, hidden) -> (B, N_local, 64) velocity, float32."""
         t = self.transformer
         return t.proj_out(t.norm_out(state.hidden, state.temb)).float()
-
-    @torch.no_grad()
-    def velocity(self, tokens: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
-                 sigma: torch.Tensor) -> torch.Tensor:
-        """The whole forward on whatever tokens this process holds."""
-        state = self.embed(tokens, image_ids, cond, sigma)
-        return self.head(self.run_blocks(state, 0, len(self.blocks)))

@@ -11,12 +11,12 @@ import logging
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint_file import check_format, read_checkpoint, read_shapes  # noqa: F401 (re-exported)
+from .checkpoint_file import check_shapes, count_blocks, check_format, read_checkpoint, read_shapes  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def read_flux_spec(path: str | os.PathLike) -> FluxSpec:
 
 
 _BLOCK_KEY = re.compile(r"(double_blocks|single_blocks)\.(\d+)\.")
+_DOUBLE_KEY, _SINGLE_KEY = re.compile(r"double_blocks\.(\d+)\."), re.compile(r"single_blocks\.(\d+)\.")
 
 
 def block_index(key: str, num_double: int) -> Optional[int]:
@@ -131,11 +132,6 @@ def with_placeholders(state: Mapping[str, torch.Tensor], spec: FluxSpec) -> dict
     return out
 
 
-def _block_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
-    indices = {int(m.group(1)) for k in state if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
-    return max(indices) + 1 if indices else 0
-
-
 def describe_keys(state: Mapping[str, torch.Tensor], limit: int = 5) -> str:
     keys = sorted(state)
     shown = ", ".join(keys[:limit])
@@ -153,8 +149,8 @@ def infer_flux_spec(state: Mapping[str, torch.Tensor], source: str = "checkpoint
     if hidden % head_dim:
         raise ValueError(f"{source}: hidden size {hidden} is not a multiple of head dim {head_dim}")
     spec = FluxSpec(
-        num_layers=_block_count(state, "double_blocks"),
-        num_single_layers=_block_count(state, "single_blocks"),
+        num_layers=count_blocks(state, _DOUBLE_KEY),
+        num_single_layers=count_blocks(state, _SINGLE_KEY),
         attention_head_dim=int(head_dim),
         num_attention_heads=int(hidden // head_dim),
         joint_attention_dim=int(state["txt_in.weight"].shape[1]),
@@ -163,11 +159,8 @@ def infer_flux_spec(state: Mapping[str, torch.Tensor], source: str = "checkpoint
         in_channels=int(in_channels),
     )
     expected = bfl_shapes(spec)
-    wrong = [f"{k}: expected {tuple(s)}, found {tuple(state[k].shape) if k in state else 'nothing'}"
-             for k, s in expected.items() if k not in state or tuple(state[k].shape) != tuple(s)]
-    if wrong:
-        raise ValueError(f"{source} looks like Flux ({spec.num_layers} double + {spec.num_single_layers} single "
-                         f"blocks) but {len(wrong)} tensors do not fit: {'; '.join(wrong[:3])}")
+    check_shapes(state, expected, source,
+                 f"Flux ({spec.num_layers} double + {spec.num_single_layers} single blocks)")
     return spec
 
 

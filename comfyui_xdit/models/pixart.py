@@ -19,7 +19,6 @@ parallel mode runs it unchanged. What is PixArt's, all kept inside here:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,14 +26,13 @@ import torch
 from diffusers import PixArtTransformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
-from . import packing
 from ..attention import AttentionSeam, sdpa
 from ..conditioning import Conditioning
 from ..latent_format import SD15_LATENT_FORMAT, SDXL_LATENT_FORMAT, LatentFormat
 from ..prediction import EPS, Prediction
 from ..sigmas import DiscreteSchedule, ModelSampling
 from .absent_block import AbsentBlock
-from .checkpoint_file import read_checkpoint, read_shapes
+from .adapter_base import AdapterBase, log_loaded
 from .pixart_checkpoint import MIN_MEAN_SIDE, PATCH, PixArtSpec, block_index, infer_pixart_spec, pixart_to_diffusers
 
 logger = logging.getLogger(__name__)
@@ -106,10 +104,11 @@ def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, D)
 
 
-class PixArtAdapter:
+class PixArtAdapter(AdapterBase):
     """One loaded PixArt transformer and the ComfyUI conventions around it."""
 
     prediction: Prediction = EPS
+    ANCHOR = "pos_embed.proj.weight"
 
     def __init__(self, transformer: PixArtTransformer2DModel, spec: PixArtSpec,
                  present: Optional[tuple[int, int]] = None) -> None:
@@ -153,38 +152,8 @@ class PixArtAdapter:
         table = get_2d_sincos_pos_embed(embed.proj.weight.shape[0], config["sample_size"] // PATCH,
                                         base_size=embed.base_size, interpolation_scale=embed.interpolation_scale)
         embed.register_buffer("pos_embed", table.float().unsqueeze(0), persistent=False)
-        logger.info("loaded %s from %s: %d blocks%s, width %d, dtype %s", spec.family, source, spec.num_layers,
-                    f" (blocks {blocks[0]}..{blocks[1] - 1} on this rank)" if blocks is not None else "",
-                    spec.hidden_size, dtype)
+        log_loaded(spec.family, source, spec.num_layers, blocks, spec.hidden_size, dtype)
         return cls(transformer.to(device), spec, blocks)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu", blocks: Optional[tuple[int, int]] = None) -> "PixArtAdapter":
-        spec = infer_pixart_spec(read_shapes(path), repr(os.fspath(path)))
-        keep = None if blocks is None else (lambda k: (i := block_index(k, spec)) is None or blocks[0] <= i < blocks[1])
-        state = read_checkpoint(path, keep=keep)
-        return cls.from_state_dict(state, dtype, device, source=repr(os.fspath(path)), blocks=blocks, spec=spec)
-
-    def parameter_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.transformer.state_dict().values())
-
-    # ---- properties -----------------------------------------------------------------------------
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.pos_embed.proj.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.pos_embed.proj.weight.device
-
-    @property
-    def num_heads(self) -> int:
-        return self.spec.num_attention_heads
-
-    @property
-    def hidden_size(self) -> int:
-        return self.spec.hidden_size
 
     def default_sampling(self) -> ModelSampling:
         """ComfyUI's PixArt model sampling: discrete, sqrt_linear betas 0.0001 .. 0.02 over 1000 steps."""
@@ -205,9 +174,6 @@ class PixArtAdapter:
             raise ValueError(f"{title} needs (width + height) / 2 of at least {MIN_MEAN_SIDE * 8} px (ComfyUI's "
                              f"position embedding divides by zero below it); got {w * 8}x{h * 8}: use a larger "
                              f"width and height")
-
-    pack = staticmethod(packing.pack)
-    unpack = staticmethod(packing.unpack)
 
     def image_ids(self, height: int, width: int) -> torch.Tensor:
         """(H/2 * W/2, 4) int64 per token, row-major like the packing: (row, column, rows, columns)."""
@@ -297,10 +263,3 @@ class PixArtAdapter:
         # (B, N, 2, 2, 8) -> (B, N, 2, 2, 4) -> (B, N, 4, 2, 2)
         eps = out.view(b, n, PATCH, PATCH, -1)[..., :self.spec.in_channels]
         return eps.permute(0, 1, 4, 2, 3).reshape(b, n, -1)
-
-    @torch.no_grad()
-    def velocity(self, tokens: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
-                 sigma: torch.Tensor) -> torch.Tensor:
-        """The model's output (eps) for the model input ``tokens``; named as every adapter's forward."""
-        state = self.embed(tokens, image_ids, cond, sigma)
-        return self.head(self.run_blocks(state, 0, len(self.blocks)))

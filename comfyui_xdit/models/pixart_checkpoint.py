@@ -23,6 +23,8 @@ from typing import Mapping, Optional
 
 import torch
 
+from .checkpoint_file import check_shapes, count_blocks
+
 logger = logging.getLogger(__name__)
 
 PATCH = 2
@@ -119,11 +121,10 @@ def infer_pixart_spec(state: Mapping[str, torch.Tensor], source: str = "checkpoi
     if patch != PATCH or hidden % HEADS:
         raise ValueError(f"{source}: PixArt patch {patch} / width {hidden} is not one we run (patch 2, width a "
                          f"multiple of {HEADS})")
-    indices = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k))}
     input_size = None
     if "pos_embed" in state:
         input_size = int(math.sqrt(state["pos_embed"].shape[1])) * PATCH
-    spec = PixArtSpec(num_layers=max(indices) + 1, micro_condition=ALPHA_MARKER_KEY in state, hidden_size=int(hidden),
+    spec = PixArtSpec(num_layers=count_blocks(state, _BLOCK_KEY), micro_condition=ALPHA_MARKER_KEY in state, hidden_size=int(hidden),
                       caption_channels=int(state["y_embedder.y_proj.fc1.weight"].shape[1]),
                       model_max_length=int(state["y_embedder.y_embedding"].shape[0])
                       if "y_embedder.y_embedding" in state else 120,
@@ -135,11 +136,7 @@ def infer_pixart_spec(state: Mapping[str, torch.Tensor], source: str = "checkpoi
         raise ValueError(f"{source}: PixArt predicts {spec.out_channels} channels for {spec.in_channels} latent "
                          f"channels; expected {spec.in_channels} or {2 * spec.in_channels} (learned sigma)")
     expected = pixart_shapes(spec)
-    wrong = [f"{k}: expected {tuple(s)}, found {tuple(state[k].shape) if k in state else 'nothing'}"
-             for k, s in expected.items() if k not in state or tuple(state[k].shape) != tuple(s)]
-    if wrong:
-        raise ValueError(f"{source} looks like {spec.family} ({spec.num_layers} blocks, width {hidden}) but "
-                         f"{len(wrong)} tensors do not fit: {'; '.join(wrong[:3])}")
+    check_shapes(state, expected, source, f"{spec.family} ({spec.num_layers} blocks, width {hidden})")
     return spec
 
 

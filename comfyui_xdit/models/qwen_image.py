@@ -17,7 +17,6 @@ parallel mode runs it unchanged. What is particular to Qwen-Image, all kept insi
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,13 +24,12 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
-from . import packing
 from ..attention import AttentionSeam
 from ..conditioning import Conditioning
 from ..latent_format import QWEN_IMAGE_LATENT_FORMAT, PerChannelLatentFormat
 from ..sigmas import FluxShift, ModelSampling
 from .absent_block import AbsentBlock
-from .checkpoint_file import read_checkpoint, read_shapes
+from .adapter_base import AdapterBase, log_loaded
 from .qwen_image_checkpoint import PATCH, QwenImageSpec, block_index, comfy_to_diffusers, infer_qwen_image_spec
 from .qwen_image_rope import THETA, apply_rotary, image_positions, joint_positions, rotary
 
@@ -102,11 +100,12 @@ class QwenImageBlockState:
     rotary: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (L + N_local, head_dim / 2)
 
 
-class QwenImageAdapter:
+class QwenImageAdapter(AdapterBase):
     """One loaded Qwen-Image transformer and the ComfyUI conventions around it."""
 
     family = "qwen-image"
     latent_format: PerChannelLatentFormat = QWEN_IMAGE_LATENT_FORMAT
+    ANCHOR = "img_in.weight"
 
     def __init__(self, transformer: QwenImageTransformer2DModel, spec: QwenImageSpec,
                  present: Optional[tuple[int, int]] = None) -> None:
@@ -144,38 +143,8 @@ class QwenImageAdapter:
         # diffusers' own rotary table (not a buffer) was built on meta; rebuild it so the module's forward works
         transformer.pos_embed = QwenEmbedRope(theta=THETA, axes_dim=list(spec.axes_dims_rope), scale_rope=True)
         assert not any(t.is_meta for t in transformer.state_dict().values()), "unloaded tensors on meta"
-        logger.info("loaded Qwen-Image from %s: %d blocks%s, width %d, dtype %s", source, spec.num_layers,
-                    f" (blocks {blocks[0]}..{blocks[1] - 1} on this rank)" if blocks is not None else "",
-                    spec.hidden_size, dtype)
+        log_loaded("Qwen-Image", source, spec.num_layers, blocks, spec.hidden_size, dtype)
         return cls(transformer.to(device), spec, blocks)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu", blocks: Optional[tuple[int, int]] = None) -> "QwenImageAdapter":
-        spec = infer_qwen_image_spec(read_shapes(path), repr(os.fspath(path)))
-        keep = None if blocks is None else (lambda k: (i := block_index(k, spec)) is None or blocks[0] <= i < blocks[1])
-        state = read_checkpoint(path, keep=keep)
-        return cls.from_state_dict(state, dtype, device, source=repr(os.fspath(path)), blocks=blocks, spec=spec)
-
-    def parameter_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.transformer.state_dict().values())
-
-    # ---- properties -----------------------------------------------------------------------------
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.img_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.img_in.weight.device
-
-    @property
-    def num_heads(self) -> int:
-        return self.spec.num_attention_heads
-
-    @property
-    def hidden_size(self) -> int:
-        return self.spec.hidden_size
 
     def default_sampling(self) -> ModelSampling:
         """ComfyUI's QwenImage model sampling: ModelSamplingFlux, shift 1.15 (timestep = sigma)."""
@@ -194,9 +163,6 @@ class QwenImageAdapter:
         if latent.shape[2] % PATCH or latent.shape[3] % PATCH:
             raise ValueError(f"Qwen-Image needs image height and width divisible by 16; got latent "
                              f"{latent.shape[2]}x{latent.shape[3]} (image {latent.shape[2] * 8}x{latent.shape[3] * 8})")
-
-    pack = staticmethod(packing.pack)
-    unpack = staticmethod(packing.unpack)
 
     @staticmethod
     def image_ids(height: int, width: int) -> torch.Tensor:
@@ -240,9 +206,3 @@ class QwenImageAdapter:
         """Final norm + projection: (B, N_local, hidden) -> (B, N_local, C*2*2) velocity in our packing, float32."""
         t = self.transformer
         return t.proj_out(t.norm_out(state.hidden, state.temb)).float()
-
-    @torch.no_grad()
-    def velocity(self, tokens: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
-                 sigma: torch.Tensor) -> torch.Tensor:
-        state = self.embed(tokens, image_ids, cond, sigma)
-        return self.head(self.run_blocks(state, 0, len(self.blocks)))

@@ -21,6 +21,8 @@ from typing import Mapping, Optional
 
 import torch
 
+from .checkpoint_file import check_shapes, count_blocks
+
 logger = logging.getLogger(__name__)
 
 PATCH = 2
@@ -100,14 +102,9 @@ def block_index(key: str, spec: QwenImageSpec) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def _block_count(state: Mapping[str, object]) -> int:
-    indices = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k))}
-    return max(indices) + 1 if indices else 0
-
-
 def infer_qwen_image_spec(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> QwenImageSpec:
     """Architecture from tensor shapes (``state`` may hold shapes only); ``ValueError`` naming what is off."""
-    if MARKER_KEY in state and _block_count(state) == 0:
+    if MARKER_KEY in state and count_blocks(state, _BLOCK_KEY) == 0:
         raise ValueError(f"{source} is a Qwen-Image file without transformer blocks (which ComfyUI loads but which "
                          f"has no blocks to run); use a complete file, e.g. qwen_image_bf16.safetensors")
     required = ("img_in.weight", "txt_in.weight", MARKER_KEY, "transformer_blocks.0.attn.norm_q.weight",
@@ -126,16 +123,13 @@ def infer_qwen_image_spec(state: Mapping[str, torch.Tensor], source: str = "chec
         raise ValueError(f"{source}: Qwen-Image input/output widths {in_channels}/{out_features} are not 2x2 "
                          f"patches of latent channels")
     rope_axes(head_dim)  # ValueError for a head width the rotary axes cannot split
-    spec = QwenImageSpec(num_layers=_block_count(state), attention_head_dim=head_dim,
+    spec = QwenImageSpec(num_layers=count_blocks(state, _BLOCK_KEY), attention_head_dim=head_dim,
                          num_attention_heads=int(hidden // head_dim),
                          joint_attention_dim=int(state[MARKER_KEY].shape[0]), in_channels=int(in_channels),
                          out_channels=out_features // (PATCH * PATCH))
     expected = qwen_image_shapes(spec)
-    wrong = [f"{k}: expected {tuple(s)}, found {tuple(state[k].shape) if k in state else 'nothing'}"
-             for k, s in expected.items() if k not in state or tuple(state[k].shape) != tuple(s)]
-    if wrong:
-        raise ValueError(f"{source} looks like Qwen-Image ({spec.num_attention_heads} heads of {head_dim}, "
-                         f"{spec.num_layers} blocks) but {len(wrong)} tensors do not fit: {'; '.join(wrong[:3])}")
+    check_shapes(state, expected, source,
+                 f"Qwen-Image ({spec.num_attention_heads} heads of {head_dim}, {spec.num_layers} blocks)")
     return spec
 
 

@@ -16,21 +16,19 @@ parallel mode runs it unchanged. Differences that matter for parallelism, all ke
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from diffusers import SD3Transformer2DModel
 
-from . import packing
 from ..attention import AttentionSeam
 from ..conditioning import Conditioning
 from ..latent_format import SD3_LATENT_FORMAT, LatentFormat
 from ..prediction import FLOW, Prediction
 from ..sigmas import DiscreteFlowShift, ModelSampling
 from .absent_block import AbsentBlock
-from .checkpoint_file import read_checkpoint, read_shapes
+from .adapter_base import AdapterBase, log_loaded
 from .sd3_checkpoint import PATCH, SD3Spec, block_index, infer_sd3_spec, mmdit_to_diffusers
 
 logger = logging.getLogger(__name__)
@@ -96,11 +94,12 @@ class SD3BlockState:
     temb: torch.Tensor  # (B, hidden)
 
 
-class SD3Adapter:
+class SD3Adapter(AdapterBase):
     """One loaded SD3-family transformer and the ComfyUI conventions around it."""
 
     family = "sd3"
     latent_format: LatentFormat = SD3_LATENT_FORMAT
+    ANCHOR = "pos_embed.proj.weight"
     prediction: Prediction = FLOW
 
     def __init__(self, transformer: SD3Transformer2DModel, spec: SD3Spec,
@@ -138,38 +137,8 @@ class SD3Adapter:
         converted = {k: v.to(dtype) for k, v in mmdit_to_diffusers(state, spec).items()}
         result = transformer.load_state_dict(converted, strict=True, assign=True)
         assert not result.missing_keys and not result.unexpected_keys, result
-        logger.info("loaded SD3 from %s: %d joint blocks%s, width %d, dtype %s", source, spec.num_layers,
-                    f" (blocks {blocks[0]}..{blocks[1] - 1} on this rank)" if blocks is not None else "",
-                    spec.hidden_size, dtype)
+        log_loaded("SD3", source, spec.num_layers, blocks, spec.hidden_size, dtype)
         return cls(transformer.to(device), spec, blocks)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu", blocks: Optional[tuple[int, int]] = None) -> "SD3Adapter":
-        spec = infer_sd3_spec(read_shapes(path), repr(os.fspath(path)))
-        keep = None if blocks is None else (lambda k: (i := block_index(k, spec)) is None or blocks[0] <= i < blocks[1])
-        state = read_checkpoint(path, keep=keep)
-        return cls.from_state_dict(state, dtype, device, source=repr(os.fspath(path)), blocks=blocks, spec=spec)
-
-    def parameter_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.transformer.state_dict().values())
-
-    # ---- properties -----------------------------------------------------------------------------
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.pos_embed.proj.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.pos_embed.proj.weight.device
-
-    @property
-    def num_heads(self) -> int:
-        return self.spec.num_attention_heads
-
-    @property
-    def hidden_size(self) -> int:
-        return self.spec.hidden_size
 
     def default_sampling(self) -> ModelSampling:
         """ComfyUI's SD3 model sampling: discrete flow, shift 3.0, timestep multiplier 1000."""
@@ -188,9 +157,6 @@ class SD3Adapter:
         if latent.shape[2] > side or latent.shape[3] > side:
             raise ValueError(f"this SD3 model's position table covers images up to {side * 8}x{side * 8} px; got "
                              f"{latent.shape[3] * 8}x{latent.shape[2] * 8}: use a smaller width and height")
-
-    pack = staticmethod(packing.pack)
-    unpack = staticmethod(packing.unpack)
 
     def image_ids(self, height: int, width: int) -> torch.Tensor:
         """(H/2 * W/2,) the index of each token's entry in the learned position table, centre-cropped to
@@ -239,9 +205,3 @@ class SD3Adapter:
         b, n, _ = out.shape
         # diffusers orders a token (p, q, c); ours is (c, p, q): (B, N, 2, 2, C) -> (B, N, C, 2, 2)
         return out.view(b, n, PATCH, PATCH, -1).permute(0, 1, 4, 2, 3).reshape(b, n, -1)
-
-    @torch.no_grad()
-    def velocity(self, tokens: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
-                 sigma: torch.Tensor) -> torch.Tensor:
-        state = self.embed(tokens, image_ids, cond, sigma)
-        return self.head(self.run_blocks(state, 0, len(self.blocks)))

@@ -15,6 +15,8 @@ from typing import Mapping, Optional
 
 import torch
 
+from .checkpoint_file import check_shapes, count_blocks
+
 logger = logging.getLogger(__name__)
 
 HEAD_DIM = 64  # MMDiT's head width, fixed
@@ -86,11 +88,6 @@ def block_index(key: str, spec: SD3Spec) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def _block_count(state: Mapping[str, object]) -> int:
-    indices = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k))}
-    return max(indices) + 1 if indices else 0
-
-
 def infer_sd3_spec(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> SD3Spec:
     """Architecture from tensor shapes (``state`` may hold shapes only); ``ValueError`` naming what is off."""
     required = ("x_embedder.proj.weight", "context_embedder.weight", "y_embedder.mlp.0.weight", "pos_embed",
@@ -108,18 +105,14 @@ def infer_sd3_spec(state: Mapping[str, torch.Tensor], source: str = "checkpoint"
         raise ValueError(f"{source}: SD3 position table of {grid} entries is not a square grid")
     dual = tuple(sorted(int(m.group(1)) for k in state
                         if (m := re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight$", k))))
-    spec = SD3Spec(depth=int(hidden // HEAD_DIM), num_layers=_block_count(state),
+    spec = SD3Spec(depth=int(hidden // HEAD_DIM), num_layers=count_blocks(state, _BLOCK_KEY),
                    joint_attention_dim=int(state["context_embedder.weight"].shape[1]),
                    pooled_projection_dim=int(state["y_embedder.mlp.0.weight"].shape[1]), pos_embed_max_size=side,
-                   qk_norm=f"joint_blocks.0.x_block.attn.ln_q.weight" in state, dual_attention_layers=dual,
+                   qk_norm="joint_blocks.0.x_block.attn.ln_q.weight" in state, dual_attention_layers=dual,
                    in_channels=int(in_channels),
                    out_channels=int(state["final_layer.linear.weight"].shape[0] // (PATCH * PATCH)))
     expected = mmdit_shapes(spec)
-    wrong = [f"{k}: expected {tuple(s)}, found {tuple(state[k].shape) if k in state else 'nothing'}"
-             for k, s in expected.items() if k not in state or tuple(state[k].shape) != tuple(s)]
-    if wrong:
-        raise ValueError(f"{source} looks like SD3 (depth {spec.depth}, {spec.num_layers} blocks) but {len(wrong)} "
-                         f"tensors do not fit: {'; '.join(wrong[:3])}")
+    check_shapes(state, expected, source, f"SD3 (depth {spec.depth}, {spec.num_layers} blocks)")
     return spec
 
 

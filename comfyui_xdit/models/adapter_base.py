@@ -1,0 +1,62 @@
+"""What every family's adapter shares: where its weights live, its sizes, the shared token packing and
+the whole forward as ``embed -> run_blocks -> head`` (each family writes only those three pieces)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from . import packing
+from ..conditioning import Conditioning
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterBase:
+    """Mixed into each adapter; the adapter sets ``transformer``, ``spec`` and ``blocks`` and names in
+    ``ANCHOR`` one weight that every stage builds (its dtype and device are the adapter's)."""
+
+    ANCHOR: ClassVar[str]
+    transformer: torch.nn.Module
+    spec: Any
+    blocks: list[torch.nn.Module]
+
+    pack = staticmethod(packing.pack)
+    unpack = staticmethod(packing.unpack)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.get_parameter(self.ANCHOR).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.get_parameter(self.ANCHOR).device
+
+    @property
+    def num_heads(self) -> int:
+        return self.spec.num_attention_heads
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the hidden states that flow between blocks."""
+        return self.spec.hidden_size
+
+    def parameter_bytes(self) -> int:
+        """Bytes of this adapter's weights (what a rank holds on its device)."""
+        return sum(t.numel() * t.element_size() for t in self.transformer.state_dict().values())
+
+    @torch.no_grad()
+    def velocity(self, tokens: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
+                 sigma: torch.Tensor) -> torch.Tensor:
+        """The whole forward on whatever tokens this process holds: the model's raw output (velocity for
+        flow models, the noise for EPS ones), float32, in the shared packing."""
+        state = self.embed(tokens, image_ids, cond, sigma)  # type: ignore[attr-defined]
+        return self.head(self.run_blocks(state, 0, len(self.blocks)))  # type: ignore[attr-defined]
+
+
+def log_loaded(title: str, source: str, blocks_total: int, blocks: Optional[tuple[int, int]], width: int,
+               dtype: torch.dtype) -> None:
+    logger.info("loaded %s from %s: %d blocks%s, width %d, dtype %s", title, source, blocks_total,
+                f" (blocks {blocks[0]}..{blocks[1] - 1} on this rank)" if blocks is not None else "", width, dtype)
