@@ -4,11 +4,12 @@ the whole forward as ``embed -> run_blocks -> head`` (each family writes only th
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
 from . import packing
+from .absent_block import AbsentBlock
 from ..conditioning import Conditioning
 
 logger = logging.getLogger(__name__)
@@ -60,3 +61,24 @@ def log_loaded(title: str, source: str, blocks_total: int, blocks: Optional[tupl
                dtype: torch.dtype) -> None:
     logger.info("loaded %s from %s: %d blocks%s, width %d, dtype %s", title, source, blocks_total,
                 f" (blocks {blocks[0]}..{blocks[1] - 1} on this rank)" if blocks is not None else "", width, dtype)
+
+
+def build_stage_module(module_class: type, config: dict, state: dict[str, torch.Tensor], spec: Any,
+                       block_index: Callable[[str, Any], Optional[int]],
+                       to_diffusers: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]],
+                       dtype: torch.dtype, blocks: Optional[tuple[int, int]]) -> torch.nn.Module:
+    """The diffusers module of a family whose blocks are ``transformer_blocks``, built on meta and loaded
+    with the file-layout ``state`` renamed by ``to_diffusers``; with ``blocks`` (one PipeFusion stage) only
+    those blocks and the shared tensors, every other block an ``AbsentBlock`` without weights."""
+    if blocks is not None:
+        state = {k: v for k, v in state.items() if (i := block_index(k, spec)) is None or blocks[0] <= i < blocks[1]}
+    with torch.device("meta"):
+        module = module_class(**config)
+    if blocks is not None:
+        for layer in range(len(module.transformer_blocks)):
+            if not blocks[0] <= layer < blocks[1]:
+                module.transformer_blocks[layer] = AbsentBlock(layer, blocks)
+    converted = {k: v.to(dtype) for k, v in to_diffusers(state, spec).items()}
+    result = module.load_state_dict(converted, strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    return module

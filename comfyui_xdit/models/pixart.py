@@ -32,7 +32,7 @@ from ..latent_format import SD15_LATENT_FORMAT, SDXL_LATENT_FORMAT, LatentFormat
 from ..prediction import EPS, Prediction
 from ..sigmas import DiscreteSchedule, ModelSampling
 from .absent_block import AbsentBlock
-from .adapter_base import AdapterBase, log_loaded
+from .adapter_base import AdapterBase, build_stage_module, log_loaded
 from .pixart_checkpoint import MIN_MEAN_SIDE, PATCH, PixArtSpec, block_index, infer_pixart_spec, pixart_to_diffusers
 
 logger = logging.getLogger(__name__)
@@ -134,19 +134,9 @@ class PixArtAdapter(AdapterBase):
         and the shared tensors are built (``state`` may then hold just those; pass the file's ``spec``)."""
         if spec is None:
             spec = infer_pixart_spec(state, source)
-        if blocks is not None:
-            state = {k: v for k, v in state.items()
-                     if (i := block_index(k, spec)) is None or blocks[0] <= i < blocks[1]}
         config = spec.diffusers_config()
-        with torch.device("meta"):
-            transformer = PixArtTransformer2DModel(**config)
-        if blocks is not None:
-            for layer in range(spec.num_layers):
-                if not blocks[0] <= layer < blocks[1]:
-                    transformer.transformer_blocks[layer] = AbsentBlock(layer, blocks)
-        converted = {k: v.to(dtype) for k, v in pixart_to_diffusers(state, spec).items()}
-        result = transformer.load_state_dict(converted, strict=True, assign=True)
-        assert not result.missing_keys and not result.unexpected_keys, result
+        transformer = build_stage_module(PixArtTransformer2DModel, config, state, spec, block_index,
+                                         pixart_to_diffusers, dtype, blocks)
         # diffusers' own (non-persistent) position table, for its forward only: build it for real
         embed = transformer.pos_embed
         table = get_2d_sincos_pos_embed(embed.proj.weight.shape[0], config["sample_size"] // PATCH,

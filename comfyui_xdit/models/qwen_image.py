@@ -29,7 +29,7 @@ from ..conditioning import Conditioning
 from ..latent_format import QWEN_IMAGE_LATENT_FORMAT, PerChannelLatentFormat
 from ..sigmas import FluxShift, ModelSampling
 from .absent_block import AbsentBlock
-from .adapter_base import AdapterBase, log_loaded
+from .adapter_base import AdapterBase, build_stage_module, log_loaded
 from .qwen_image_checkpoint import PATCH, QwenImageSpec, block_index, comfy_to_diffusers, infer_qwen_image_spec
 from .qwen_image_rope import THETA, apply_rotary, image_positions, joint_positions, rotary
 
@@ -128,18 +128,8 @@ class QwenImageAdapter(AdapterBase):
         blocks and the shared tensors are built (``state`` may then hold just those; pass the file's ``spec``)."""
         if spec is None:
             spec = infer_qwen_image_spec(state, source)
-        if blocks is not None:
-            state = {k: v for k, v in state.items()
-                     if (i := block_index(k, spec)) is None or blocks[0] <= i < blocks[1]}
-        with torch.device("meta"):
-            transformer = QwenImageTransformer2DModel(**spec.diffusers_config())
-        if blocks is not None:
-            for layer in range(spec.num_layers):
-                if not blocks[0] <= layer < blocks[1]:
-                    transformer.transformer_blocks[layer] = AbsentBlock(layer, blocks)
-        converted = {k: v.to(dtype) for k, v in comfy_to_diffusers(state, spec).items()}
-        result = transformer.load_state_dict(converted, strict=True, assign=True)
-        assert not result.missing_keys and not result.unexpected_keys, result
+        transformer = build_stage_module(QwenImageTransformer2DModel, spec.diffusers_config(), state, spec,
+                                         block_index, comfy_to_diffusers, dtype, blocks)
         # diffusers' own rotary table (not a buffer) was built on meta; rebuild it so the module's forward works
         transformer.pos_embed = QwenEmbedRope(theta=THETA, axes_dim=list(spec.axes_dims_rope), scale_rope=True)
         assert not any(t.is_meta for t in transformer.state_dict().values()), "unloaded tensors on meta"

@@ -28,7 +28,7 @@ from ..latent_format import SD3_LATENT_FORMAT, LatentFormat
 from ..prediction import FLOW, Prediction
 from ..sigmas import DiscreteFlowShift, ModelSampling
 from .absent_block import AbsentBlock
-from .adapter_base import AdapterBase, log_loaded
+from .adapter_base import AdapterBase, build_stage_module, log_loaded
 from .sd3_checkpoint import PATCH, SD3Spec, block_index, infer_sd3_spec, mmdit_to_diffusers
 
 logger = logging.getLogger(__name__)
@@ -125,18 +125,8 @@ class SD3Adapter(AdapterBase):
         and the shared tensors are built (``state`` may then hold just those; pass the file's ``spec``)."""
         if spec is None:
             spec = infer_sd3_spec(state, source)
-        if blocks is not None:
-            state = {k: v for k, v in state.items()
-                     if (i := block_index(k, spec)) is None or blocks[0] <= i < blocks[1]}
-        with torch.device("meta"):
-            transformer = SD3Transformer2DModel(**spec.diffusers_config())
-        if blocks is not None:
-            for layer in range(spec.num_layers):
-                if not blocks[0] <= layer < blocks[1]:
-                    transformer.transformer_blocks[layer] = AbsentBlock(layer, blocks)
-        converted = {k: v.to(dtype) for k, v in mmdit_to_diffusers(state, spec).items()}
-        result = transformer.load_state_dict(converted, strict=True, assign=True)
-        assert not result.missing_keys and not result.unexpected_keys, result
+        transformer = build_stage_module(SD3Transformer2DModel, spec.diffusers_config(), state, spec, block_index,
+                                         mmdit_to_diffusers, dtype, blocks)
         log_loaded("SD3", source, spec.num_layers, blocks, spec.hidden_size, dtype)
         return cls(transformer.to(device), spec, blocks)
 
