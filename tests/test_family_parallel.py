@@ -25,10 +25,10 @@ from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit.sampling import finish, prepare_plan
 
 FAMILY_MODELS = ["tiny:sd3", "tiny:qwen-image"]  # each 4 heads, 4 blocks: every layout below fits
-FAMILY_MODELS += ["tiny:pixart-sigma"]  # 16 heads, 4 blocks; EPS, text by cross-attention
+FAMILY_MODELS += ["tiny:pixart-sigma-narrow"]  # 16 heads (of 16), 4 blocks; EPS, text by cross-attention
 LATENT = 16  # 16x16 latent -> 64 image tokens
 # PixArt's smallest size is larger (ComfyUI's position base size needs (h + w) / 2 >= 33): 32x40 -> 320 tokens
-LATENTS = {"tiny:pixart-sigma": (32, 40)}
+LATENTS = {"tiny:pixart-sigma-narrow": (32, 40)}
 STEPS = 3
 P = ParallelConfig
 

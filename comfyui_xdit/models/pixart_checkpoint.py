@@ -101,7 +101,12 @@ class PixArtSpec:
 # Ulysses up to 16). Alpha has a 32x32 pos_embed table (fixed interpolation 1), sigma none (per resolution).
 TINY_PIXART_ALPHA = PixArtSpec(num_layers=4, micro_condition=True, model_max_length=8, input_size=64)
 TINY_PIXART_SIGMA = PixArtSpec(num_layers=4, micro_condition=False, model_max_length=8)
-NAMED_PIXART_SPECS: Mapping[str, PixArtSpec] = {"pixart-alpha": TINY_PIXART_ALPHA, "pixart-sigma": TINY_PIXART_SIGMA}
+# A narrow PixArt-sigma for the in-process parallel tests (16 heads of 16: a twentieth of the stock tiny's
+# compute; stock ComfyUI cannot load it, our engine can).
+NARROW_PIXART_SIGMA = PixArtSpec(num_layers=4, micro_condition=False, hidden_size=256, caption_channels=64,
+                                 model_max_length=8)
+NAMED_PIXART_SPECS: Mapping[str, PixArtSpec] = {"pixart-alpha": TINY_PIXART_ALPHA, "pixart-sigma": TINY_PIXART_SIGMA,
+                                                "pixart-sigma-narrow": NARROW_PIXART_SIGMA}
 
 
 def block_index(key: str, spec: PixArtSpec) -> Optional[int]:
