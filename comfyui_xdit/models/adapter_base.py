@@ -82,3 +82,10 @@ def build_stage_module(module_class: type, config: dict, state: dict[str, torch.
     result = module.load_state_dict(converted, strict=True, assign=True)
     assert not result.missing_keys and not result.unexpected_keys, result
     return module
+
+
+def patch_conv_as_linear(proj: torch.nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """A 2x2 stride-2 patch convolution applied to tokens already in the shared packing, as a linear map:
+    weight (hidden, C, 2, 2) -> (hidden, C*2*2), channel-major like a token; (B, N, C*2*2) -> (B, N, hidden)."""
+    return torch.nn.functional.linear(tokens.to(device=proj.weight.device, dtype=proj.weight.dtype),
+                                      proj.weight.flatten(1), proj.bias)

@@ -32,7 +32,7 @@ from ..latent_format import SD15_LATENT_FORMAT, SDXL_LATENT_FORMAT, LatentFormat
 from ..prediction import EPS, Prediction
 from ..sigmas import DiscreteSchedule, ModelSampling
 from .absent_block import AbsentBlock
-from .adapter_base import AdapterBase, build_stage_module, log_loaded
+from .adapter_base import AdapterBase, build_stage_module, log_loaded, patch_conv_as_linear
 from .pixart_checkpoint import MIN_MEAN_SIDE, PATCH, PixArtSpec, block_index, infer_pixart_spec, pixart_to_diffusers
 
 logger = logging.getLogger(__name__)
@@ -223,9 +223,7 @@ class PixArtAdapter(AdapterBase):
         t = self.transformer
         dtype, device = self.dtype, self.device
         context, _ = cond.for_batch(tokens.shape[0])
-        proj = t.pos_embed.proj
-        # the 2x2 conv as a linear map: weight (hidden, C, 2, 2) -> (hidden, C*2*2), channel-major like a token
-        hidden = torch.nn.functional.linear(tokens.to(device=device, dtype=dtype), proj.weight.flatten(1), proj.bias)
+        hidden = patch_conv_as_linear(t.pos_embed.proj, tokens)  # (B, N_local, hidden)
         hidden = hidden + self.positions(image_ids)
         ctx = self.embed_context(image_ids, cond, sigma)
         caption = t.caption_projection(context.to(device=device, dtype=dtype))  # (B, L, 4096) -> (B, L, hidden)

@@ -28,7 +28,7 @@ from ..latent_format import SD3_LATENT_FORMAT, LatentFormat
 from ..prediction import FLOW, Prediction
 from ..sigmas import DiscreteFlowShift, ModelSampling
 from .absent_block import AbsentBlock
-from .adapter_base import AdapterBase, build_stage_module, log_loaded
+from .adapter_base import AdapterBase, build_stage_module, log_loaded, patch_conv_as_linear
 from .sd3_checkpoint import PATCH, SD3Spec, block_index, infer_sd3_spec, mmdit_to_diffusers
 
 logger = logging.getLogger(__name__)
@@ -170,9 +170,7 @@ class SD3Adapter(AdapterBase):
         t = self.transformer
         dtype, device = self.dtype, self.device
         context, _ = cond.for_batch(tokens.shape[0])
-        proj = t.pos_embed.proj
-        # the 2x2 conv as a linear map: weight (hidden, C, 2, 2) -> (hidden, C*2*2), channel-major like a token
-        hidden = torch.nn.functional.linear(tokens.to(device=device, dtype=dtype), proj.weight.flatten(1), proj.bias)
+        hidden = patch_conv_as_linear(t.pos_embed.proj, tokens)  # (B, N_local, hidden)
         positions = t.pos_embed.pos_embed[0, image_ids.to(device)]  # (N_local, hidden)
         hidden = hidden + positions.to(dtype)
         ctx = self.embed_context(image_ids, cond, sigma)
