@@ -3,7 +3,8 @@
 Tokens are (B, N, C*2*2) in the shared packing (``models/packing.py``); ``image_ids`` are whatever
 positions the family needs per token (rows of ``image_ids(h, w)``, cut the same way as the tokens);
 ``blocks`` are the pipeline-stage units; ``embed`` / ``embed_context`` / ``run_blocks`` / ``head`` are
-the forward in pieces, and the returned block state has ``hidden`` (B, N_local, width) and
+the forward in pieces (``carried`` / ``carried_like`` / ``resume``: what crosses a PipeFusion stage
+boundary), and the returned block state has ``hidden`` (B, N_local, width) and
 ``encoder_hidden`` (B, L, width) text tokens that every rank holds whole.
 """
 
@@ -59,6 +60,12 @@ class Adapter(Protocol):
     def run_blocks(self, state: Any, start: int, stop: int) -> Any: ...
 
     def head(self, state: Any) -> torch.Tensor: ...
+
+    def carried(self, state: Any) -> list[torch.Tensor]: ...
+
+    def carried_like(self, block: int, batch: int, tokens: int, cond: Conditioning) -> list[torch.Tensor]: ...
+
+    def resume(self, context: Any, carried: list[torch.Tensor]) -> Any: ...
 
     def velocity(self, tokens: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
                  sigma: torch.Tensor) -> torch.Tensor: ...

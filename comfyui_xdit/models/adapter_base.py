@@ -48,6 +48,24 @@ class AdapterBase:
         """Bytes of this adapter's weights (what a rank holds on its device)."""
         return sum(t.numel() * t.element_size() for t in self.transformer.state_dict().values())
 
+    # ---- what crosses a PipeFusion stage boundary ------------------------------------------------------
+    def carried(self, state: Any) -> list[torch.Tensor]:
+        """The tensors of a block state that the next pipeline stage needs: image and text hidden states
+        (a family with more, e.g. HunyuanDiT's pending long skips, adds them)."""
+        return [state.hidden, state.encoder_hidden]
+
+    def carried_like(self, block: int, batch: int, tokens: int, cond: Conditioning) -> list[torch.Tensor]:
+        """Empty tensors shaped as ``carried`` of the state that enters ``block`` for ``tokens`` image tokens:
+        (B, n, width) image and (B, L, width) text, what a later stage receives into."""
+        width, dtype, device = self.hidden_size, self.dtype, self.device
+        return [torch.empty(batch, tokens, width, dtype=dtype, device=device),
+                torch.empty(batch, self.text_len(cond), width, dtype=dtype, device=device)]  # type: ignore[attr-defined]
+
+    def resume(self, context: Any, carried: list[torch.Tensor]) -> Any:
+        """The block state a later stage continues from: ``embed_context``'s result and received ``carried``."""
+        hidden, text = carried
+        return context.state(hidden, text)
+
     @torch.no_grad()
     def velocity(self, tokens: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
                  sigma: torch.Tensor) -> torch.Tensor:

@@ -146,20 +146,18 @@ class PipeFusionLoop:
     def _forward(self, part: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning,
                  sigma: torch.Tensor) -> Any:
         """This stage's blocks on one branch of one item's shard ``part`` (B, n_local, 64); stage 0 embeds
-        it, later stages receive the activations and embed only the timestep and rotary positions."""
+        it, later stages receive what the adapter carries across a stage boundary (``carried``) and embed only
+        the timestep and positions."""
         adapter, links = self.adapter, self.links
         if links.is_first:
             state = adapter.embed(part, image_ids, cond, sigma)
         else:
             context = adapter.embed_context(image_ids, cond, sigma)
-            batch, width = part.shape[0], adapter.hidden_size
-            like = [torch.empty(batch, part.shape[1], width, dtype=adapter.dtype, device=adapter.device),  # image
-                    torch.empty(batch, adapter.text_len(cond), width, dtype=adapter.dtype, device=adapter.device)]
-            hidden, text = links.recv_activations(like)
-            state = context.state(hidden, text)
+            like = adapter.carried_like(self.blocks[0], part.shape[0], part.shape[1], cond)
+            state = adapter.resume(context, links.recv_activations(like))
         state = adapter.run_blocks(state, *self.blocks)
         if not links.is_last:
-            links.send_activations([state.hidden, state.encoder_hidden])
+            links.send_activations(adapter.carried(state))
         return state
 
     @torch.no_grad()
