@@ -4,10 +4,12 @@ warm-up covers every step.
 
 Each sampler is paired with a scheduler, cycling through all nine, so every sampler and every scheduler
 runs; cfg 2 with a negative on every third pair. One prompt per layout holds its pairs (Needs
-COMFYUI_PATH; shares the session's ComfyUI host). The default suite runs every pair serially and one
-sampler per family (multi-call, SDE, CFG++, noised multi-call, multistep, UniPC) with Ulysses 2 and
-PipeFusion 2; every pair with both layouts is the `slow` suite (XDIT_SLOW_TESTS=1), about 7 minutes
-more on 2 CPU cores. The in-process suites run every sampler in every parallel mode against serial.
+COMFYUI_PATH; shares the session's ComfyUI host). The default suite runs it on the stock-loadable tiny
+SD3 file (the samplers are written once over every family): every pair serially and one sampler per kind
+(multi-call, SDE, CFG++, noised multi-call, multistep, UniPC) with Ulysses 2 and PipeFusion 2. The `slow`
+suite (XDIT_SLOW_TESTS=1) runs the same on the full-width Flux file and every pair with both layouts,
+about 11 minutes more on 2 CPU cores. The in-process suites run every sampler in every parallel mode
+against serial.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from comfyui_xdit.samplers import SAMPLER_NAMES
 from comfyui_xdit.sigmas import SCHEDULER_NAMES
 from test_comfy_nodes import (MODEL_NAME, STEPS, conditioning_nodes, relative_error, sampler_inputs, save,
                               saved_latent, xdit_nodes)
+
+# the file each run samples: the tiny SD3 by default, the full-width Flux in the slow suite;
+# name -> (file in models/diffusion_models, conditioning (tokens, pooled) widths; None: Flux's defaults)
+MODELS = {"sd3": ("sd3-tiny.safetensors", (64, 32)), "flux": (MODEL_NAME, None)}
 
 # the samplers issue 10 asks for, by ComfyUI's names
 REQUIRED = ("euler", "euler_ancestral", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
@@ -40,9 +46,18 @@ def _settings(sampler: str, scheduler: str, cfg: float) -> dict:
     return {**sampler_inputs(cfg=cfg), "sampler_name": sampler, "scheduler": scheduler}
 
 
-def stock_prompt() -> dict:
+def _conditioning(model: str) -> dict:
     prompt = conditioning_nodes()
-    prompt["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL_NAME, "weight_dtype": "default"}}
+    widths = MODELS[model][1]
+    if widths is not None:
+        for name in ("pos", "neg"):
+            prompt[name]["inputs"].update(guidance=0.0, width=widths[0], pooled_width=widths[1])
+    return prompt
+
+
+def stock_prompt(model: str) -> dict:
+    prompt = _conditioning(model)
+    prompt["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": MODELS[model][0], "weight_dtype": "default"}}
     for index, (sampler, scheduler, cfg) in enumerate(PAIRS):
         prompt[f"ks{index}"] = {"class_type": "KSampler",
                                 "inputs": {"model": ["unet", 0], **_settings(sampler, scheduler, cfg)}}
@@ -50,9 +65,9 @@ def stock_prompt() -> dict:
     return prompt
 
 
-def xdit_prompt(layout: str, indices: tuple[int, ...]) -> dict:
-    prompt = conditioning_nodes()
-    nodes = xdit_nodes("x", **LAYOUTS[layout])
+def xdit_prompt(model: str, layout: str, indices: tuple[int, ...]) -> dict:
+    prompt = _conditioning(model)
+    nodes = xdit_nodes("x", unet_name=MODELS[model][0], **LAYOUTS[layout])
     prompt["xpool"], prompt["xload"] = nodes["xpool"], nodes["xload"]
     for index in indices:
         sampler, scheduler, cfg = PAIRS[index]
@@ -72,23 +87,25 @@ def test_every_name_is_comfyuis_and_the_asked_ones_are_offered() -> None:
     assert list(SAMPLER_NAMES) == order  # listed in ComfyUI's order
 
 
-@pytest.fixture(scope="module")
-def stock_latents(comfy_host: ComfyHost) -> list:
+@pytest.fixture(scope="module", params=["sd3", pytest.param("flux", marks=pytest.mark.slow)])
+def stock_latents(request, comfy_host: ComfyHost) -> tuple[str, list]:
+    model = request.param
     with comfy_host.connect() as ws:
-        result = ws.run(stock_prompt(), timeout=900)
+        result = ws.run(stock_prompt(model), timeout=900)
     assert result.succeeded, result.describe() + "\n" + comfy_host.log_tail()
     executed = result.of_type("executed")
-    return [saved_latent(comfy_host, executed, f"save{index}") for index in range(len(PAIRS))]
+    return model, [saved_latent(comfy_host, executed, f"save{index}") for index in range(len(PAIRS))]
 
 
-def _check_layout(host: ComfyHost, stock: list, layout: str, indices: tuple[int, ...]) -> None:
+def _check_layout(host: ComfyHost, stock_run: tuple[str, list], layout: str, indices: tuple[int, ...]) -> None:
+    model, stock = stock_run
     with host.connect() as ws:
-        result = ws.run(xdit_prompt(layout, indices), timeout=1200)
+        result = ws.run(xdit_prompt(model, layout, indices), timeout=1200)
     assert result.succeeded, result.describe() + "\n" + host.log_tail()
     executed = result.of_type("executed")
     errors = {"/".join(map(str, PAIRS[index])): relative_error(saved_latent(host, executed, f"save{index}"), stock[index])
               for index in indices}
-    print(layout, {name: f"{error:.1e}" for name, error in errors.items()})
+    print(model, layout, {name: f"{error:.1e}" for name, error in errors.items()})
     assert {name: error for name, error in errors.items() if not error < 1e-3} == {}
 
 
