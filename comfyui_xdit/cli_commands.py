@@ -1,4 +1,4 @@
-"""The commands of ``comfyui-xdit`` (generate, make-tiny, pool status); ``cli.main`` is the entry point."""
+"""The commands of ``comfyui-xdit`` (generate, make-tiny, pool status, plan); ``cli.main`` is the entry point."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .cli import ENVIRONMENT_EXIT
 from .environment import ENGINE, POOL, BrokenEnvironment, require_environment
 from .input_checks import CLI_INPUTS, check_inputs
 from .parallel_config import ParallelConfig
+from .plan_command import add_plan_parser, run_plan
 from .models.families import TINY_SPECS, family_of, write_random_model
 from .prediction import prediction_of
 from .samplers import check_sampler
@@ -210,6 +211,7 @@ def make_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     pool = sub.add_parser("pool", help="the Ray worker pool").add_subparsers(dest="pool_command", required=True)
     add_pool_options(pool.add_parser("status", help="hosts, devices, ranks and their state"))
+    add_plan_parser(sub)
     return parser
 
 
@@ -242,7 +244,7 @@ def report_stages() -> None:
         stage_logger.propagate = False
 
 
-PARTS = {"generate": (ENGINE, POOL), "make-tiny": (ENGINE,), "pool": (ENGINE, POOL)}
+PARTS = {"generate": (ENGINE, POOL), "make-tiny": (ENGINE,), "pool": (ENGINE, POOL), "plan": (ENGINE,)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -251,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not args.verbose:
         report_stages()
-    handlers = {"generate": run_generate, "make-tiny": run_make_tiny, "pool": run_pool}
+    handlers = {"generate": run_generate, "make-tiny": run_make_tiny, "pool": run_pool, "plan": run_plan}
     parts = (ENGINE,) if getattr(args, "in_process", False) else PARTS[args.command]
     try:
         require_environment(parts)

@@ -1,0 +1,23 @@
+"""The released models' shapes, for the speed model and memory tables: specs only, never built with
+weights here. name -> (spec, prompt tokens the family's text encoder gives by default)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ..models.flux_checkpoint import FluxSpec
+from ..models.pixart_checkpoint import PixArtSpec
+from ..models.qwen_image_checkpoint import QWEN_IMAGE
+from ..models.sd3_checkpoint import SD3Spec
+
+FLUX_DEV = FluxSpec(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)
+FULL_SIZE: Mapping[str, tuple[Any, int]] = {
+    "flux-dev": (FLUX_DEV, 512),  # T5 at 512 tokens
+    "flux-schnell": (FluxSpec(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                              joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False), 256),
+    "sd3.5-large": (SD3Spec(depth=38, num_layers=38, joint_attention_dim=4096, pooled_projection_dim=2048,
+                            pos_embed_max_size=192, qk_norm=True), 333),  # 77 CLIP + 256 T5
+    "pixart-sigma": (PixArtSpec(num_layers=28, micro_condition=False), 300),
+    "qwen-image": (QWEN_IMAGE, 256),
+}

@@ -1,0 +1,83 @@
+"""What the speed model needs of a model, from its spec alone (no weights are read or made): parameters
+per block and shared, widths, heads, and whether the text attends jointly with the image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from ..models.families import family_of
+
+# families whose prompt tokens go through the image's self-attention (and the attention seam); the others
+# reach the text by cross-attention, so only image tokens are split, gathered and buffered
+JOINT_TEXT_FAMILIES = frozenset({"flux", "sd3", "qwen-image"})
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """One model's sizes, as the latency model uses them (batch 1, one CFG branch per forward)."""
+
+    name: str
+    family: str
+    heads: int
+    hidden: int
+    block_parameters: tuple[int, ...]  # weights of each adapter block, in order
+    shared_parameters: int  # embedders, final layer: every stage holds them
+    text_tokens: int  # prompt tokens carried with the image stream
+    joint_text: bool  # prompt tokens attend with the image tokens (Flux, SD3, Qwen-Image)
+    token_channels: int  # latent channels of one packed token (C * 2 * 2)
+
+    @property
+    def blocks(self) -> int:
+        return len(self.block_parameters)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def parameters(self) -> int:
+        return sum(self.block_parameters) + self.shared_parameters
+
+    def attended_tokens(self, image_tokens: int) -> int:
+        """Tokens in one self-attention: image tokens, plus the prompt's where it attends jointly."""
+        return image_tokens + (self.text_tokens if self.joint_text else 0)
+
+    def block_flops(self, image_tokens: int, block: int) -> float:
+        """Multiply-add FLOPs (x2) of one block on the whole latent: every weight touches every token it
+        sees (an upper bound for cross-attention's text-only K/V projections), plus QK^T and PV."""
+        tokens = self.attended_tokens(image_tokens)
+        attention = 4.0 * tokens * tokens * self.hidden
+        if not self.joint_text:
+            attention += 4.0 * image_tokens * self.text_tokens * self.hidden  # cross-attention
+        return 2.0 * self.block_parameters[block] * tokens + attention
+
+    def attention_flops(self, image_tokens: int) -> float:
+        """The QK^T and PV FLOPs of one whole forward (the part Ring attention overlaps with its sends)."""
+        tokens = self.attended_tokens(image_tokens)
+        return 4.0 * tokens * tokens * self.hidden * self.blocks
+
+    def forward_flops(self, image_tokens: int) -> float:
+        """FLOPs of one forward of one CFG branch on ``image_tokens`` packed tokens."""
+        return sum(self.block_flops(image_tokens, b) for b in range(self.blocks))
+
+
+def shape_of(spec: Any, name: str = "", text_tokens: int = 256) -> ModelShape:
+    """A spec's shape: its family's random state is built on the meta device (no memory) and its tensors
+    grouped by the family's block index."""
+    fam = family_of(spec)
+    with torch.device("meta"):
+        state: Mapping[str, torch.Tensor] = fam.random_state(spec, 0)
+    per_block = [0] * spec.num_blocks
+    shared = 0
+    for key, tensor in state.items():
+        index = fam.block_index(key, spec)
+        if index is None:
+            shared += tensor.numel()
+        else:
+            per_block[index] += tensor.numel()
+    return ModelShape(name=name or fam.id, family=fam.id, heads=spec.num_attention_heads, hidden=spec.hidden_size,
+                      block_parameters=tuple(per_block), shared_parameters=shared, text_tokens=text_tokens,
+                      joint_text=fam.id in JOINT_TEXT_FAMILIES, token_channels=spec.latent_channels * 4)
