@@ -242,7 +242,7 @@ def random_pixart_state(spec: PixArtSpec, seed: int, dtype: torch.dtype = torch.
         elif name.endswith(".bias") or name in _UNUSED:
             tensor = 0.02 * torch.randn(shape, generator=generator)
         else:
-            fan_in = int(torch.tensor(shape[1:]).prod())
+            fan_in = math.prod(shape[1:])
             tensor = torch.randn(shape, generator=generator) / fan_in ** 0.5
         state[name] = tensor.to(dtype).contiguous()
     return state

@@ -9,6 +9,7 @@ stock-loadable tiny SD3 is simply a shallow one: depth 4 -> width 256, 4 heads o
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -231,7 +232,7 @@ def random_mmdit_state(spec: SD3Spec, seed: int, dtype: torch.dtype = torch.floa
         elif name.endswith(".bias") or name == "pos_embed":
             tensor = (0.02 if name != "pos_embed" else 0.5) * torch.randn(shape, generator=generator)
         else:
-            fan_in = int(torch.tensor(shape[1:]).prod())
+            fan_in = math.prod(shape[1:])
             tensor = torch.randn(shape, generator=generator) / fan_in ** 0.5
         state[name] = tensor.to(dtype).contiguous()
     return state
