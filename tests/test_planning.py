@@ -132,3 +132,20 @@ def test_plan_command_prints_ranked_layouts(capsys) -> None:
     assert seconds == sorted(seconds)
     assert main(["plan", "--model", "tiny:flux", "--width", "250"]) == 2
     assert "multiple of 16" in capsys.readouterr().err
+
+
+def test_scaling_benchmark_predicts_the_published_numbers_it_was_not_fitted_to(tmp_path, monkeypatch) -> None:
+    import json
+    import runpy
+    import sys
+
+    out = tmp_path / "scaling.json"
+    monkeypatch.setattr(sys, "argv", ["scaling_model.py", "--json", str(out), "--plot", str(tmp_path / "s.png")])
+    runpy.run_path(str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks" / "scaling_model.py"),
+                   run_name="__main__")
+    result = json.loads(out.read_text())
+    rows = result["published_vs_modelled"]
+    assert [r["role"] for r in rows].count("calibration") == 2 and len(rows) == 7
+    for row in rows:  # within a factor of two of every published time, calibrated on single GPUs only
+        assert 0.5 <= row["ratio"] <= 2.0, row
+    assert {g["gpus"] for g in result["grid"]} == {1, 2, 4, 8, 16}
