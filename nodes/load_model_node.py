@@ -15,7 +15,8 @@ from comfyui_xdit.request import ModelRef
 from .comfy_types import CATEGORY, XDiTModelType, XDiTPoolType
 from .handles import ModelHandle, PoolHandle
 from .pool_access import registry
-from .validation import MAX_DEGREE, WEIGHT_DTYPES, check_config, parallel_config, resolve_dtype
+from .validation import (MAX_DEGREE, WEIGHT_DTYPES, auto_config, check_config, layout_inputs, parallel_config,
+                         resolve_dtype)
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +51,18 @@ class XDiTLoadModel(io.ComfyNode):
                 io.Int.Input("data_degree", **degree, optional=True, tooltip="Batch groups: the images of a batch "
                              "split over this many rank groups, each with the degrees above (needs batch_size >= "
                              "this)."),
+                *layout_inputs(),
             ],
             outputs=[XDiTModelType.Output(display_name="model")],
         )
 
     @classmethod
     def validate_inputs(cls, unet_name: str, ulysses_degree: int, ring_degree: int, pipefusion_degree: int,
-                        num_patches: int, warmup_steps: int, cfg_parallel: bool, data_degree: int = 1) -> bool | str:
+                        num_patches: int, warmup_steps: int, cfg_parallel: bool, data_degree: int = 1,
+                        layout: str = "manual", plan_width: int = 1024, plan_height: int = 1024) -> bool | str:
+        if layout != "manual":  # the planner picks the degrees when the node runs (it needs the pool)
+            ulysses_degree = ring_degree = pipefusion_degree = 1
+            num_patches = 0
         problem = check_config(folder_paths.get_full_path("diffusion_models", unet_name), unet_name,
                                ulysses_degree=ulysses_degree, ring_degree=ring_degree,
                                pipefusion_degree=pipefusion_degree, num_patches=num_patches,
@@ -66,14 +72,19 @@ class XDiTLoadModel(io.ComfyNode):
     @classmethod
     def execute(cls, pool: PoolHandle, unet_name: str, weight_dtype: str, ulysses_degree: int, ring_degree: int,
                 pipefusion_degree: int, num_patches: int, warmup_steps: int, cfg_parallel: bool,
-                data_degree: int = 1) -> io.NodeOutput:
+                data_degree: int = 1, layout: str = "manual", plan_width: int = 1024,
+                plan_height: int = 1024) -> io.NodeOutput:
         require_environment()
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        config = parallel_config(ulysses_degree, ring_degree, pipefusion_degree, num_patches, warmup_steps,
-                                 cfg_parallel, data_degree)
         spec = read_spec(path)  # ValueError naming what the file holds when it is no family we run
         ref = ModelRef(path=path, dtype=resolve_dtype(weight_dtype, pool))
         live = registry().get(pool)
+        if layout == "manual":
+            config = parallel_config(ulysses_degree, ring_degree, pipefusion_degree, num_patches, warmup_steps,
+                                     cfg_parallel, data_degree)
+        else:
+            config = auto_config(spec, live.status().hosts, layout, plan_width, plan_height, cfg_parallel,
+                                 warmup_steps, data_degree)
         live.warm(config)  # build the ranks now, so a shortage of devices shows on this node
         logger.info("xDiT model %s (%s) on %s", unet_name, config.describe(), pool.describe())
         return io.NodeOutput(ModelHandle(pool=pool, model=ref, parallel=config, spec=spec, name=unet_name))

@@ -15,7 +15,7 @@ from .comfy_types import CATEGORY, XDiTModelType, XDiTPoolType
 from .handles import ModelHandle, PoolHandle
 from .model_patches import base_weights, check_family, lora_patches, sigma_shift
 from .pool_access import registry
-from .validation import MAX_DEGREE, WEIGHT_DTYPES, parallel_config, resolve_dtype
+from .validation import MAX_DEGREE, WEIGHT_DTYPES, auto_config, layout_inputs, parallel_config, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class XDiTParallelModel(io.ComfyNode):
                 io.Int.Input("data_degree", **degree, optional=True, tooltip="Batch groups: the images of a batch "
                              "split over this many rank groups, each with the degrees above (needs batch_size >= "
                              "this)."),
+                *layout_inputs(),
             ],
             outputs=[XDiTModelType.Output(display_name="model")],
         )
@@ -57,11 +58,13 @@ class XDiTParallelModel(io.ComfyNode):
     @classmethod
     def execute(cls, pool: PoolHandle, model, weight_dtype: str, ulysses_degree: int, ring_degree: int,
                 pipefusion_degree: int, num_patches: int, warmup_steps: int, cfg_parallel: bool,
-                data_degree: int = 1) -> io.NodeOutput:
+                data_degree: int = 1, layout: str = "manual", plan_width: int = 1024,
+                plan_height: int = 1024) -> io.NodeOutput:
         require_environment()
         family = check_family(model)
-        config = parallel_config(ulysses_degree, ring_degree, pipefusion_degree, num_patches, warmup_steps,
-                                 cfg_parallel, data_degree)
+        if layout == "manual":
+            config = parallel_config(ulysses_degree, ring_degree, pipefusion_degree, num_patches, warmup_steps,
+                                     cfg_parallel, data_degree)
         state = base_weights(model)
         spec = infer_spec(state, "the MODEL")
         if spec.family != family:
@@ -75,6 +78,9 @@ class XDiTParallelModel(io.ComfyNode):
         digest = patches_digest(patches)
         ref = ModelRef(path=model_identity(model), dtype=resolve_dtype(weight_dtype, pool), patches=digest)
         live = registry().get(pool)
+        if layout != "manual":
+            config = auto_config(spec, live.status().hosts, layout, plan_width, plan_height, cfg_parallel,
+                                 warmup_steps, data_degree)
         live.hold_model(ref.path, state, digest, patches)
         live.warm(config)  # the sampler checks the layout against the model and the latent before running
         logger.info("xDiT model from the MODEL (%d LoRA patches %s) on %s, %s", len(patches), digest or "-",

@@ -12,6 +12,7 @@ import torch
 
 from comfyui_xdit.models.families import read_spec
 from comfyui_xdit.parallel_config import ParallelConfig
+from comfyui_xdit.planning.pool_plan import LAYOUT_CHOICES, PoolHosts, planned_config
 
 from .handles import PoolHandle
 
@@ -57,6 +58,30 @@ def check_config(unet_path: Optional[str], unet_name: str, **degrees) -> Optiona
         return (f"pipefusion_degree {config.pipefusion_degree} exceeds the model's {blocks} transformer blocks; use "
                 f"pipefusion_degree <= {blocks} and put the remaining GPUs on ulysses_degree or ring_degree")
     return None
+
+
+def layout_inputs() -> list:
+    """The optional widgets that let the planner choose the degrees (last, so saved workflows keep working)."""
+    from comfy_api.latest import io
+
+    size = dict(default=1024, min=16, max=16384, step=16)
+    return [io.Combo.Input("layout", options=list(LAYOUT_CHOICES), default="manual", optional=True,
+                           tooltip="manual: the degrees above. auto: the layout planner picks cfg / pipefusion / ring / "
+                                   "ulysses / patches for this pool and plan_width x plan_height (logged with its modelled "
+                                   "time); 'exact' leaves out PipeFusion (approximate after its warm-up), 'fastest' "
+                                   "allows it. cfg_parallel on = the prompt uses true CFG (cfg != 1)."),
+            io.Int.Input("plan_width", **size, optional=True, tooltip="The width you will sample, for layout auto."),
+            io.Int.Input("plan_height", **size, optional=True, tooltip="The height you will sample, for layout auto.")]
+
+
+def auto_config(spec, hosts, layout: str, plan_width: int, plan_height: int, cfg_parallel: bool,
+                warmup_steps: int, data_degree: int) -> ParallelConfig:
+    """The planner's layout for the widgets of a node set to an auto ``layout`` (``hosts``: the pool status')."""
+    if int(data_degree) != 1:
+        raise ValueError(f"layout {layout!r} plans one image's layout; set data_degree to 1, or choose the degrees "
+                         f"by hand (layout manual)")
+    return planned_config(spec, PoolHosts.of(hosts), int(plan_width), int(plan_height), bool(cfg_parallel), layout,
+                          warmup_steps=max(1, int(warmup_steps)))
 
 
 def resolve_dtype(weight_dtype: str, pool: PoolHandle) -> str:

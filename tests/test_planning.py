@@ -149,3 +149,28 @@ def test_scaling_benchmark_predicts_the_published_numbers_it_was_not_fitted_to(t
     for row in rows:  # within a factor of two of every published time, calibrated on single GPUs only
         assert 0.5 <= row["ratio"] <= 2.0, row
     assert {g["gpus"] for g in result["grid"]} == {1, 2, 4, 8, 16}
+
+
+def test_pool_plan_reads_the_pools_hosts_and_refuses_what_it_cannot_plan(caplog) -> None:
+    import logging
+    from types import SimpleNamespace as Host
+
+    from comfyui_xdit.planning.pool_plan import PoolHosts, planned_config
+
+    cpu = PoolHosts.of([Host(alive=True, gpus=0, cpus=2), Host(alive=False, gpus=8, cpus=64)])
+    assert cpu == PoolHosts((2,), gpus=False)  # a dead host's GPUs are not offered
+    gpus = PoolHosts.of([Host(alive=True, gpus=8, cpus=64), Host(alive=True, gpus=4, cpus=32)])
+    assert gpus == PoolHosts((8, 4), gpus=True) and gpus.cluster().gpus == 8  # the fewest per host, on each
+    spec = TINY_SPECS["sd3"]
+    with caplog.at_level(logging.INFO, logger="comfyui_xdit.planning.pool_plan"):
+        exact = planned_config(spec, gpus, 1024, 1024, True, "auto (exact)")
+    assert exact.pipefusion_degree == 1 and exact.world_size <= 8
+    assert "auto layout for sd3 at 1024x1024" in caplog.text and "modelled" in caplog.text
+    no_cfg = planned_config(spec, cpu, 128, 128, False, "auto (fastest)")
+    assert no_cfg.cfg_degree == 1 and no_cfg.world_size <= 2
+    with pytest.raises(ValueError, match="plan_width 120 is not a multiple of 16"):
+        planned_config(spec, cpu, 120, 128, True, "auto (exact)")
+    with pytest.raises(ValueError, match="choose one of auto"):
+        planned_config(spec, cpu, 128, 128, True, "manual")
+    with pytest.raises(ValueError, match="no alive host"):
+        planned_config(spec, PoolHosts((), gpus=False), 128, 128, True, "auto (exact)")

@@ -62,6 +62,9 @@ ETHERNET = {speed: Link(f"{speed} GbE", speed * 0.118 * GB, 50e-6) for speed in 
 # nominal dense bf16 rates at an assumed 60% of peak; calibrate with ``calibrated`` from a measured time
 H100 = Device("H100 SXM (nominal)", 0.6 * 989e12)
 L40 = Device("L40 (nominal)", 0.6 * 181e12)
+# a CPU rank of the embedded pool on a machine without GPUs: one core, gloo over shared memory
+CPU_RANK = Device("CPU core (nominal)", 50e9, half_tokens=16.0)
+SHARED_MEMORY = Link("shared memory (gloo)", 2 * GB, 50e-6)
 LINKS = {"nvlink": NVLINK, "pcie": PCIE, **{f"{s}gbe": link for s, link in ETHERNET.items()}}
 
 
