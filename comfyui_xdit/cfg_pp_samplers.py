@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .multi_call_samplers import ancestral_step
+from .ancestral_samplers import ancestral_step
 
 State = Optional[tuple[torch.Tensor, ...]]
 Noise = Optional[Callable[[], torch.Tensor]]

@@ -1,8 +1,9 @@
 """SA-Solver (Stochastic Adams Solver, arXiv 2309.05019) as ComfyUI's ``sa_solver`` / ``sa_solver_pece``
-run it from KSampler on a flow model.
+run it from KSampler.
 
-ComfyUI's ``sample_sa_solver`` steps on half log-SNR ``lambda = log((1 - sigma) / sigma)`` (the schedule
-offset just below sigma 1), with KSampler's defaults: predictor order 3, corrector order 4, s_noise 1, no
+ComfyUI's ``sample_sa_solver`` steps on the model's half log-SNR ``lambda`` (a ``Prediction``'s
+``half_log_snr``: a flow model's ``log((1 - sigma) / sigma)``, the schedule offset just below sigma 1; an
+EPS / v model's ``-log sigma``), with KSampler's defaults: predictor order 3, corrector order 4, s_noise 1, no
 simple order-2 scheme, and ``tau = 1`` (stochastic) for sigmas between the model's ``percent_to_sigma(0.2)``
 and ``percent_to_sigma(0.8)``, 0 (an ODE step) elsewhere. Its loop body for step ``i``: the model is called
 at the predicted latent; a multistep corrector (its weights integrate the Lagrange basis on the last x0
@@ -27,6 +28,9 @@ from functools import partial
 from typing import Callable, Optional, Protocol
 
 import torch
+
+from .prediction import FLOW, Prediction
+from .sampler_types import HalfLogSnr
 
 State = Optional[tuple[torch.Tensor, ...]]
 Noise = Optional[Callable[[], torch.Tensor]]
@@ -55,11 +59,6 @@ def _tau(sigma: torch.Tensor, interval: tuple[float, float]) -> float:
         return 0.0
     start, end = interval
     return ETA if start >= sigma.item() >= end else 0.0
-
-
-def _half_log_snr(sigmas: torch.Tensor) -> torch.Tensor:
-    """(steps + 1,) lambdas of the whole schedule at once, as ComfyUI computes them (inf at sigma 0)."""
-    return sigmas.logit().neg()
 
 
 def _exponential_coeffs(s: torch.Tensor, t: torch.Tensor, order: int, tau: float) -> torch.Tensor:
@@ -172,7 +171,7 @@ def sa_solver_calls(sigmas: torch.Tensor, pece: bool) -> SaSolverCalls:
 
 def sa_solver_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, k: int, state: State,
                    noise: Noise = None, *, pece: bool, interval: tuple[float, float],
-                   calls: SaSolverCalls) -> tuple[torch.Tensor, State]:
+                   calls: SaSolverCalls, half_log_snr: HalfLogSnr = FLOW.half_log_snr) -> tuple[torch.Tensor, State]:
     """After model call ``k`` (on ``x``, with x0 prediction ``denoised``): the corrector of its step, then
     (unless PECE evaluates the corrected latent first) the predictor to the next sigma."""
     i, phase = calls.steps[k], calls.phases[k]
@@ -181,7 +180,7 @@ def sa_solver_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor
     history = () if state is None else state[2:2 + min(i, KEPT)]
     preds = (*history, denoised)
     predictor, corrector = _orders(sigmas, i, pece)
-    lambdas = _half_log_snr(sigmas)
+    lambdas = half_log_snr(sigmas)  # (steps + 1,) the whole schedule at once, as ComfyUI (inf at sigma 0)
     if phase == 0 and corrector > 0:
         x = _correct(state[0], state[1], preds, sigmas, lambdas, i, corrector, interval)
         if pece:  # the model sees the corrected latent next; its x0 prediction replaces this one
@@ -189,10 +188,11 @@ def sa_solver_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor
     return _predict(x, preds, sigmas, lambdas, i, predictor, interval, noise)
 
 
-def sa_solver_functions(name: str, sigmas: torch.Tensor, model_sampling: PercentToSigma
-                        ) -> tuple[Callable[..., "tuple[torch.Tensor, State]"], SaSolverCalls]:
-    """The step after each model call of ``sa_solver`` / ``sa_solver_pece`` over ``sigmas`` (already offset
-    below sigma 1) for a model with ``model_sampling``, and the calls."""
+def sa_solver_functions(name: str, sigmas: torch.Tensor, model_sampling: PercentToSigma,
+                        prediction: Prediction = FLOW) -> tuple[Callable[..., "tuple[torch.Tensor, State]"], SaSolverCalls]:
+    """The step after each model call of ``sa_solver`` / ``sa_solver_pece`` over ``sigmas`` (a flow model's
+    already offset below sigma 1) for a ``prediction`` model with ``model_sampling``, and the calls."""
     pece = SA_SOLVER_VARIANTS[name]
     calls = sa_solver_calls(sigmas, pece)
-    return partial(sa_solver_step, pece=pece, interval=tau_interval(model_sampling), calls=calls), calls
+    return partial(sa_solver_step, pece=pece, interval=tau_interval(model_sampling), calls=calls,
+                   half_log_snr=prediction.half_log_snr), calls

@@ -99,21 +99,39 @@ def beta_schedule(schedule: str, timesteps: int, linear_start: float, linear_end
     raise ValueError(f"unknown beta schedule {schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
 
 
+ZSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08  # ComfyUI's stand-in for the zero terminal alpha-bar (sigma ~4.5e3)
+
+
+def zero_terminal_snr(sigmas: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's ``rescale_zero_terminal_snr_sigmas`` (Lin et al. 2023, arXiv 2305.08891): sqrt(alpha-bar)
+    shifted so the last timestep's is 0 and scaled so the first keeps its value, the last alpha-bar then set
+    to a tiny positive number (an infinite sigma would break the schedulers); float64 in and out."""
+    alphas_bar_sqrt = (1 / ((sigmas * sigmas) + 1)).sqrt()  # (timesteps,)
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt ** 2
+    alphas_bar[-1] = ZSNR_LAST_ALPHA_BAR
+    return ((1 - alphas_bar) / alphas_bar) ** 0.5
+
+
 @dataclass(frozen=True)
 class DiscreteSchedule:
     """ComfyUI ``ModelSamplingDiscrete``: sigma_t = sqrt((1 - alphabar_t) / alphabar_t) of a DDPM beta
     schedule, ``timesteps`` entries (sigma_min first); timestep(sigma) is the nearest entry in log sigma,
-    sigma(t) interpolates log sigma linearly between entries."""
+    sigma(t) interpolates log sigma linearly between entries. ``zsnr``: the schedule rescaled to zero
+    terminal SNR (ModelSamplingDiscrete's ``zsnr`` switch)."""
 
     beta_schedule: str = "linear"
     linear_start: float = 0.00085
     linear_end: float = 0.012
     timesteps: int = 1000
+    zsnr: bool = False
 
     def _sigmas64(self) -> torch.Tensor:
         betas = beta_schedule(self.beta_schedule, self.timesteps, self.linear_start, self.linear_end)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # (timesteps,) float64
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # (timesteps,) float64
+        return zero_terminal_snr(sigmas) if self.zsnr else sigmas
 
     def table(self) -> torch.Tensor:
         return self._sigmas64().float()

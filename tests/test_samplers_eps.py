@@ -1,6 +1,7 @@
-"""Samplers on EPS models: the steps whose ComfyUI code branches on the model sampling type, in their EPS
-form, bit-equal to ComfyUI's (its non-CONST branch, on a ModelSamplingDiscrete); the ones without an EPS
-form refused with the list of those that work; the flow forms untouched."""
+"""Samplers on EPS / v models: the steps whose ComfyUI code branches on the model sampling type, in their
+EPS / v form, bit-equal to ComfyUI's (its non-CONST branch, on a ModelSamplingDiscrete with and without zsnr),
+model call by model call; every sampler has that form (a refused one would be named with those that work);
+the flow forms untouched."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from comfyui_xdit.prediction import EPS, FLOW
-from comfyui_xdit.samplers import (FLOW_ONLY_SAMPLERS, SAMPLER_NAMES, check_sampler, sampler_program,
-                                   samplers_for)
+from comfyui_xdit import samplers
+from comfyui_xdit.noise import BrownianNoise
+from comfyui_xdit.prediction import EPS, FLOW, V
+from comfyui_xdit.samplers import SAMPLER_NAMES, check_sampler, sampler_program, samplers_for
 from comfyui_xdit.sampling import apply_cfg
-from comfyui_xdit.sigmas import DiscreteSchedule, sampling_sigmas
+from comfyui_xdit.sigmas import DiscreteSchedule, FluxShift, offset_first_sigma_for_snr, sampling_sigmas
 
 from comfy_reference import import_comfy
 
 PIXART = DiscreteSchedule(beta_schedule="sqrt_linear", linear_start=0.0001, linear_end=0.02)
+PIXART_ZSNR = DiscreteSchedule(beta_schedule="sqrt_linear", linear_start=0.0001, linear_end=0.02, zsnr=True)
 CFG = 2.5
 
 
@@ -33,15 +36,18 @@ def _uncond(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return 0.8 * torch.tanh(x / (1 + s ** 2) ** 0.5) - 0.05 * torch.cos(2 * x / (1 + s))
 
 
-def _comfy_eps_model(guided: bool):
+def _comfy_eps_model(guided: bool, zsnr: bool = False, kind: str = "EPS", seen: list | None = None):
     """The toy model as ComfyUI's samplers call it (x0 out; with ``guided``, CFG and the post-CFG hooks its
-    CFG++ samplers read), on a fake model object carrying PixArt's EPS ModelSamplingDiscrete."""
+    CFG++ samplers read), on a fake model object carrying PixArt's ModelSamplingDiscrete (``kind`` EPS or
+    V_PREDICTION, with ``zsnr`` as ModelSamplingDiscrete's node sets it); ``seen`` records each call's sigma."""
     ms = import_comfy("comfy.model_sampling")
     settings = {"beta_schedule": "sqrt_linear", "linear_start": 0.0001, "linear_end": 0.02, "timesteps": 1000}
-    sampling = type("Sampling", (ms.ModelSamplingDiscrete, ms.EPS), {})(
-        type("Config", (), {"sampling_settings": settings})())
+    sampling = type("Sampling", (ms.ModelSamplingDiscrete, getattr(ms, kind)), {})(
+        type("Config", (), {"sampling_settings": settings})(), zsnr=zsnr)
 
     def model(x, sigma, model_options=None, **kwargs):
+        if seen is not None:
+            seen.append(float(sigma[0]))
         if not guided:
             return _cond(x, sigma)
         cond, uncond = _cond(x, sigma), _uncond(x, sigma)
@@ -70,10 +76,12 @@ class _Draws:
         return lambda sigma, sigma_next: self(next(count))
 
 
-def _run_ours(name, x, sigmas, noise, guided):
-    program = sampler_program(name, sigmas, PIXART, EPS)
+def _run_ours(name, x, sigmas, noise, guided, schedule=PIXART, prediction=EPS, seen=None):
+    program = sampler_program(name, sigmas, schedule, prediction)
     state = None
     for k in range(program.total_calls):
+        if seen is not None:
+            seen.append(float(program.call_sigmas[k]))
         sigma = program.call_sigmas[k] * x.new_ones(x.shape[0])
         uncond = _uncond(x, sigma) if guided else None
         denoised = apply_cfg(_cond(x, sigma), uncond, CFG) if guided else _cond(x, sigma)
@@ -108,24 +116,81 @@ def test_eps_steps_equal_comfyui_bit_for_bit(name, scheduler):
     assert torch.equal(ours, theirs)
 
 
+# the samplers whose non-flow form was ported last (they were refused on EPS / v models before)
+PORTED = {"dpm_2_ancestral": "sample_dpm_2_ancestral", "dpmpp_2s_ancestral": "sample_dpmpp_2s_ancestral",
+          "seeds_2": "sample_seeds_2", "seeds_3": "sample_seeds_3", "sa_solver": "sample_sa_solver",
+          "sa_solver_pece": "sample_sa_solver_pece"}
+
+
+@pytest.mark.parametrize("name", sorted(PORTED))
+@pytest.mark.parametrize("scheduler", ["normal", "karras"])
+@pytest.mark.parametrize("zsnr", [False, True], ids=["plain", "zsnr"])
+@pytest.mark.parametrize("prediction", [EPS, V], ids=["eps", "v"])
+def test_ported_samplers_equal_comfyui_call_by_call(name, scheduler, zsnr, prediction):
+    """The same model calls at the same sigmas and the same result as ComfyUI's non-CONST branch, on PixArt's
+    schedule and its zero-terminal-SNR rescaling (sigma_max ~4.5e3), for an EPS and a v model sampling."""
+    kd = import_comfy("comfy.k_diffusion.sampling")
+    schedule = PIXART_ZSNR if zsnr else PIXART
+    sigmas = sampling_sigmas(schedule, scheduler, 6, discard_penultimate=name == "dpm_2_ancestral")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    their_draws, our_draws, their_calls, our_calls = _Draws(x.shape, 5), _Draws(x.shape, 5), [], []
+    kind = "EPS" if prediction is EPS else "V_PREDICTION"
+    theirs = getattr(kd, PORTED[name])(_comfy_eps_model(False, zsnr, kind, their_calls), x.clone(), sigmas.clone(),
+                                       extra_args={"seed": 5}, disable=True, noise_sampler=their_draws.sampler())
+    ours = _run_ours(name, x.clone(), sigmas, our_draws, False, schedule, prediction, our_calls)
+    assert our_calls == their_calls
+    assert len(our_draws.drawn) > 0  # the noise reached the steps
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_sde_gpu"])
+@pytest.mark.parametrize("scheduler", ["normal", "karras"])
+@pytest.mark.parametrize("zsnr", [False, True], ids=["plain", "zsnr"])
+def test_dpmpp_sde_equals_comfyui_with_its_brownian_tree(name, scheduler, zsnr):
+    """dpmpp_sde's EPS form: its midpoint in -log sigma, its noise the Brownian tree over the schedule
+    (no offset of the first sigma: that is for flow models only)."""
+    kd = import_comfy("comfy.k_diffusion.sampling")
+    schedule = PIXART_ZSNR if zsnr else PIXART
+    sigmas = sampling_sigmas(schedule, scheduler, 5)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * sigmas[0]
+    their_calls, our_calls = [], []
+    theirs = getattr(kd, f"sample_{name}")(_comfy_eps_model(False, zsnr, seen=their_calls), x.clone(), sigmas.clone(),
+                                           extra_args={"seed": 9}, disable=True)
+    program = sampler_program(name, sigmas, schedule, EPS)
+    noise = BrownianNoise(9, x.shape, lambda t: t, torch.device("cpu"), sigmas, program.noise_spans)
+    ours = _run_ours(name, x.clone(), sigmas, noise, False, schedule, EPS, our_calls)
+    assert our_calls == their_calls
+    assert torch.equal(ours, theirs)
+
+
 def test_eps_forms_differ_from_the_flow_forms():
     sigmas = sampling_sigmas(PIXART, "normal", 4)
     for name in ("euler_ancestral", "lcm", "dpmpp_2m_sde", "er_sde"):
         assert sampler_program(name, sigmas, PIXART, EPS).step is not sampler_program(name, sigmas).step, name
+    # where ComfyUI branches on CONST, the model calls themselves move (a flow schedule, offset below sigma 1)
+    flow_sigmas = offset_first_sigma_for_snr(sampling_sigmas(FluxShift(), "simple", 4), FluxShift())
+    for name in ("dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "seeds_2", "seeds_3"):
+        eps = sampler_program(name, flow_sigmas, FluxShift(), EPS).call_sigmas
+        flow = sampler_program(name, flow_sigmas, FluxShift(), FLOW).call_sigmas
+        assert not torch.equal(eps, flow), name
 
 
-@pytest.mark.parametrize("name", sorted(FLOW_ONLY_SAMPLERS))
-def test_flow_only_samplers_are_refused_naming_those_that_work(name):
-    with pytest.raises(ValueError, match=rf"sampler '{name}' is not available for this EPS-prediction model.*"
+@pytest.mark.parametrize("prediction", [FLOW, EPS, V], ids=lambda p: p.name)
+def test_every_sampler_runs_on_every_prediction(prediction):
+    assert samplers_for(prediction) == SAMPLER_NAMES
+    sigmas = sampling_sigmas(PIXART, "karras", 3)
+    for name in SAMPLER_NAMES:
+        check_sampler(name, prediction)
+        assert sampler_program(name, sigmas, PIXART, prediction).total_calls >= 3, name
+
+
+def test_a_sampler_without_a_form_is_refused_naming_those_that_work(monkeypatch):
+    """The refusal stays for a sampler that some day lacks a form (none today)."""
+    monkeypatch.setattr(samplers, "UNAVAILABLE", {"v": frozenset({"seeds_3"})})
+    with pytest.raises(ValueError, match=r"sampler 'seeds_3' is not available for this V-prediction model; "
                                          r"choose one of euler, euler_cfg_pp, euler_ancestral"):
-        check_sampler(name, EPS)
-    with pytest.raises(ValueError, match="not available for this EPS"):
-        sampler_program(name, sampling_sigmas(PIXART, "normal", 4), PIXART, EPS)
-    check_sampler(name, FLOW)  # flow models run them all
-
-
-def test_samplers_for():
-    assert samplers_for(FLOW) == SAMPLER_NAMES
-    eps = samplers_for(EPS)
-    assert set(eps) == set(SAMPLER_NAMES) - FLOW_ONLY_SAMPLERS
-    assert {"euler", "euler_ancestral", "heun", "dpmpp_2m", "ddim", "lms", "ipndm", "uni_pc"} <= set(eps)
+        check_sampler("seeds_3", V)
+    with pytest.raises(ValueError, match="not available for this V"):
+        sampler_program("seeds_3", sampling_sigmas(PIXART, "normal", 4), PIXART, V)
+    assert "seeds_3" not in samplers_for(V) and "seeds_3" in samplers_for(EPS)
+    check_sampler("seeds_3", EPS)

@@ -1,6 +1,6 @@
 """The discrete DDPM model sampling of EPS models (ComfyUI's ModelSamplingDiscrete): its table, timestep(sigma),
-sigma(timestep), percent_to_sigma and every scheduler's sigmas bit-equal to ComfyUI's; the EPS prediction's
-scalings bit-equal to ComfyUI's EPS."""
+sigma(timestep), percent_to_sigma and every scheduler's sigmas bit-equal to ComfyUI's, with and without zsnr;
+the EPS prediction's scalings bit-equal to ComfyUI's EPS."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ from comfy_reference import import_comfy
 PIXART = DiscreteSchedule(beta_schedule="sqrt_linear", linear_start=0.0001, linear_end=0.02)  # PixArt alpha/sigma
 SD15 = DiscreteSchedule()  # ComfyUI's defaults: linear 0.00085 .. 0.012
 SCHEDULES = {"pixart": PIXART, "sd15": SD15, "cosine": DiscreteSchedule(beta_schedule="cosine"),
-             "sqrt": DiscreteSchedule(beta_schedule="sqrt", linear_start=0.0001, linear_end=0.02)}
+             "sqrt": DiscreteSchedule(beta_schedule="sqrt", linear_start=0.0001, linear_end=0.02),
+             # ModelSamplingDiscrete's zsnr: the schedule rescaled to zero terminal SNR (sigma_max ~4.5e3 for PixArt)
+             "pixart-zsnr": DiscreteSchedule(beta_schedule="sqrt_linear", linear_start=0.0001, linear_end=0.02,
+                                             zsnr=True),
+             "sd15-zsnr": DiscreteSchedule(zsnr=True)}
 
 
 def _comfy_sampling(schedule: DiscreteSchedule, kind: str = "eps"):
@@ -24,7 +28,7 @@ def _comfy_sampling(schedule: DiscreteSchedule, kind: str = "eps"):
                 "linear_end": schedule.linear_end, "timesteps": schedule.timesteps}
     config = type("Config", (), {"sampling_settings": settings})()
     base = {"eps": ms.EPS, "v": ms.V_PREDICTION}[kind]
-    return type("Sampling", (ms.ModelSamplingDiscrete, base), {})(config)
+    return type("Sampling", (ms.ModelSamplingDiscrete, base), {})(config, zsnr=schedule.zsnr)
 
 
 class _FakePatcher:
@@ -49,7 +53,7 @@ def test_table_timestep_sigma_and_percent_equal_comfyui(name):
         assert ours.percent_to_sigma(percent) == theirs.percent_to_sigma(percent)
 
 
-@pytest.mark.parametrize("name", ["pixart", "sd15"])
+@pytest.mark.parametrize("name", ["pixart", "sd15", "pixart-zsnr"])
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
 @pytest.mark.parametrize("steps,denoise", [(1, 1.0), (4, 1.0), (20, 1.0), (7, 0.6), (4, 0.25)])
 @pytest.mark.parametrize("discard", [False, True])
