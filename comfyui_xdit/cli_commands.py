@@ -30,7 +30,10 @@ logger = logging.getLogger(__name__)
 COND_KEYS_DOC = ("--cond FILE.safetensors holds: 'positive_context' (1, L, width) text tokens (Flux and SD3: 4096, "
                  "Qwen-Image: 3584, PixArt: 4096 T5), 'positive_pooled' (1, width) pooled vector where the family has "
                  "one (Flux: 768 CLIP-L, SD3: 2048 CLIP-L+G), optional 'negative_context' (+ 'negative_pooled'; needed "
-                 "when cfg != 1), optional 'guidance' (Flux-dev: a 1-element tensor, default 3.5)")
+                 "when cfg != 1), optional 'guidance' (Flux-dev: a 1-element tensor, default 3.5); HunyuanDiT: 'positive_context' "
+                 "(1, >= 77, 1024) CLIP tokens and 'positive_second_context' (1, >= 256, 2048) mT5-XL tokens, with "
+                 "optional masks 'positive_context_mask' / 'positive_second_context_mask' (1, L) (and the negative_* "
+                 "ones)")
 
 
 def default_dtype() -> str:
@@ -53,13 +56,20 @@ def read_cond_file(path: str) -> tuple[Conditioning, Optional[Conditioning]]:
         raise ValueError(f"{path!r} has 'negative_pooled' but no 'negative_context'; give the tokens too. "
                          f"{COND_KEYS_DOC}")
     try:  # a missing pooled vector: the family's input check says whether the model needs one
-        positive = Conditioning(tensors["positive_context"], tensors.get("positive_pooled"), guidance)
+        positive = Conditioning(tensors["positive_context"], tensors.get("positive_pooled"), guidance,
+                                **_second_stream(tensors, "positive"))
         negative = None
         if "negative_context" in tensors:
-            negative = Conditioning(tensors["negative_context"], tensors.get("negative_pooled"), guidance)
+            negative = Conditioning(tensors["negative_context"], tensors.get("negative_pooled"), guidance,
+                                    **_second_stream(tensors, "negative"))
     except ValueError as exc:
         raise ValueError(f"{path!r}: {exc}. {COND_KEYS_DOC}") from None
     return positive, negative
+
+
+def _second_stream(tensors: dict[str, torch.Tensor], side: str) -> dict[str, Optional[torch.Tensor]]:
+    """A --cond file's masks and second text stream (HunyuanDiT's mT5) for ``side`` (positive / negative)."""
+    return {name: tensors.get(f"{side}_{name}") for name in ("context_mask", "second_context", "second_context_mask")}
 
 
 def build_request(args: argparse.Namespace) -> GenerationRequest:
@@ -81,7 +91,14 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
     else:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-        latent = torch.zeros(args.batch_size, 16, args.height // 8, args.width // 8)
+        frames = latent_frames(args.frames) if args.frames is not None else None
+        if frames is None and _makes_video(model):
+            raise ValueError(f"{args.model} makes video: pass --frames N (video frames, as EmptyHunyuanLatentVideo's "
+                             f"length: 81 frames = 21 latent frames)")
+        size = (args.height // 8, args.width // 8)
+        # (B, 16, H, W), or a video's (B, 16, T, H, W)
+        latent = torch.zeros(args.batch_size, 16, *size) if frames is None else torch.zeros(args.batch_size, 16,
+                                                                                            frames, *size)
     shift = SigmaShift(mode="resolution", max_shift=args.max_shift, base_shift=args.base_shift) \
         if args.resolution_shift else SigmaShift()
     parallel = ParallelConfig(data_degree=args.data_degree, cfg_degree=2 if args.cfg_parallel else 1,
@@ -91,6 +108,22 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
                              negative=negative if args.cfg != 1.0 else None, seed=args.seed, steps=args.steps,
                              cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, denoise=args.denoise,
                              shift=shift, parallel=parallel)
+
+
+def latent_frames(frames: int) -> int:
+    """Latent frames of a ``frames``-frame video, as EmptyHunyuanLatentVideo makes them: (frames - 1) // 4 + 1."""
+    if frames < 1:
+        raise ValueError(f"--frames must be at least 1, got {frames}")
+    return (frames - 1) // 4 + 1
+
+
+def _makes_video(model: ModelRef) -> bool:
+    """Whether the model (a tiny one, or a file on this machine) takes a video LATENT."""
+    from .model_loader import model_spec
+
+    if not (model.is_tiny or os.path.isfile(model.path)):
+        return False
+    return bool(getattr(model_spec(model), "video", False))
 
 
 def check_request_fits(request: GenerationRequest) -> None:
@@ -105,7 +138,8 @@ def check_request_fits(request: GenerationRequest) -> None:
     check_sampler(request.sampler, prediction_of(family_of(spec).adapter()))
     if request.parallel.is_serial:
         return
-    tokens = (request.latent.shape[2] // 2) * (request.latent.shape[3] // 2)
+    frames = request.latent.shape[2] if request.latent.ndim == 5 else 1  # (B, C, [T,] H, W)
+    tokens = frames * (request.latent.shape[-2] // 2) * (request.latent.shape[-1] // 2)
     request.parallel.validate_for(request.parallel.world_size, spec.num_attention_heads, tokens, request.cfg,
                                   num_blocks=spec.num_blocks,
                                   batch_size=request.latent.shape[0])
@@ -114,12 +148,15 @@ def check_request_fits(request: GenerationRequest) -> None:
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample one latent and save it like ComfyUI's SaveLatent",
                        epilog=COND_KEYS_DOC)
-    p.add_argument("--model", required=True, help="a Flux or SD3/SD3.5 .safetensors file, or tiny:flux / tiny:sd3")
+    p.add_argument("--model", required=True, help="a .safetensors file of a family we run (README: Model families), or tiny:NAME (make-tiny's names)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=1.0)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--frames", type=int, default=None,
+                   help="video frames for a video model (Wan 2.1), as EmptyHunyuanLatentVideo's length: latent frames "
+                        "(frames - 1) // 4 + 1")
     p.add_argument("--batch-size", type=int, default=1, help="images of the empty latent (not with --init-latent)")
     p.add_argument("--sampler", default="euler", choices=SAMPLER_NAMES)
     p.add_argument("--scheduler", default="simple", choices=SCHEDULER_NAMES)

@@ -20,6 +20,13 @@ class Conditioning:
     ``guidance``: Flux-dev's distilled guidance (the FluxGuidance node); ignored by schnell.
     ``resolution`` / ``aspect_ratio``: the conditioning's ``height, width`` (pixels) and ``aspect_ratio``
     (CLIPTextEncodePixArtAlpha sets the first), PixArt-alpha's micro-conditions; None: the latent's own.
+    ``context_mask``: (1 or B, L) 1 for the tokens of ``context`` that are text, 0 for padding (ComfyUI's
+    ``attention_mask``; HunyuanDiT replaces the padding with learned rows); None: all text.
+    ``second_context`` / ``second_context_mask``: a second text encoder's (1 or B, L2, width2) tokens and
+    (1 or B, L2) mask, for families that cross-attend to two (HunyuanDiT's mT5: ``conditioning_mt5xl``,
+    ``attention_mask_mt5xl``); None where the family takes one.
+    ``target_resolution``: the conditioning's ``target_height, target_width`` (pixels; CLIPTextEncodeSDXL's),
+    HunyuanDiT v1.0's image-size condition with ``resolution``; None: ``resolution``.
     """
 
     context: torch.Tensor
@@ -27,6 +34,10 @@ class Conditioning:
     guidance: Optional[float] = DEFAULT_FLUX_GUIDANCE
     resolution: Optional[tuple[float, float]] = None  # (height, width) in image pixels
     aspect_ratio: Optional[float] = None  # height / width by default
+    context_mask: Optional[torch.Tensor] = None  # (1 or B, L)
+    second_context: Optional[torch.Tensor] = None  # (1 or B, L2, width2)
+    second_context_mask: Optional[torch.Tensor] = None  # (1 or B, L2)
+    target_resolution: Optional[tuple[float, float]] = None  # (target height, target width) in image pixels
 
     def __post_init__(self) -> None:
         if self.pooled is None:
@@ -35,18 +46,35 @@ class Conditioning:
             raise ValueError(f"conditioning context must be (batch, tokens, dim), got shape {tuple(self.context.shape)}")
         if self.pooled.ndim != 2:
             raise ValueError(f"pooled conditioning must be (batch, dim), got shape {tuple(self.pooled.shape)}")
+        if self.second_context is not None and self.second_context.ndim != 3:
+            raise ValueError(f"the second text encoder's tokens must be (batch, tokens, dim), got shape "
+                             f"{tuple(self.second_context.shape)}")
+        for mask, tokens, what in ((self.context_mask, self.context, "text"),
+                                   (self.second_context_mask, self.second_context, "second text")):
+            if mask is not None and (tokens is None or mask.ndim != 2 or mask.shape[1] != tokens.shape[1]):
+                raise ValueError(f"the {what} mask must be (batch, tokens) for the {what} tokens, got shape "
+                                 f"{tuple(mask.shape)}" + ("" if tokens is None else f" for {tuple(tokens.shape)}"))
 
     def for_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Context and pooled repeated to the latent batch, as ComfyUI repeats conds."""
         return _repeat_to(self.context, batch), _repeat_to(self.pooled, batch)
 
+    def batched(self, name: str, batch: int) -> Optional[torch.Tensor]:
+        """The tensor field ``name`` (a mask, the second tokens) repeated to the latent batch; None if absent."""
+        tensor = getattr(self, name)
+        return None if tensor is None else _repeat_to(tensor, batch)
+
     def rows(self, batch: int, start: int, stop: int) -> "Conditioning":
         """The conditioning of images ``[start, stop)`` of a ``batch``-image latent: a batch-1 conditioning is
         shared as is, a bigger one is repeated to the latent batch (as ``for_batch``) and cut to those rows."""
-        if self.context.shape[0] == 1 and self.pooled.shape[0] == 1:
+        tensors = {name: getattr(self, name) for name in _BATCHED if getattr(self, name) is not None}
+        if all(tensor.shape[0] == 1 for tensor in tensors.values()):
             return self
-        context, pooled = self.for_batch(batch)
-        return replace(self, context=context[start:stop], pooled=pooled[start:stop])
+        return replace(self, **{name: _repeat_to(tensor, batch)[start:stop] for name, tensor in tensors.items()})
+
+
+# the tensor fields with a batch axis, repeated and cut together
+_BATCHED = ("context", "pooled", "context_mask", "second_context", "second_context_mask")
 
 
 def _repeat_to(tensor: torch.Tensor, batch: int) -> torch.Tensor:

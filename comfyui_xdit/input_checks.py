@@ -66,6 +66,13 @@ FAMILY_INPUTS = {
                                  "the SD1.5 VAE (4 channels)"),
     "pixart-sigma": FamilyInputs("PixArt-sigma", "CLIPLoader (type pixart, t5xxl) -> CLIPTextEncode",
                                  "T5-XXL tokens (width 4096); no pooled vector", "the SDXL VAE (4 channels)"),
+    "wan21": FamilyInputs("Wan 2.1", "CLIPLoader (type wan, umt5_xxl) -> CLIPTextEncode",
+                          "umT5-XXL tokens (width 4096); no pooled vector",
+                          "the Wan 2.1 VAE (wan_2.1_vae.safetensors; EmptyHunyuanLatentVideo for text-to-video)"),
+    "hunyuan-dit": FamilyInputs("HunyuanDiT", "a HunyuanDiT checkpoint's CLIP (CheckpointLoaderSimple) -> CLIPTextEncode "
+                                              "(or CLIPTextEncodeHunyuanDiT)",
+                                "CLIP tokens (width 1024, >= 77) + 'positive_second_context' mT5-XL tokens (width "
+                                "2048, >= 256), their masks; no pooled vector", "the SDXL VAE (4 channels)"),
 }
 
 
@@ -105,6 +112,13 @@ def check_conditioning(cond: Conditioning, spec: ModelSpec, where: str, names: I
         raise ValueError(f"{where}: the pooled vector has width {pooled}{_encoder_name(pooled, CLIP_WIDTHS)}, but this "
                          f"{title} model takes a pooled vector of width {spec.pooled_dim}; "
                          f"{names.encoder_fix(spec.family)}")
+    second = getattr(spec, "second_context_dim", None)  # HunyuanDiT: mT5 tokens besides the CLIP ones
+    if second is not None:
+        tokens = cond.second_context
+        if tokens is None or tokens.shape[-1] != second:
+            found = "none" if tokens is None else f"width {tokens.shape[-1]}"
+            raise ValueError(f"{where}: this {title} model takes a second stream of text tokens (mT5-XL, width "
+                             f"{second}) besides the CLIP tokens; found {found}; {names.encoder_fix(spec.family)}")
     for tensor, what in ((cond.context, "text tokens"), (cond.pooled, "pooled vector")):
         if latent_batch % tensor.shape[0]:
             raise ValueError(f"{where}: the {what} have batch {tensor.shape[0]}, which does not divide the latent "
@@ -117,14 +131,18 @@ def check_latent(latent: torch.Tensor, names: InputNames, spec: ModelSpec) -> No
     An all-zero latent of another channel count is accepted: ComfyUI widens an empty latent to the
     model's channels (``fix_empty_latent_channels``)."""
     title, fix = family_of(spec).title, names.vae_fix(spec.family)
-    if latent.ndim != 4:
+    if getattr(spec, "video", False):  # a video family: (batch, channels, frames, height, width)
+        if latent.ndim != 5:
+            raise ValueError(f"{names.latent}: expected a video LATENT (batch, channels, frames, height, width), got "
+                             f"shape {tuple(latent.shape)}; {fix}")
+    elif latent.ndim != 4:
         raise ValueError(f"{names.latent}: expected an image LATENT (batch, channels, height, width), got shape "
                          f"{tuple(latent.shape)}; {fix}")
     channels = spec.latent_channels
     if latent.shape[1] != channels and torch.count_nonzero(latent) > 0:
         raise ValueError(f"{names.latent}: the latent has {latent.shape[1]} channels (an SD1.5/SDXL VAE?), {title} "
                          f"needs {channels}; {fix}")
-    h, w = latent.shape[2], latent.shape[3]
+    h, w = latent.shape[-2], latent.shape[-1]
     if h % FLUX_PATCH or w % FLUX_PATCH:
         raise ValueError(f"{names.latent}: image size {w * 8}x{h * 8} px (latent {w}x{h}) is not a multiple of 16 px "
                          f"on each side, which {title}'s 2x2 patches need; use a width and height divisible by 16, e.g. "

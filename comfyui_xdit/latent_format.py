@@ -77,3 +77,6 @@ QWEN_IMAGE_LATENT_FORMAT = PerChannelLatentFormat(
 # ComfyUI's SD15 and SDXL formats (4 channels, scale only), which PixArt-alpha and PixArt-sigma use.
 SD15_LATENT_FORMAT = LatentFormat(channels=4, scale_factor=0.18215, shift_factor=0.0)
 SDXL_LATENT_FORMAT = LatentFormat(channels=4, scale_factor=0.13025, shift_factor=0.0)
+
+# Wan 2.1's own latent (the Wan VAE: the same per-channel statistics), with a time axis (B, 16, T, H, W).
+WAN21_LATENT_FORMAT = QWEN_IMAGE_LATENT_FORMAT

@@ -42,13 +42,25 @@ def load_model(ref: ModelRef, device: torch.device | str = "cpu", blocks: Option
 
 def tiny_conditioning(ref: ModelRef, seed: int, text_len: int = 8,
                       guidance: float = 3.5) -> tuple[Conditioning, Conditioning]:
-    """Positive and negative conditioning drawn from ``seed`` for tiny models (no text encoder)."""
+    """Positive and negative conditioning drawn from ``seed`` for tiny models (no text encoder). A family with a
+    second text stream (HunyuanDiT's mT5) gets those tokens too, each stream at least as long as the model's
+    padding table and masked like an encoder's padded output (text first, then padding)."""
     spec = tiny_spec(ref.path[len(TINY_PREFIX):])
     generator = torch.Generator().manual_seed(seed + 1)
+    second_dim = getattr(spec, "second_context_dim", None)
+
+    def mask(tokens: int) -> torch.Tensor:
+        return (torch.arange(tokens) < (tokens + 1) // 2).float()[None]  # (1, L): the first half text
 
     def draw() -> Conditioning:
-        return Conditioning(context=torch.randn(1, text_len, spec.context_dim, generator=generator),
-                            pooled=torch.randn(1, spec.pooled_dim, generator=generator),
-                            guidance=guidance)
+        if second_dim is None:
+            return Conditioning(context=torch.randn(1, text_len, spec.context_dim, generator=generator),
+                                pooled=torch.randn(1, spec.pooled_dim, generator=generator),
+                                guidance=guidance)
+        clip_len, t5_len = max(text_len, spec.text_len), max(text_len, spec.t5_len)
+        return Conditioning(context=torch.randn(1, clip_len, spec.context_dim, generator=generator), pooled=None,
+                            guidance=guidance, context_mask=mask(clip_len),
+                            second_context=torch.randn(1, t5_len, second_dim, generator=generator),
+                            second_context_mask=mask(t5_len))
 
     return draw(), draw()

@@ -74,7 +74,8 @@ class ParallelConfig:
                      num_blocks: int | None = None, batch_size: int | None = None) -> None:
         """Check the fit to a world, a model and a resolution; ``ValueError`` names a working alternative.
 
-        ``image_tokens`` is the packed token count (latent h/2 * w/2); ``cfg`` the request's guidance scale;
+        ``image_tokens`` is the packed token count (latent h/2 * w/2, times T frames of a video); ``cfg`` the
+        request's guidance scale;
         ``num_blocks`` the model's transformer blocks (PipeFusion stages split them; None skips that check);
         ``batch_size`` the latent's images (each data group needs one; None skips that check).
         """
@@ -96,7 +97,8 @@ class ParallelConfig:
             per_patch = (f" ({image_tokens} / {self.patches} patches = {image_tokens / self.patches:g} tokens per "
                          f"patch, each split over ring x ulysses = {self.sequence_degree} ranks)"
                          if self.patches > 1 else "")
-            raise ValueError(f"{image_tokens} image tokens (latent h/2 * w/2) do not split evenly into ring "
+            raise ValueError(f"{image_tokens} image tokens (latent h/2 * w/2, x frames for a video) do not split "
+                             f"evenly into ring "
                              f"{self.ring_degree} x ulysses {self.ulysses_degree} x patches {self.patches} = {split} "
                              f"pieces{per_patch}; choose a width and height whose token count is a multiple of "
                              f"{split}" + (", fewer patches (--patches)" if self.patches > self.pipefusion_degree

@@ -43,11 +43,17 @@ class ModelRef:
         return DTYPES[self.dtype]
 
 
+SHIFT_MODES = ("default", "resolution", "flux", "discrete_flow", "discrete")
+DISCRETE_PREDICTIONS = ("eps", "v")  # ModelSamplingDiscrete's samplings that xDiT runs (its eps / v_prediction)
+
+
 @dataclass(frozen=True)
 class SigmaShift:
-    """Which sigma table: the model's own default, ComfyUI's ModelSamplingFlux node (``resolution``), or
-    the one a ComfyUI MODEL carries: ``flux`` (ModelSamplingFlux's ``shift``) or ``discrete_flow``
-    (ModelSamplingDiscreteFlow's ``shift`` and ``multiplier``)."""
+    """Which model sampling: the model's own default, ComfyUI's ModelSamplingFlux node (``resolution``), or
+    the one a ComfyUI MODEL carries: ``flux`` (ModelSamplingFlux's ``shift``), ``discrete_flow``
+    (ModelSamplingDiscreteFlow's ``shift`` and ``multiplier``) or ``discrete`` (ModelSamplingDiscrete's
+    patch of a discrete-schedule model: its ``prediction``, eps or v, which then replaces the model's own,
+    and ``zsnr``, the schedule rescaled to zero terminal SNR)."""
 
     mode: str = "default"
     max_shift: float = 1.15
@@ -56,11 +62,16 @@ class SigmaShift:
     height: Optional[int] = None
     shift: float = 1.15  # modes flux / discrete_flow
     multiplier: float = 1.0  # mode discrete_flow
+    prediction: str = "eps"  # mode discrete: what the model predicts for this run
+    zsnr: bool = False  # mode discrete
 
     def __post_init__(self) -> None:
-        if self.mode not in ("default", "resolution", "flux", "discrete_flow"):
-            raise ValueError(f"sigma shift mode must be 'default', 'resolution', 'flux' or 'discrete_flow', "
+        if self.mode not in SHIFT_MODES:
+            raise ValueError(f"sigma shift mode must be one of {', '.join(repr(m) for m in SHIFT_MODES)}, "
                              f"got {self.mode!r}")
+        if self.mode == "discrete" and self.prediction not in DISCRETE_PREDICTIONS:
+            raise ValueError(f"a discrete model sampling predicts one of {', '.join(DISCRETE_PREDICTIONS)}, "
+                             f"got {self.prediction!r}")
 
 
 def check_custom_sigmas(sigmas: torch.Tensor) -> None:

@@ -20,12 +20,13 @@ from .inpaint import Inpaint, build_inpaint
 from .models import packing
 from .models.adapter import Adapter
 from .noise import AncestralNoise, BatchRows, BrownianNoise, inpaint_noise, prepare_batch_noise
-from .prediction import FLOW, Prediction, max_denoise, prediction_of
+from .prediction import FLOW, PREDICTIONS, Prediction, max_denoise, prediction_of
 from .request import GenerationRequest
 from .samplers import (BROWNIAN_SAMPLERS, CFG_PP_SAMPLERS, DEVICE_TREE_SAMPLERS, DISCARD_PENULTIMATE_SIGMA_SAMPLERS, NOISE_SAMPLERS, SNR_OFFSET_SAMPLERS,
                        SamplerProgram, SamplerState, SamplerStep, check_sampler, sampler_program)
 from .uni_pc_sampler import UNI_PC_VARIANTS, uni_pc_sigmas
-from .sigmas import DiscreteFlowShift, FluxShift, ModelSampling, offset_first_sigma_for_snr, resolution_shift, sampling_sigmas
+from .sigmas import (DiscreteFlowShift, DiscreteSchedule, FluxShift, ModelSampling, offset_first_sigma_for_snr,
+                     resolution_shift, sampling_sigmas)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,14 @@ class SamplingPlan:
     brownian_on_device: bool = False  # the _gpu samplers: the tree on the model's device, not the CPU
     batch_rows: Optional[tuple[int, int]] = None  # a data group's plan: the rows [start, stop) of the batch it holds
     prediction: Prediction = FLOW  # the model's: its input scaling and x0 from its output (prediction.py)
+    frames: Optional[int] = None  # a video latent's (B, C, T, H, W) frame count T; None: an image latent
+    timestep_sigmas: Optional[torch.Tensor] = None  # (calls,) see model_sigmas; None: the call sigmas themselves
+
+    def unpack(self, adapter: Adapter, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, C*2*2) back into this plan's latent layout: (B, C, H, W) or (B, C, T, H, W)."""
+        if self.frames is None:
+            return adapter.unpack(tokens, self.height, self.width)
+        return adapter.unpack(tokens, self.height, self.width, frames=self.frames)
 
     def step_noise(self, device: torch.device) -> "Optional[AncestralNoise | BrownianNoise | BatchRows]":
         """The noise the sampler draws during sampling, on ``device`` as ComfyUI draws it (for the whole
@@ -115,6 +124,13 @@ class SamplingPlan:
         return self.program.call_sigmas
 
     @property
+    def model_sigmas(self) -> torch.Tensor:
+        """(calls,) the sigma the adapter is given at each model call, which it maps to the model's timestep by
+        its own table: the call's sigma, or, under another discrete table than the adapter's (ModelSamplingDiscrete's
+        zsnr), the adapter's table entry at the run's timestep of it, so the model sees ComfyUI's timestep."""
+        return self.call_sigmas if self.timestep_sigmas is None else self.timestep_sigmas
+
+    @property
     def total_calls(self) -> int:
         """Model calls per branch (sampler steps for one-call samplers; PipeFusion's pipeline steps)."""
         return self.program.total_calls
@@ -123,6 +139,8 @@ class SamplingPlan:
 def model_sampling_for(adapter: Adapter, request: GenerationRequest) -> ModelSampling:
     if request.shift.mode == "default":
         return adapter.default_sampling()
+    if request.shift.mode == "discrete":
+        return _discrete_sampling(adapter, request.shift.zsnr)
     prediction = prediction_of(adapter)
     if not prediction.is_flow:
         raise ValueError(f"sigma shift {request.shift.mode!r} is a flow-model sampling, but this model predicts "
@@ -131,10 +149,36 @@ def model_sampling_for(adapter: Adapter, request: GenerationRequest) -> ModelSam
         return FluxShift(shift=request.shift.shift)
     if request.shift.mode == "discrete_flow":
         return DiscreteFlowShift(shift=request.shift.shift, multiplier=request.shift.multiplier)
-    h, w = request.latent.shape[2], request.latent.shape[3]
+    h, w = request.latent.shape[-2], request.latent.shape[-1]  # (B, C, [T,] H, W)
     width = request.shift.width if request.shift.width is not None else w * 8
     height = request.shift.height if request.shift.height is not None else h * 8
     return FluxShift(shift=resolution_shift(request.shift.max_shift, request.shift.base_shift, width, height))
+
+
+def _discrete_sampling(adapter: Adapter, zsnr: bool) -> DiscreteSchedule:
+    """ModelSamplingDiscrete's schedule: the model's own DDPM schedule, rescaled to zero terminal SNR with ``zsnr``."""
+    own = adapter.default_sampling()
+    if not isinstance(own, DiscreteSchedule):
+        raise ValueError(f"a ModelSamplingDiscrete patch (eps / v_prediction, zsnr) changes a discrete-schedule model "
+                         f"(PixArt, HunyuanDiT), but this model samples on {type(own).__name__}, a flow schedule; "
+                         f"connect the MODEL from before that node")
+    return replace(own, zsnr=zsnr)
+
+
+def _timestep_sigmas(own: ModelSampling, run: ModelSampling, call_sigmas: torch.Tensor) -> Optional[torch.Tensor]:
+    """(calls,) sigmas of the adapter's own discrete table at the run table's timesteps (nearest entries) of
+    ``call_sigmas``; None where the run samples on the adapter's own table (or a flow one, whose timestep is sigma)."""
+    if run == own or not isinstance(run, DiscreteSchedule) or not isinstance(own, DiscreteSchedule):
+        return None
+    return own.table()[run.timestep(call_sigmas)]  # (calls,) float32
+
+
+def prediction_for(adapter: Adapter, request: GenerationRequest) -> Prediction:
+    """What the model's output means in this run: the adapter's own prediction, or the one a ModelSamplingDiscrete
+    patch chose (``v_prediction`` on an EPS model: its output is read as v)."""
+    if request.shift.mode == "discrete":
+        return PREDICTIONS[request.shift.prediction]
+    return prediction_of(adapter)
 
 
 def fix_empty_latent_channels(latent: torch.Tensor, channels: int) -> torch.Tensor:
@@ -147,8 +191,12 @@ def fix_empty_latent_channels(latent: torch.Tensor, channels: int) -> torch.Tens
 def prepare_plan(adapter: Adapter, request: GenerationRequest) -> SamplingPlan:
     latent = fix_empty_latent_channels(request.latent.float(), adapter.latent_format.channels)
     adapter.check_latent(latent)
-    prediction = prediction_of(adapter)
-    check_sampler(request.sampler, prediction)  # a flow-only sampler on an EPS model: refused before anything
+    frames = latent.shape[2] if latent.ndim == 5 else None  # a video family's (B, C, T, H, W)
+    if frames is not None and request.noise_mask is not None:
+        raise ValueError("a noise mask (SetLatentNoiseMask) on a video latent is not supported by the xDiT sampler "
+                         "yet; use the stock KSampler for video inpainting")
+    prediction = prediction_for(adapter, request)
+    check_sampler(request.sampler, prediction)  # a sampler without this prediction's form: refused before anything
     noise = prepare_batch_noise(latent, request.seed, request.batch_index)
     model_sampling = model_sampling_for(adapter, request)
     if request.sigmas is not None:  # SamplerCustom: the schedule as given
@@ -165,15 +213,19 @@ def prepare_plan(adapter: Adapter, request: GenerationRequest) -> SamplingPlan:
     if len(sigmas) > 0:  # KSAMPLER's noise scaling, from the model's largest sigma or below it
         latent = prediction.noise_scaling(sigmas[0], noise, latent,
                                           max_denoise(float(model_sampling.table()[-1]), sigmas))
-    _, _, h, w = latent.shape
+    h, w = latent.shape[-2:]
     brownian = request.sampler in BROWNIAN_SAMPLERS
     # flow models' SDE samplers start just below sigma 1 (offset after noise scaling, as ComfyUI's samplers do)
     offset = request.sampler in SNR_OFFSET_SAMPLERS and prediction.is_flow
     loop_sigmas = offset_first_sigma_for_snr(sigmas, model_sampling) if offset else sigmas
     if request.sampler in UNI_PC_VARIANTS:  # a final 0 becomes 0.001, which finish() then divides by as ComfyUI
         loop_sigmas = uni_pc_sigmas(loop_sigmas)
-    return SamplingPlan(x=adapter.pack(latent), sigmas=loop_sigmas, image_ids=adapter.image_ids(h, w), height=h,
-                        width=w, program=sampler_program(request.sampler, loop_sigmas, model_sampling, prediction),
+    image_ids = adapter.image_ids(h, w) if frames is None else adapter.image_ids(h, w, frames=frames)
+    program = sampler_program(request.sampler, loop_sigmas, model_sampling, prediction)
+    timestep_sigmas = _timestep_sigmas(adapter.default_sampling(), model_sampling, program.call_sigmas)
+    return SamplingPlan(x=adapter.pack(latent), sigmas=loop_sigmas, image_ids=image_ids, height=h, width=w,
+                        frames=frames, program=program,
+                        timestep_sigmas=timestep_sigmas,
                         positive=request.positive,
                         negative=_negative_branch(request), cfg=request.cfg, inpaint=inpaint,
                         noise_seed=request.seed if request.sampler in NOISE_SAMPLERS | BROWNIAN_SAMPLERS else None,
@@ -207,15 +259,20 @@ def finish(adapter: Adapter, plan: SamplingPlan, x: torch.Tensor) -> torch.Tenso
     """Tokens (on any device) back into a ComfyUI LATENT on the CPU (inverse noise scaling, then
     ``process_latent_out``)."""
     x = plan.prediction.inverse_noise_scaling(plan.sigmas[-1], x.cpu())
-    return adapter.latent_format.process_out(adapter.unpack(x.float(), plan.height, plan.width))
+    return adapter.latent_format.process_out(plan.unpack(adapter, x.float()))
 
 
 def preview_latent(adapter: Adapter, plan: SamplingPlan, denoised: torch.Tensor) -> torch.Tensor:
     """First image of the x0 prediction as a LATENT, average-pooled to at most PREVIEW_MAX_SIDE a side,
-    on the CPU (pooled where ``denoised`` lives, so only the small preview leaves the device)."""
-    latent = adapter.latent_format.process_out(adapter.unpack(denoised[:1].float(), plan.height, plan.width))
+    on the CPU (pooled where ``denoised`` lives, so only the small preview leaves the device); a video keeps
+    every frame: (1, C, T, h, w)."""
+    latent = adapter.latent_format.process_out(plan.unpack(adapter, denoised[:1].float()))
     factor = max(1, -(-max(plan.height, plan.width) // PREVIEW_MAX_SIDE))
-    return (torch.nn.functional.avg_pool2d(latent, factor) if factor > 1 else latent).cpu()
+    if factor == 1:
+        return latent.cpu()
+    if latent.ndim == 5:  # pool each frame's rows and columns, not across frames
+        return torch.nn.functional.avg_pool3d(latent, (1, factor, factor)).cpu()
+    return torch.nn.functional.avg_pool2d(latent, factor).cpu()
 
 
 def check_stop(should_stop: Optional[ShouldStop], step: int) -> None:
@@ -241,7 +298,7 @@ def run_loop(adapter: Adapter, plan: SamplingPlan, velocity: VelocityFn, on_step
     for i in range(plan.total_calls):
         check_stop(should_stop, i)
         sigma = plan.call_sigmas[i]
-        sigma_batch = sigma * x.new_ones(batch)
+        sigma_batch = plan.model_sigmas[i] * x.new_ones(batch)  # what the adapter is told (model_sigmas)
         seen = inpaint.model_input(x, sigma) if inpaint is not None else x  # what the sampler shows the model
         model_in = plan.prediction.model_input(seen, sigma)  # EPS: scaled to unit variance
         cond = denoised_from(seen, sigma, velocity(model_in, sigma_batch, plan.positive), plan.prediction)

@@ -35,17 +35,35 @@ def to_conditioning(value: Any, name: str) -> Conditioning:
     width, height = extras.get("width"), extras.get("height")  # CLIPTextEncodePixArtAlpha's micro-conditions
     resolution = (float(height), float(width)) if width is not None and height is not None else None
     ratio = extras.get("aspect_ratio")
+    target_width, target_height = extras.get("target_width"), extras.get("target_height")  # HunyuanDiT v1.0's sizes
+    target = (float(target_height), float(target_width)) if target_width is not None and target_height is not None \
+        else None
+    # HunyuanDiT's CLIP: the BERT tokens' mask and the mT5 tokens with theirs (comfy/text_encoders/hydit.py)
     return Conditioning(context=context.detach().float().cpu(),
                         pooled=None if pooled is None else pooled.detach().float().cpu(),
                         guidance=None if guidance is None else float(guidance), resolution=resolution,
-                        aspect_ratio=None if ratio is None or resolution is None else float(ratio))
+                        aspect_ratio=None if ratio is None or resolution is None else float(ratio),
+                        context_mask=_cpu_float(extras.get("attention_mask")),
+                        second_context=_cpu_float(extras.get("conditioning_mt5xl")),
+                        second_context_mask=_cpu_float(extras.get("attention_mask_mt5xl")),
+                        target_resolution=target)
 
 
-def to_latent_tensor(latent: dict) -> torch.Tensor:
-    """The ``samples`` of a LATENT dict as a CPU float32 (B, C, H, W) tensor."""
+def _cpu_float(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.detach().float().cpu()
+
+
+def to_latent_tensor(latent: dict, video: bool = False) -> torch.Tensor:
+    """The ``samples`` of a LATENT dict as a CPU float32 (B, C, H, W) tensor; for a video family (``video``:
+    Wan) the (B, C, T, H, W) video latent as it is."""
     if not isinstance(latent, dict) or "samples" not in latent:
         raise ValueError("latent_image: expected a LATENT (from EmptySD3LatentImage or VAEEncode)")
     samples = latent["samples"]
+    if video:
+        if samples.ndim != 5:
+            raise ValueError(f"latent_image must be a video latent (B, C, frames, H, W) for this video model, got "
+                             f"shape {tuple(samples.shape)}; use EmptyHunyuanLatentVideo or VAEEncode with its VAE")
+        return samples.detach().float().cpu()
     if samples.ndim == 5 and samples.shape[2] == 1:  # (B, C, 1, H, W): an image in a video VAE's latent (Qwen-Image)
         samples = samples[:, :, 0]
     if samples.ndim != 4:
@@ -76,8 +94,10 @@ def to_latent_output(latent_in: dict, samples: torch.Tensor, latent_dimensions: 
 
 
 def image_tokens(latent: torch.Tensor) -> int:
-    """Packed Flux image tokens of a (B, C, H, W) latent: 2x2 latent pixels per token."""
-    return (latent.shape[2] // 2) * (latent.shape[3] // 2)
+    """Packed tokens of a (B, C, H, W) latent (2x2 latent pixels per token), or of a (B, C, T, H, W) video
+    latent (T frames of them)."""
+    frames = latent.shape[2] if latent.ndim == 5 else 1
+    return frames * (latent.shape[-2] // 2) * (latent.shape[-1] // 2)
 
 
 def optional_int(value: Optional[int]) -> Optional[int]:

@@ -15,19 +15,24 @@ PREFIX = "diffusion_model."
 
 # ComfyUI's model classes (comfy/model_base.py) whose weights we run, and our family for each.
 # PixArt: one model class for both, told apart by the model config (supported_models.PixArtAlpha / PixArtSigma).
+# HunyuanDiT: one model class for v1.0 (config HunyuanDiT1) and v1.1/v1.2 (config HunyuanDiT); the file says which.
+# PixArt and Wan 2.1: one model class for several configs, so the config names the one we run (WAN21_T2V, not
+# WAN21_I2V)
 COMFY_MODEL_FAMILIES = {"Flux": "flux", "SD3": "sd3", "QwenImage": "qwen-image", "PixArtAlpha": "pixart-alpha",
-                        "PixArtSigma": "pixart-sigma"}
+                        "PixArtSigma": "pixart-sigma", "HunyuanDiT": "hunyuan-dit", "HunyuanDiT1": "hunyuan-dit",
+                        "WAN21_T2V": "wan21"}
 
 
 def check_family(model: Any) -> str:
     """The family id of a MODEL we run; ValueError naming what it is otherwise."""
     kind = type(getattr(model, "model", None)).__name__
-    if kind == "PixArt":
+    if kind in ("PixArt", "WAN21"):  # one model class for several configs: the config says which
         kind = type(getattr(model.model, "model_config", None)).__name__
     if kind not in COMFY_MODEL_FAMILIES:
-        raise ValueError(f"xDiT Parallelize Model takes a Flux, SD3/SD3.5, Qwen-Image or PixArt MODEL (UNETLoader "
-                         f"or CheckpointLoaderSimple, optionally through LoRA loaders and the family's ModelSampling "
-                         f"node); this MODEL is {kind}")
+        raise ValueError(f"xDiT Parallelize Model takes a Flux, SD3/SD3.5, Qwen-Image, PixArt, HunyuanDiT or Wan 2.1 "
+                         f"text-to-video MODEL "
+                         f"(UNETLoader or CheckpointLoaderSimple, optionally through LoRA loaders and the family's "
+                         f"ModelSampling node); this MODEL is {kind}")
     options = getattr(model, "model_options", {}) or {}
     transformer = options.get("transformer_options", {}) or {}
     extras = [name for name in ("model_function_wrapper", "sampler_cfg_function", "sampler_post_cfg_function")
@@ -119,9 +124,59 @@ def _number(value: Any) -> Optional[float]:
     return None if value is None else float(value)
 
 
+# ModelSamplingDiscrete's samplings (comfy_extras/nodes_model_advanced.py) that the ranks reproduce
+DISCRETE_SAMPLINGS = {"eps": "eps", "v_prediction": "v"}  # the node's option -> our prediction
+OWN_PREDICTION = {"EPS": "eps", "V_PREDICTION": "v"}  # ComfyUI's ModelType of a discrete-schedule model -> ours
+
+
+def _discrete_prediction(sampling: Any) -> str:
+    """Our prediction name for a ModelSamplingDiscrete (ComfyUI's EPS or V_PREDICTION, on the plain DDPM
+    table); ValueError naming what works for anything else (lcm, x0, img_to_img, EDM)."""
+    import comfy.model_sampling as ms
+
+    kind = type(sampling)
+    overridden = [name for name in ("calculate_input", "noise_scaling", "inverse_noise_scaling")
+                  if getattr(kind, name) is not getattr(ms.EPS, name)]
+    overridden += [name for name in ("timestep", "sigma")
+                   if getattr(kind, name) is not getattr(ms.ModelSamplingDiscrete, name)]
+    if not overridden and kind.calculate_denoised is ms.EPS.calculate_denoised:
+        return "eps"
+    if not overridden and kind.calculate_denoised is ms.V_PREDICTION.calculate_denoised:
+        return "v"
+    # the prediction class the patch mixed in (ModelSamplingDiscrete's node: LCM, X0, IMG_TO_IMG, ...)
+    mixed_in = next((c.__name__ for c in kind.__mro__ if issubclass(c, ms.EPS) and not issubclass(c, torch.nn.Module)),
+                    kind.__name__)
+    raise ValueError(f"the MODEL's model sampling is ModelSamplingDiscrete's {mixed_in.lower()!r} sampling, which "
+                     f"the xDiT ranks do not reproduce; xDiT runs ModelSamplingDiscrete with sampling "
+                     f"{' or '.join(DISCRETE_SAMPLINGS)}, zsnr on or off; for lcm, x0 or img_to_img use the stock "
+                     f"KSampler")
+
+
+def _discrete_shift(sampling: Any, model: Any) -> SigmaShift:
+    """A discrete-schedule MODEL's sampling (PixArt: EPS, HunyuanDiT: v) as our SigmaShift: the model's own
+    (``default``), or ModelSamplingDiscrete's patch (``discrete``: eps / v_prediction, zsnr on or off)."""
+    import comfy.model_sampling as ms
+
+    prediction = _discrete_prediction(sampling)
+    own = OWN_PREDICTION.get(getattr(getattr(model.model, "model_type", None), "name", ""))
+    if own is None:
+        raise ValueError(f"the MODEL is a {type(model.model).__name__}, which samples on a flow schedule, but carries "
+                         f"a ModelSamplingDiscrete patch (for discrete-schedule models: PixArt, HunyuanDiT); connect "
+                         f"the MODEL from before that node")
+    zsnr = bool(getattr(sampling, "zsnr", False))
+    expected = ms.ModelSamplingDiscrete(model.model.model_config, zsnr=zsnr)  # the table that node builds
+    if not torch.equal(sampling.sigmas.cpu(), expected.sigmas.cpu()):
+        raise ValueError("the MODEL's discrete sigma table is not the model's own schedule (nor its zero-terminal-SNR "
+                         "rescaling), which the xDiT ranks do not reproduce; connect the MODEL from before the node "
+                         "that changed it, or use the stock KSampler")
+    if prediction == own and not zsnr:
+        return SigmaShift(mode="default")
+    return SigmaShift(mode="discrete", prediction=prediction, zsnr=zsnr)
+
+
 def sigma_shift(model: Any) -> SigmaShift:
-    """The MODEL's model sampling (the loader's default, ModelSamplingFlux's or ModelSamplingSD3's patch) as our
-    SigmaShift."""
+    """The MODEL's model sampling (the loader's default, ModelSamplingFlux's, ModelSamplingSD3's or
+    ModelSamplingDiscrete's patch) as our SigmaShift."""
     import comfy.model_sampling
 
     sampling = model.get_model_object("model_sampling")
@@ -130,16 +185,7 @@ def sigma_shift(model: Any) -> SigmaShift:
     if isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteFlow):
         return SigmaShift(mode="discrete_flow", shift=float(sampling.shift), multiplier=float(sampling.multiplier))
     if isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
-        # a discrete schedule (PixArt) is taken only as the model's own: a ModelSamplingDiscrete node that
-        # changed it (zsnr, another prediction) is something the ranks do not reproduce
-        own = comfy.model_sampling.ModelSamplingDiscrete(model.model.model_config)
-        same_prediction = isinstance(sampling, comfy.model_sampling.EPS) and not isinstance(
-            sampling, (comfy.model_sampling.V_PREDICTION, comfy.model_sampling.EDM))
-        if same_prediction and torch.equal(sampling.sigmas.cpu(), own.sigmas.cpu()):
-            return SigmaShift(mode="default")
-        raise ValueError("the MODEL's discrete model sampling was changed (a ModelSamplingDiscrete node: zsnr, "
-                         "v-prediction, ...), which the xDiT ranks do not reproduce; connect the MODEL from before "
-                         "that node, or use the stock KSampler")
+        return _discrete_shift(sampling, model)
     raise ValueError(f"the MODEL's model sampling is {type(sampling).__name__}; xDiT runs flow sampling "
                      f"(ModelSamplingFlux / ModelSamplingDiscreteFlow: Flux, SD3, Qwen-Image) and the discrete "
-                     f"schedule of PixArt only")
+                     f"schedule of PixArt and HunyuanDiT only")

@@ -33,7 +33,7 @@ class XDiTParallelModel(io.ComfyNode):
             node_id="XDiTParallelModel",
             display_name="xDiT Parallelize Model",
             category=CATEGORY,
-            description="Takes ComfyUI's Flux or SD3 MODEL (UNETLoader -> LoRA loaders -> ModelSamplingFlux/SD3) to the pool: "
+            description="Takes ComfyUI's MODEL of a family we run (UNETLoader/CheckpointLoaderSimple -> LoRA loaders -> the family's ModelSampling node) to the pool: "
                         "the base weights go once, LoRAs are merged on the ranks, the model sampling is kept.",
             inputs=[
                 XDiTPoolType.Input("pool"),

@@ -16,6 +16,8 @@ CANCEL_GRACE_S = 120.0  # how long a cancelled job may take to stop at its next 
 # ComfyUI's latent format (comfy/latent_formats.py) of each family's VAE: the previewer's colours and scaling.
 COMFY_LATENT_FORMATS = {"flux": "Flux", "sd3": "SD3", "qwen-image": "Wan21", "pixart-alpha": "SD15",
                         "pixart-sigma": "SDXL"}
+COMFY_LATENT_FORMATS["hunyuan-dit"] = "SDXL"  # HunyuanDiT / HunyuanDiT1 (comfy/supported_models.py)
+COMFY_LATENT_FORMATS["wan21"] = "Wan21"  # WAN21_T2V
 
 
 class ComfyProgress:
@@ -38,7 +40,8 @@ class ComfyProgress:
         if self.previewer is not None and getattr(event, "preview", None) is not None:
             # the engine's preview is a LATENT (VAE space); ComfyUI previews the model-space x0
             latent = event.preview.float()
-            x0 = self.latent_format.process_in(latent.unsqueeze(2) if self.time_axis else latent)
+            # an image (B, C, H, W) of a video VAE's format gets its frame axis; a video preview has its frames
+            x0 = self.latent_format.process_in(latent.unsqueeze(2) if self.time_axis and latent.ndim == 4 else latent)
             preview = self.previewer.decode_latent_to_preview_image("JPEG", x0)
         self.bar.update_absolute(event.step, event.total, preview)
 

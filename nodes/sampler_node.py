@@ -12,9 +12,9 @@ from comfyui_xdit.environment import require_environment
 
 from comfyui_xdit.input_checks import NODE_INPUTS, check_inputs
 from comfyui_xdit.models.families import family_of
-from comfyui_xdit.prediction import prediction_of
 from comfyui_xdit.request import GenerationRequest, SigmaShift
 from comfyui_xdit.samplers import SAMPLER_NAMES, check_sampler
+from comfyui_xdit.sampling import prediction_for
 from comfyui_xdit.sigmas import SCHEDULER_NAMES
 
 from .comfy_types import CATEGORY, XDiTModelType
@@ -42,7 +42,7 @@ def build_request(model: ModelHandle, positive, negative, latent_image: dict, se
                   sampler_name: str, scheduler: str, denoise: float, shift: SigmaShift,
                   sigmas: Optional[torch.Tensor] = None) -> GenerationRequest:
     """ComfyUI's values -> the request the pool runs; raises ValueError naming the fix."""
-    latent = to_latent_tensor(latent_image)
+    latent = to_latent_tensor(latent_image, video=bool(getattr(model.spec, "video", False)))
     if sigmas is not None:
         sigmas = sigmas.detach().to("cpu", torch.float32).contiguous()
     request = GenerationRequest(model=model.model, latent=latent, positive=to_conditioning(positive, "positive"),
@@ -51,7 +51,8 @@ def build_request(model: ModelHandle, positive, negative, latent_image: dict, se
                                 shift=model.shift or shift, parallel=model.parallel, sigmas=sigmas,
                                 noise_mask=latent_noise_mask(latent_image), batch_index=latent_batch_index(latent_image))
     check_inputs(model.spec, latent, request.positive, request.negative if request.uses_cfg else None, NODE_INPUTS)
-    check_sampler(sampler_name, prediction_of(family_of(model.spec).adapter()))  # e.g. a flow-only one on PixArt
+    # a sampler without a form for the model's prediction (ModelSamplingDiscrete's v_prediction patch included)
+    check_sampler(sampler_name, prediction_for(family_of(model.spec).adapter(), request))
     model.parallel.validate_for(model.parallel.world_size, model.spec.num_attention_heads, image_tokens(latent),
                                 request.cfg, num_blocks=model.spec.num_blocks,
                                 batch_size=latent.shape[0])

@@ -32,7 +32,7 @@ def parallel_config(ulysses_degree: int, ring_degree: int, pipefusion_degree: in
 def check_config(unet_path: Optional[str], unet_name: str, **degrees) -> Optional[str]:
     """None when the widgets make a config that fits the file; otherwise the message naming the fix."""
     if unet_path is None:
-        return (f"unet_name {unet_name!r} is not in models/diffusion_models; put the Flux or SD3 .safetensors file there "
+        return (f"unet_name {unet_name!r} is not in models/diffusion_models; put the model's .safetensors file there "
                 "and press R in the UI to refresh the list")
     if degrees["num_patches"] < 0:
         return f"num_patches must be 0 (one per PipeFusion stage) or positive, got {degrees['num_patches']}"

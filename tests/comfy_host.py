@@ -76,6 +76,8 @@ FAMILY_FILES = {"sd3-tiny.safetensors": ("sd3", "float32"),
                 "qwen-image-min.safetensors": ("qwen-image-comfy-min", "bfloat16"),
                 "pixart-sigma-tiny.safetensors": ("pixart-sigma", "float32"),
                 "pixart-alpha-tiny.safetensors": ("pixart-alpha", "float32")}
+FAMILY_FILES["hunyuan-dit-tiny.safetensors"] = ("hunyuan-dit", "float32")  # v1.1/1.2 (ComfyUI's HunyuanDiT)
+FAMILY_FILES["wan21-tiny.safetensors"] = ("wan21", "float32")  # Wan 2.1 T2V (ComfyUI's WAN21)
 
 
 def write_model(models_dir: Path) -> Path:

@@ -27,6 +27,9 @@ class FamilyCase:
     ulysses: bool  # Ulysses 2 here too (not for the full-width Qwen-Image block: its layouts are tested in
     # process in test_family_parallel.py, keeping two ranks of it out of the host's memory)
     size: int = 128  # px a side (PixArt: ComfyUI's position base size needs (h + w) / 2 >= 264 px)
+    tokens: int = 8  # text tokens (HunyuanDiT: its CLIP pads to 77)
+    second_tokens: int = 0  # HunyuanDiT: mT5 tokens (padded to 256) and both masks, as its CLIP gives them
+    frames: int = 0  # a video family's length (EmptyHunyuanLatentVideo); 0: an image (EmptySD3LatentImage)
 
 
 FAMILIES = {
@@ -35,17 +38,23 @@ FAMILIES = {
     "pixart-sigma-tiny.safetensors": FamilyCase((4096, 1), None, True, size=288),
     "pixart-alpha-tiny.safetensors": FamilyCase((4096, 1), None, False, size=288),
 }
+FAMILIES["hunyuan-dit-tiny.safetensors"] = FamilyCase((1024, 1), None, True, tokens=77, second_tokens=256)
+# Wan 2.1 T2V: 9 video frames = 3 latent frames of 8x8; ModelSamplingSD3 is what Wan workflows use
+FAMILIES["wan21-tiny.safetensors"] = FamilyCase((4096, 1), ("ModelSamplingSD3", {"shift": 3.0}), True, frames=9)
 assert set(FAMILIES) == set(FAMILY_FILES)  # every stock-loadable family file is tested here
 
 
 def family_prompt(file: str) -> dict:
     case = FAMILIES[file]
     (width, pooled), size = case.widths, case.size
-    cond = {"tokens": 8, "guidance": 0.0, "width": width, "pooled_width": pooled}
+    cond = {"tokens": case.tokens, "guidance": 0.0, "width": width, "pooled_width": pooled,
+            **({"second_tokens": case.second_tokens} if case.second_tokens else {})}
     prompt = {
         "pos": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 1, **cond}},
         "neg": {"class_type": "XDiTTestConditioning", "inputs": {"seed": 2, **cond}},
-        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}}
+        if not case.frames else {"class_type": "EmptyHunyuanLatentVideo",
+                                 "inputs": {"width": size, "height": size, "length": case.frames, "batch_size": 1}},
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": file, "weight_dtype": "default"}},
         "pool": {"class_type": "XDiTPool", "inputs": {"ray_address": "", "network_interface": ""}},
         "parallel_model": {"class_type": "XDiTParallelModel",

@@ -26,9 +26,17 @@ from comfyui_xdit.sampling import finish, prepare_plan
 
 FAMILY_MODELS = ["tiny:sd3", "tiny:qwen-image"]  # each 4 heads, 4 blocks: every layout below fits
 FAMILY_MODELS += ["tiny:pixart-sigma-narrow"]  # 16 heads (of 16), 4 blocks; EPS, text by cross-attention
+# HunyuanDiT (narrow text widths): 16 heads of 8, 4 blocks; v-prediction, two text streams by cross-attention, long
+# skips: every PipeFusion stage boundary (2 at 2 stages; 1, 2, 3 at 4: both sides of the middle block 2) carries
+# block 0's output, pending for block 3
+FAMILY_MODELS += ["tiny:hunyuan-dit-narrow"]
 LATENT = 16  # 16x16 latent -> 64 image tokens
 # PixArt's smallest size is larger (ComfyUI's position base size needs (h + w) / 2 >= 33): 32x40 -> 320 tokens
 LATENTS = {"tiny:pixart-sigma-narrow": (32, 40)}
+# Wan 2.1 (4 heads of 128, 4 blocks): a video latent of 3 frames of 4x8 -> 24 tokens (8 a frame), so sequence
+# shards and PipeFusion patches (6 tokens each at 4) cut across frame boundaries
+FAMILY_MODELS += ["tiny:wan21"]
+LATENTS["tiny:wan21"] = (3, 4, 8)
 STEPS = 3
 P = ParallelConfig
 
@@ -45,7 +53,8 @@ LAYOUTS = {  # (config, sampler); warm-up = steps unless the config says otherwi
 }
 
 
-def latent_size(model: str) -> tuple[int, int]:
+def latent_size(model: str) -> tuple[int, ...]:
+    """(H, W) of an image latent, (T, H, W) of a video one."""
     return LATENTS.get(model, (LATENT, LATENT))
 
 
@@ -96,8 +105,8 @@ def test_every_mode_equals_serial_or_its_reference(model: str, world: int) -> No
 def test_layouts_that_cannot_work_are_refused_naming_one_that_does(model: str) -> None:
     spec = model_spec(ModelRef(model))
     heads, blocks = spec.num_attention_heads, spec.num_blocks
-    height, width = latent_size(model)
-    tokens = (height // 2) * (width // 2)
+    *frames, height, width = latent_size(model)
+    tokens = (frames or [1])[0] * (height // 2) * (width // 2)
     with pytest.raises(ValueError, match=rf"{heads}"):
         P(ulysses_degree=heads * 2).validate_for(heads * 2, heads, tokens, 2.5, num_blocks=blocks)
     with pytest.raises(ValueError, match=rf"{blocks}"):

@@ -7,14 +7,16 @@
 - ComfyUI's discrete schedule for PixArt: every scheduler's sigmas bit-equal to ComfyUI's;
 - same seed, same latent as stock ComfyUI (UNETLoader + KSampler, in process) on the stock-loadable tiny
   files (ComfyUI fixes width 1152 and 16 heads; depth 4) with true CFG, PixArt-alpha's micro-conditions
-  from the conditioning and from the latent, img2img, and the samplers with an EPS form;
-- samplers with only a flow form are refused before sampling, naming those that work.
+  from the conditioning and from the latent, img2img, and samplers with an EPS form (the samplers ported
+  last and ModelSamplingDiscrete's patches: ``tests/test_pixart_model_sampling.py``);
+- flow-model shifts refused before sampling; every sampler and a v + zsnr patch planned.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 
 import pytest
 import torch
@@ -32,8 +34,8 @@ from comfyui_xdit.models.pixart_checkpoint import (TINY_PIXART_ALPHA, TINY_PIXAR
                                                    infer_pixart_spec, random_pixart_state)
 from comfyui_xdit.prediction import EPS
 from comfyui_xdit.request import GenerationRequest, ModelRef, SigmaShift
-from comfyui_xdit.sampling import prepare_plan
-from comfyui_xdit.sigmas import SCHEDULER_NAMES, sampling_sigmas
+from comfyui_xdit.sampling import model_sampling_for, prepare_plan
+from comfyui_xdit.sigmas import SCHEDULER_NAMES, FluxShift, sampling_sigmas
 
 from comfy_reference import SKIP_REASON, comfy_path, import_comfy
 
@@ -201,8 +203,16 @@ def loaded(pixart_files) -> dict[str, tuple]:
     return out
 
 
+def _patched(model, sampling: str, zsnr: bool):
+    """Stock ComfyUI's ModelSamplingDiscrete node on ``model``."""
+    (patched,) = import_comfy("comfy_extras.nodes_model_advanced").ModelSamplingDiscrete().patch(model, sampling, zsnr)
+    return patched
+
+
 def _stock(model, request: GenerationRequest) -> torch.Tensor:
     comfy_sample = import_comfy("comfy.sample")
+    if request.shift.mode == "discrete":  # the same patch on the stock side
+        model = _patched(model, {"eps": "eps", "v": "v_prediction"}[request.shift.prediction], request.shift.zsnr)
     latent = comfy_sample.fix_empty_latent_channels(model, request.latent)
     noise = comfy_sample.prepare_noise(latent, request.seed)
 
@@ -284,15 +294,22 @@ def test_img2img_equals_stock(loaded) -> None:
 
 # ---- what PixArt refuses ----------------------------------------------------------------------------
 
-def test_flow_only_samplers_and_flow_shifts_are_refused_before_sampling() -> None:
+def test_flow_shifts_are_refused_and_every_sampler_planned_before_sampling() -> None:
     adapter = PixArtAdapter.from_state_dict(random_pixart_state(SMALL_SIGMA, 0), spec=SMALL_SIGMA)
     assert adapter.prediction is EPS
     cond = Conditioning(torch.zeros(1, 4, SMALL_SIGMA.caption_channels), None)
     request = GenerationRequest(model=ModelRef("unused"), latent=torch.zeros(1, 4, *LATENT), positive=cond,
                                 sampler="dpmpp_sde", steps=3)
-    with pytest.raises(ValueError, match=r"sampler 'dpmpp_sde' is not available for this EPS-prediction model.*"
-                                         r"choose one of euler, euler_cfg_pp, euler_ancestral"):
-        prepare_plan(adapter, request)
+    assert prepare_plan(adapter, request).prediction is EPS  # once refused: no EPS form
+    patched = dataclasses.replace(request, shift=SigmaShift(mode="discrete", prediction="v", zsnr=True))
+    plan = prepare_plan(adapter, patched)
+    assert plan.prediction.name == "v" and plan.sigmas[0] > 4000  # the zero-terminal-SNR schedule's top
     shifted = dataclasses.replace(request, sampler="euler", shift=SigmaShift(mode="flux", shift=1.15))
     with pytest.raises(ValueError, match="flow-model sampling, but this model predicts eps"):
         prepare_plan(adapter, shifted)
+    flow_model = types.SimpleNamespace(default_sampling=FluxShift)
+    with pytest.raises(ValueError, match="a ModelSamplingDiscrete patch .* but this model samples on FluxShift"):
+        model_sampling_for(flow_model, patched)
+    with pytest.raises(ValueError, match="a discrete model sampling predicts one of eps, v, got 'x0'"):
+        SigmaShift(mode="discrete", prediction="x0")
+

@@ -84,18 +84,21 @@ def log_loaded(title: str, source: str, blocks_total: int, blocks: Optional[tupl
 def build_stage_module(module_class: type, config: dict, state: dict[str, torch.Tensor], spec: Any,
                        block_index: Callable[[str, Any], Optional[int]],
                        to_diffusers: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]],
-                       dtype: torch.dtype, blocks: Optional[tuple[int, int]]) -> torch.nn.Module:
-    """The diffusers module of a family whose blocks are ``transformer_blocks``, built on meta and loaded
-    with the file-layout ``state`` renamed by ``to_diffusers``; with ``blocks`` (one PipeFusion stage) only
-    those blocks and the shared tensors, every other block an ``AbsentBlock`` without weights."""
+                       dtype: torch.dtype, blocks: Optional[tuple[int, int]],
+                       blocks_attr: str = "transformer_blocks") -> torch.nn.Module:
+    """The diffusers module of a family whose blocks are the module list ``blocks_attr`` (``transformer_blocks``;
+    Wan: ``blocks``), built on meta and loaded with the file-layout ``state`` renamed by ``to_diffusers``; with
+    ``blocks`` (one PipeFusion stage) only those blocks and the shared tensors, every other block an
+    ``AbsentBlock`` without weights."""
     if blocks is not None:
         state = {k: v for k, v in state.items() if (i := block_index(k, spec)) is None or blocks[0] <= i < blocks[1]}
     with torch.device("meta"):
         module = module_class(**config)
     if blocks is not None:
-        for layer in range(len(module.transformer_blocks)):
+        module_list = getattr(module, blocks_attr)
+        for layer in range(len(module_list)):
             if not blocks[0] <= layer < blocks[1]:
-                module.transformer_blocks[layer] = AbsentBlock(layer, blocks)
+                module_list[layer] = AbsentBlock(layer, blocks)
     converted = {k: v.to(dtype) for k, v in to_diffusers(state, spec).items()}
     result = module.load_state_dict(converted, strict=True, assign=True)
     assert not result.missing_keys and not result.unexpected_keys, result

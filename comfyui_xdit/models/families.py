@@ -16,10 +16,11 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from safetensors.torch import save_file
 
-from . import flux_checkpoint, pixart_checkpoint, qwen_image_checkpoint, sd3_checkpoint
+from . import (flux_checkpoint, hunyuan_dit_checkpoint, pixart_checkpoint, qwen_image_checkpoint, sd3_checkpoint,
+               wan_checkpoint)
 from .checkpoint_file import read_shapes
 
-ModelSpec = Any  # FluxSpec | SD3Spec | QwenImageSpec: frozen dataclasses with the properties listed above
+ModelSpec = Any  # FluxSpec | SD3Spec | ...: frozen dataclasses with the properties listed above
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class Family:
     block_index: Callable[[str, ModelSpec], Optional[int]]  # file key -> adapter block (None: shared tensor)
     random_state: Callable[[ModelSpec, int, torch.dtype], dict[str, torch.Tensor]]
     adapter: Callable[[], type]  # the adapter class (imported lazily: diffusers loads slowly)
-    latent_dimensions: int = 2  # 3: ComfyUI's LATENT has a time axis (B, C, 1, H, W) for this family's images
+    latent_dimensions: int = 2  # 3: ComfyUI's LATENT has a time axis (B, C, T, H, W) for this family
+    joint_text: bool = True  # prompt tokens attend jointly with the image tokens (False: by cross-attention)
 
 
 def _flux_adapter() -> type:
@@ -56,6 +58,16 @@ def _qwen_image_adapter() -> type:
     return QwenImageAdapter
 
 
+def _hunyuan_dit_adapter() -> type:
+    from .hunyuan_dit import HunyuanDiTAdapter
+    return HunyuanDiTAdapter
+
+
+def _wan_adapter() -> type:
+    from .wan import WanAdapter
+    return WanAdapter
+
+
 FLUX = Family(id="flux", title="Flux", marker_key="double_blocks.0.img_attn.qkv.weight",
               infer_spec=flux_checkpoint.infer_flux_spec,
               block_index=lambda key, spec: flux_checkpoint.block_index(key, spec.num_layers),
@@ -72,22 +84,37 @@ QWEN_IMAGE = Family(id="qwen-image", title="Qwen-Image", marker_key=qwen_image_c
 # so alpha is asked first
 PIXART_ALPHA = Family(id="pixart-alpha", title="PixArt-alpha", marker_key=pixart_checkpoint.ALPHA_MARKER_KEY,
                       infer_spec=pixart_checkpoint.infer_pixart_spec, block_index=pixart_checkpoint.block_index,
-                      random_state=pixart_checkpoint.random_pixart_state, adapter=_pixart_adapter)
+                      random_state=pixart_checkpoint.random_pixart_state, adapter=_pixart_adapter,
+                      joint_text=False)
 PIXART_SIGMA = Family(id="pixart-sigma", title="PixArt-sigma", marker_key=pixart_checkpoint.MARKER_KEY,
                       infer_spec=pixart_checkpoint.infer_pixart_spec, block_index=pixart_checkpoint.block_index,
-                      random_state=pixart_checkpoint.random_pixart_state, adapter=_pixart_adapter)
-FAMILIES: tuple[Family, ...] = (FLUX, SD3, QWEN_IMAGE, PIXART_ALPHA, PIXART_SIGMA)
+                      random_state=pixart_checkpoint.random_pixart_state, adapter=_pixart_adapter,
+                      joint_text=False)
+# Wan 2.1 text-to-video: a video LATENT (B, 16, T, H, W); its variants (I2V, VACE, ...) are refused by infer_spec
+WAN21 = Family(id="wan21", title="Wan 2.1", marker_key=wan_checkpoint.MARKER_KEY,
+               infer_spec=wan_checkpoint.infer_wan_spec, block_index=wan_checkpoint.block_index,
+               random_state=wan_checkpoint.random_wan_state, adapter=_wan_adapter, latent_dimensions=3,
+               joint_text=False)
+# HunyuanDiT v1.0 / v1.1 / v1.2 (one spec type; v1.0's size + style conditions read from the file)
+HUNYUAN_DIT = Family(id="hunyuan-dit", title="HunyuanDiT", marker_key=hunyuan_dit_checkpoint.MARKER_KEY,
+                     infer_spec=hunyuan_dit_checkpoint.infer_hunyuan_dit_spec,
+                     block_index=hunyuan_dit_checkpoint.block_index,
+                     random_state=hunyuan_dit_checkpoint.random_hunyuan_dit_state, adapter=_hunyuan_dit_adapter,
+                     joint_text=False)
+FAMILIES: tuple[Family, ...] = (FLUX, SD3, QWEN_IMAGE, PIXART_ALPHA, PIXART_SIGMA, HUNYUAN_DIT, WAN21)
 
 # Built-in random-weight models: name -> spec (``spec.family`` says whose).
 TINY_SPECS: Mapping[str, ModelSpec] = {**flux_checkpoint.NAMED_SPECS, **sd3_checkpoint.NAMED_SD3_SPECS,
                                        **qwen_image_checkpoint.NAMED_QWEN_IMAGE_SPECS,
-                                       **pixart_checkpoint.NAMED_PIXART_SPECS}
+                                       **pixart_checkpoint.NAMED_PIXART_SPECS,
+                                       **hunyuan_dit_checkpoint.NAMED_HUNYUAN_DIT_SPECS,
+                                       **wan_checkpoint.NAMED_WAN_SPECS}
 
 # Families ComfyUI runs that we do not yet, by a key their files have: for the refusal message.
 _NOT_YET = {"adaln_single.linear.weight": "PixArt (diffusers layout)", "t_block.1.weight": "PixArt",
-            "extra_embedder.0.weight": "HunyuanDiT", "mlp_t5.0.weight": "HunyuanDiT",
+            "time_extra_emb.pooler.q_proj.weight": "HunyuanDiT (diffusers layout)",
             "img_in.weight": "another DiT (HunyuanVideo, Chroma, HiDream, ...)",
-            "patch_embedding.weight": "Wan", "input_blocks.0.0.weight": "an SD1.5/SDXL UNet",
+            "patch_embedding.weight": "a Wan variant", "input_blocks.0.0.weight": "an SD1.5/SDXL UNet",
             "txt_in.individual_token_refiner.blocks.0.norm1.weight": "HunyuanVideo"}
 
 
@@ -111,7 +138,7 @@ def detect_family(keys: Mapping[str, Any], source: str = "checkpoint") -> Family
     shown = ", ".join(sorted(keys)[:5])
     what = f"it looks like {looks}, which the xDiT nodes do not run yet" if looks else f"found {len(keys)} tensors ({shown}, ...)"
     raise ValueError(f"{source} is not a diffusion transformer we run ({', '.join(f.title for f in FAMILIES)}): "
-                     f"{what}; pick a Flux, SD3/SD3.5 or Qwen-Image file from models/diffusion_models (or a checkpoint "
+                     f"{what}; pick a file of one of those families from models/diffusion_models (or a checkpoint "
                      f"holding one)")
 
 

@@ -110,7 +110,7 @@ class ParallelEngine:
                 self.counter.begin_step(i)
             self._check_stop(should_stop, i, x.device)
             sigma = plan.call_sigmas[i]
-            sigma_batch = sigma * x.new_ones(x.shape[0])
+            sigma_batch = plan.model_sigmas[i] * x.new_ones(x.shape[0])  # what the adapter is told
             seen = inpaint.model_input(x, sigma) if inpaint is not None else x  # what the sampler shows the model
             model_in = plan.prediction.model_input(seen, sigma)
 

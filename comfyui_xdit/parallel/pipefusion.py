@@ -201,7 +201,7 @@ class PipeFusionLoop:
                 part = x[:, lo:hi]  # (B, n_local, C_latent): this rank's shard of the item
                 seen = inpaint.model_input(part, sigma, lo) if inpaint is not None else part  # what the sampler shows
                 model_in = plan.prediction.model_input(seen, sigma)  # what the model sees
-                sigma_batch = sigma * part.new_ones(part.shape[0])
+                sigma_batch = plan.model_sigmas[step] * part.new_ones(part.shape[0])  # what the adapter is told
                 denoised = []
                 for backend, cond in zip(backends, branches):
                     adapter.seam.backend = backend.at(start, stop)

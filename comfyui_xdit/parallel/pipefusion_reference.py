@@ -43,7 +43,7 @@ def pipefusion_reference(adapter: Adapter, plan: SamplingPlan, num_patches: int,
             for backend, cond in zip(backends, branches):
                 adapter.seam.backend = backend.at(start, stop)
                 velocity = adapter.velocity(model_in, plan.image_ids[start:stop], cond,
-                                            sigma * part.new_ones(len(part)))
+                                            plan.model_sigmas[work.step] * part.new_ones(len(part)))
                 denoised.append(denoised_from(seen, sigma, velocity, plan.prediction))
             guided = apply_cfg(denoised[0], denoised[1] if len(denoised) > 1 else None, plan.cfg)
             if plan.inpaint is not None:

@@ -9,6 +9,7 @@ from ..models.flux_checkpoint import FluxSpec
 from ..models.pixart_checkpoint import PixArtSpec
 from ..models.qwen_image_checkpoint import QWEN_IMAGE
 from ..models.sd3_checkpoint import SD3Spec
+from ..models.wan_checkpoint import WAN21_T2V_1_3B, WAN21_T2V_14B
 
 FLUX_DEV = FluxSpec(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
                     joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)
@@ -21,3 +22,5 @@ FULL_SIZE: Mapping[str, tuple[Any, int]] = {
     "pixart-sigma": (PixArtSpec(num_layers=28, micro_condition=False), 300),
     "qwen-image": (QWEN_IMAGE, 256),
 }
+FULL_SIZE = {**FULL_SIZE, "wan2.1-t2v-1.3b": (WAN21_T2V_1_3B, 512),  # umT5-XXL at 512 tokens (ComfyUI pads to it)
+             "wan2.1-t2v-14b": (WAN21_T2V_14B, 512)}

@@ -10,11 +10,6 @@ import torch
 
 from ..models.families import family_of
 
-# families whose prompt tokens go through the image's self-attention (and the attention seam); the others
-# reach the text by cross-attention, so only image tokens are split, gathered and buffered
-JOINT_TEXT_FAMILIES = frozenset({"flux", "sd3", "qwen-image"})
-
-
 @dataclass(frozen=True)
 class ModelShape:
     """One model's sizes, as the latency model uses them (batch 1, one CFG branch per forward)."""
@@ -80,4 +75,4 @@ def shape_of(spec: Any, name: str = "", text_tokens: int = 256) -> ModelShape:
             per_block[index] += tensor.numel()
     return ModelShape(name=name or fam.id, family=fam.id, heads=spec.num_attention_heads, hidden=spec.hidden_size,
                       block_parameters=tuple(per_block), shared_parameters=shared, text_tokens=text_tokens,
-                      joint_text=fam.id in JOINT_TEXT_FAMILIES, token_channels=spec.latent_channels * 4)
+                      joint_text=fam.joint_text, token_channels=spec.latent_channels * 4)

@@ -19,13 +19,21 @@ class XDiTTestConditioning:
                              "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
                              "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1})},
                 "optional": {"width": ("INT", {"default": 4096, "min": 1, "max": 8192}),
-                             "pooled_width": ("INT", {"default": 768, "min": 1, "max": 8192})}}
+                             "pooled_width": ("INT", {"default": 768, "min": 1, "max": 8192}),
+                             # HunyuanDiT's CLIP output: masks, and a second stream (mT5) of this many tokens
+                             "second_tokens": ("INT", {"default": 0, "min": 0, "max": 1024}),
+                             "second_width": ("INT", {"default": 2048, "min": 1, "max": 8192})}}
 
-    def make(self, seed, tokens, guidance, width=4096, pooled_width=768):
+    def make(self, seed, tokens, guidance, width=4096, pooled_width=768, second_tokens=0, second_width=2048):
         generator = torch.Generator().manual_seed(seed)
         context = torch.randn(1, tokens, width, generator=generator)  # another width: another text encoder
         pooled = torch.randn(1, pooled_width, generator=generator)
-        return ([[context, {"pooled_output": pooled, "guidance": guidance}]],)
+        extras = {"pooled_output": pooled, "guidance": guidance}
+        if second_tokens:  # as comfy/text_encoders/hydit.py: text first, then padding (mask 0)
+            extras.update(attention_mask=(torch.arange(tokens) < (tokens + 1) // 2).long()[None],
+                          conditioning_mt5xl=torch.randn(1, second_tokens, second_width, generator=generator),
+                          attention_mask_mt5xl=(torch.arange(second_tokens) < (second_tokens + 1) // 2).long()[None])
+        return ([[context, extras]],)
 
 
 class XDiTTestPoolProbe:
