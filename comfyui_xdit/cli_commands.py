@@ -107,7 +107,8 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
     return GenerationRequest(model=model, latent=latent, positive=positive,
                              negative=negative if args.cfg != 1.0 else None, seed=args.seed, steps=args.steps,
                              cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, denoise=args.denoise,
-                             shift=shift, parallel=parallel)
+                             shift=shift, parallel=parallel, start_step=args.start_step, end_step=args.end_step,
+                             add_noise=not args.no_add_noise, leftover_noise=args.leftover_noise)
 
 
 def latent_frames(frames: int) -> int:
@@ -168,6 +169,14 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="use ModelSamplingFlux's resolution-dependent shift instead of the model default")
     p.add_argument("--max-shift", type=float, default=1.15)
     p.add_argument("--base-shift", type=float, default=0.5)
+    split = p.add_argument_group("split", "KSamplerAdvanced's part of the schedule (Wan 2.2's two experts: run the "
+                                 "high-noise one with --end-step K --leftover-noise, then the low-noise one with "
+                                 "--init-latent (its --out) --start-step K --no-add-noise)")
+    split.add_argument("--start-step", type=int, default=0, help="start_at_step: skip the schedule's first steps")
+    split.add_argument("--end-step", type=int, default=None, help="end_at_step: stop before this step")
+    split.add_argument("--no-add-noise", action="store_true", help="add_noise disabled: start from --init-latent as is")
+    split.add_argument("--leftover-noise", action="store_true",
+                       help="return_with_leftover_noise: stop at --end-step's sigma instead of denoising fully")
     p.add_argument("--out", required=True, help="output .safetensors (key 'samples')")
     par = p.add_argument_group("parallel", "world size = data x ulysses x ring x pipefusion x (2 with --cfg-parallel); "
                                "without a GPU each rank is a local CPU process")

@@ -109,6 +109,13 @@ class GenerationRequest:
     sigmas: Optional[torch.Tensor] = None  # (steps + 1,) a custom schedule, or None for steps/scheduler
     noise_mask: Optional[torch.Tensor] = None  # (..., h, w) the LATENT's noise_mask: 1 = denoise, 0 = keep
     batch_index: Optional[tuple[int, ...]] = None  # the LATENT's batch_index: which noise draw each image takes
+    # KSamplerAdvanced's split of the schedule (Wan 2.2's two experts, a refiner): start_at_step, end_at_step
+    # (None = to the end), add_noise, return_with_leftover_noise (False = the last sigma forced to 0 when the
+    # run ends before the schedule does, as its force_full_denoise); see sigmas.step_range
+    start_step: int = 0
+    end_step: Optional[int] = None
+    add_noise: bool = True
+    leftover_noise: bool = False
 
     def __post_init__(self) -> None:
         if self.sigmas is not None:
@@ -126,6 +133,8 @@ class GenerationRequest:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.start_step < 0 or (self.end_step is not None and self.end_step < 0):
+            raise ValueError(f"start_at_step / end_at_step must be >= 0, got {self.start_step} / {self.end_step}")
         if not 0.0 <= self.denoise <= 1.0:
             raise ValueError(f"denoise must be within [0, 1], got {self.denoise}")
         if self.cfg != 1.0 and self.negative is None:
@@ -133,8 +142,11 @@ class GenerationRequest:
 
     @property
     def sampling_steps(self) -> int:
-        """The model steps this request takes: ``steps``, or one per interval of custom ``sigmas``."""
-        return self.steps if self.sigmas is None else len(self.sigmas) - 1
+        """The sampler steps this request takes: ``steps``, or one per interval of custom ``sigmas``, cut to
+        ``[start_step, end_step)`` (0 when that range is empty: the latent comes back as given)."""
+        total = self.steps if self.sigmas is None else len(self.sigmas) - 1
+        stop = total if self.end_step is None else min(self.end_step, total)
+        return max(0, stop - self.start_step)
 
     @property
     def uses_cfg(self) -> bool:

@@ -26,7 +26,7 @@ from .samplers import (BROWNIAN_SAMPLERS, CFG_PP_SAMPLERS, DEVICE_TREE_SAMPLERS,
                        SamplerProgram, SamplerState, SamplerStep, check_sampler, sampler_program)
 from .uni_pc_sampler import UNI_PC_VARIANTS, uni_pc_sigmas
 from .sigmas import (DiscreteFlowShift, DiscreteSchedule, FluxShift, ModelSampling, offset_first_sigma_for_snr,
-                     resolution_shift, sampling_sigmas)
+                     resolution_shift, sampling_sigmas, step_range)
 
 logger = logging.getLogger(__name__)
 
@@ -197,13 +197,18 @@ def prepare_plan(adapter: Adapter, request: GenerationRequest) -> SamplingPlan:
                          "yet; use the stock KSampler for video inpainting")
     prediction = prediction_for(adapter, request)
     check_sampler(request.sampler, prediction)  # a sampler without this prediction's form: refused before anything
-    noise = prepare_batch_noise(latent, request.seed, request.batch_index)
+    # KSamplerAdvanced's add_noise disabled: zero noise (a latent with leftover noise goes on as it is)
+    noise = (prepare_batch_noise(latent, request.seed, request.batch_index) if request.add_noise
+             else torch.zeros_like(latent))
     model_sampling = model_sampling_for(adapter, request)
     if request.sigmas is not None:  # SamplerCustom: the schedule as given
         sigmas = request.sigmas.detach().to("cpu", torch.float32)
     else:
         sigmas = sampling_sigmas(model_sampling, request.scheduler, request.steps, request.denoise,
                                  discard_penultimate=request.sampler in DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
+    # KSamplerAdvanced's start / end steps; the loops (serial, sequence, CFG, PipeFusion, whose warm-up counts
+    # from this part's first step: its K/V buffers start empty) see only this part of the schedule
+    sigmas = step_range(sigmas, request.start_step, request.end_step, full_denoise=not request.leftover_noise)
     if torch.count_nonzero(latent) > 0:  # ComfyUI does not shift the empty latent
         latent = adapter.latent_format.process_in(latent)
     inpaint = None

@@ -326,3 +326,18 @@ def sampling_sigmas(sampling: ModelSampling, scheduler: str, steps: int, denoise
     if denoise <= 0.0:
         return torch.FloatTensor([])
     return schedule(int(steps / denoise))[-(steps + 1):]
+
+
+def step_range(sigmas: torch.Tensor, start_step: int = 0, end_step: int | None = None,
+               full_denoise: bool = True) -> torch.Tensor:
+    """KSamplerAdvanced's part of a schedule: sigmas of steps ``[start_step, end_step)``, as KSampler's ``sample``
+    cuts them. An ``end_step`` before the schedule's end keeps that step's sigma (leftover noise) unless
+    ``full_denoise`` (its return_with_leftover_noise disabled) sets it to 0; an empty range (start at or past the
+    end) gives no sigmas, and then the latent comes back as given."""
+    if end_step is not None and end_step < len(sigmas) - 1:
+        sigmas = sigmas[:end_step + 1].clone()  # (end_step + 1,)
+        if full_denoise:
+            sigmas[-1] = 0.0
+    if start_step >= len(sigmas) - 1:
+        return sigmas[:0]
+    return sigmas[start_step:]

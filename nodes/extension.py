@@ -34,6 +34,7 @@ class XDiTExtension(ComfyExtension):
         from .load_model_node import XDiTLoadModel
         from .parallel_model_node import XDiTParallelModel
         from .pool_node import XDiTPool
+        from .sampler_advanced_node import XDiTSamplerAdvanced
         from .sampler_node import XDiTSampler
 
-        return [XDiTPool, XDiTLoadModel, XDiTParallelModel, XDiTSampler]
+        return [XDiTPool, XDiTLoadModel, XDiTParallelModel, XDiTSampler, XDiTSamplerAdvanced]

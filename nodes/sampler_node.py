@@ -40,8 +40,10 @@ def make_sigma_shift(choice: str, max_shift: float, base_shift: float, width: in
 
 def build_request(model: ModelHandle, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
                   sampler_name: str, scheduler: str, denoise: float, shift: SigmaShift,
-                  sigmas: Optional[torch.Tensor] = None) -> GenerationRequest:
-    """ComfyUI's values -> the request the pool runs; raises ValueError naming the fix."""
+                  sigmas: Optional[torch.Tensor] = None, start_step: int = 0, end_step: Optional[int] = None,
+                  add_noise: bool = True, leftover_noise: bool = False) -> GenerationRequest:
+    """ComfyUI's values -> the request the pool runs; raises ValueError naming the fix. ``start_step`` ..
+    ``leftover_noise``: KSamplerAdvanced's split (xDiT Sampler (Advanced))."""
     latent = to_latent_tensor(latent_image, video=bool(getattr(model.spec, "video", False)))
     if sigmas is not None:
         sigmas = sigmas.detach().to("cpu", torch.float32).contiguous()
@@ -49,7 +51,9 @@ def build_request(model: ModelHandle, positive, negative, latent_image: dict, se
                                 negative=to_conditioning(negative, "negative"), seed=int(seed), steps=int(steps),
                                 cfg=float(cfg), sampler=sampler_name, scheduler=scheduler, denoise=float(denoise),
                                 shift=model.shift or shift, parallel=model.parallel, sigmas=sigmas,
-                                noise_mask=latent_noise_mask(latent_image), batch_index=latent_batch_index(latent_image))
+                                noise_mask=latent_noise_mask(latent_image), batch_index=latent_batch_index(latent_image),
+                                start_step=int(start_step), end_step=None if end_step is None else int(end_step),
+                                add_noise=bool(add_noise), leftover_noise=bool(leftover_noise))
     check_inputs(model.spec, latent, request.positive, request.negative if request.uses_cfg else None, NODE_INPUTS)
     # a sampler without a form for the model's prediction (ModelSamplingDiscrete's v_prediction patch included)
     check_sampler(sampler_name, prediction_for(family_of(model.spec).adapter(), request))
@@ -101,9 +105,13 @@ class XDiTSampler(io.ComfyNode):
         shift = make_sigma_shift(sigma_shift, max_shift, base_shift, width, height)
         request = build_request(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                                 denoise, shift, sigmas)
-        job = registry().get(model.pool).submit(request)
-        family = family_of(model.spec)
-        progress = ComfyProgress(total=request.sampling_steps, family=family.id,
-                                 latent_dimensions=family.latent_dimensions)
-        samples = drive_job(job, progress)
-        return io.NodeOutput(to_latent_output(latent_image, samples, family.latent_dimensions))
+        return io.NodeOutput(run_request(model, request, latent_image))
+
+
+def run_request(model: ModelHandle, request: GenerationRequest, latent_image: dict) -> dict:
+    """Sample ``request`` on the model's pool with ComfyUI's progress bar and previews -> the LATENT dict."""
+    job = registry().get(model.pool).submit(request)
+    family = family_of(model.spec)
+    progress = ComfyProgress(total=request.sampling_steps, family=family.id, latent_dimensions=family.latent_dimensions)
+    samples = drive_job(job, progress)
+    return to_latent_output(latent_image, samples, family.latent_dimensions)

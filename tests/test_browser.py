@@ -16,7 +16,7 @@ from comfy_host import PLUGIN_ROOT, ComfyHost, comfy_host, require_comfyui  # no
 
 CHROMIUM = os.environ.get("XDIT_CHROMIUM", "/usr/bin/chromium")
 WORKFLOWS = sorted((PLUGIN_ROOT / "example_workflows").glob("*.json"))
-NODE_IDS = ("XDiTPool", "XDiTLoadModel", "XDiTParallelModel", "XDiTSampler")
+NODE_IDS = ("XDiTPool", "XDiTLoadModel", "XDiTParallelModel", "XDiTSampler", "XDiTSamplerAdvanced")
 UI_TIMEOUT_MS = 60_000
 
 
@@ -115,14 +115,15 @@ def test_example_workflow_loads_without_missing_nodes(page, comfy_host: ComfyHos
         return {
             count: nodes.length,
             missing: nodes.filter(n => !LiteGraph.registered_node_types[n.type] || n.has_errors).map(n => n.type),
-            xdit: nodes.filter(n => n.type.startsWith('XDiT')).map(n => [n.type, n.widgets.map(w => w.value)]),
+            xdit: nodes.filter(n => n.type.startsWith('XDiT')).map(n => [n.id, n.widgets.map(w => w.value)]),
         };
     }""", data)
     assert result["missing"] == [], result
     assert result["count"] == len(data["nodes"])
-    saved = {n["type"]: n["widgets_values"] for n in data["nodes"] if n["type"].startswith("XDiT")}
-    for node_type, values in result["xdit"]:
-        assert values[:len(saved[node_type])] == saved[node_type], (node_type, values, saved[node_type])
+    # by node id: a workflow may hold two nodes of one type (Wan 2.2's two experts and their two samplers)
+    saved = {n["id"]: n["widgets_values"] for n in data["nodes"] if n["type"].startswith("XDiT")}
+    for node_id, values in result["xdit"]:
+        assert values[:len(saved[node_id])] == saved[node_id], (node_id, values, saved[node_id])
     dialogs = close_dialogs(page)  # a missing-models notice is expected (no Flux weights here); missing nodes not
     assert not [d for d in dialogs if "missing" in d.lower() and "node" in d.lower()], dialogs
 

@@ -18,7 +18,8 @@ SIZE = 128
 STEPS = 4
 SEED = 42
 NODES = {"XDiTPool": "xDiT GPU Pool", "XDiTLoadModel": "xDiT Load Diffusion Model",
-         "XDiTParallelModel": "xDiT Parallelize Model", "XDiTSampler": "xDiT Sampler"}
+         "XDiTParallelModel": "xDiT Parallelize Model", "XDiTSampler": "xDiT Sampler",
+         "XDiTSamplerAdvanced": "xDiT Sampler (Advanced)"}
 
 
 def conditioning_nodes() -> dict:
@@ -107,6 +108,15 @@ def test_object_info_lists_the_three_nodes(comfy_host: ComfyHost) -> None:
     assert set(sampler["sampler_name"][1]["options"]) <= set(ksampler["sampler_name"][0])
     assert set(sampler["scheduler"][1]["options"]) <= set(ksampler["scheduler"][0])
     assert info["XDiTSampler"]["output"] == ["LATENT"]
+    # xDiT Sampler (Advanced): KSamplerAdvanced's inputs, in its order and with its switches (then the shift)
+    advanced, stock = info["XDiTSamplerAdvanced"]["input"], info["KSamplerAdvanced"]["input"]
+    assert info["XDiTSamplerAdvanced"]["input_order"]["required"][:len(info["KSamplerAdvanced"]["input_order"]
+                                                                        ["required"])] == \
+        info["KSamplerAdvanced"]["input_order"]["required"]
+    for name in ("add_noise", "return_with_leftover_noise"):
+        assert advanced["required"][name][1]["options"] == stock["required"][name][0]
+    for name in ("start_at_step", "end_at_step"):
+        assert advanced["required"][name][1]["default"] == stock["required"][name][1]["default"]
     assert info["XDiTPool"]["output"] == ["XDIT_POOL"] and info["XDiTLoadModel"]["output"] == ["XDIT_MODEL"]
 
 

@@ -34,7 +34,7 @@ def test_pack_loads_from_a_plain_copy(copy_host: ComfyHost) -> None:
     plugin = copy_host.base_dir / "custom_nodes" / "comfyui-xdit"
     assert plugin.is_dir() and not plugin.is_symlink()
     info = copy_host.get_json("/object_info")
-    for node_id in ("XDiTPool", "XDiTLoadModel", "XDiTParallelModel", "XDiTSampler"):
+    for node_id in ("XDiTPool", "XDiTLoadModel", "XDiTParallelModel", "XDiTSampler", "XDiTSamplerAdvanced"):
         assert node_id in info, f"{node_id} missing:\n{copy_host.log_tail()}"
         assert info[node_id]["python_module"] == "custom_nodes.comfyui-xdit"
     log = copy_host.log_tail(200_000)
