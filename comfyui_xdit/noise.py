@@ -58,6 +58,15 @@ class AncestralNoise:
             self._step, self._noise = step, self.pack(drawn)  # (B, C, H, W) -> (B, N, C * 4)
         return self._noise
 
+    def get_state(self) -> torch.Tensor:
+        """The generator's state after the draws so far (a resumed run continues from it)."""
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        """Continue from ``get_state``'s result: the next step that asks draws what it would have drawn."""
+        self.generator.set_state(state)
+        self._step, self._noise = None, None
+
 
 class BrownianNoise:
     """ComfyUI's ``BrownianTreeNoiseSampler`` as its SDE samplers build it (tree on the CPU, seeded with the
@@ -105,3 +114,9 @@ class BatchRows:
 
     def __call__(self, step: int) -> torch.Tensor:
         return self.noise(step)[self.start:self.stop]  # (B, N, C) -> (stop - start, N, C)
+
+    def get_state(self) -> Optional[torch.Tensor]:
+        return self.noise.get_state() if hasattr(self.noise, "get_state") else None
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.noise.set_state(state)

@@ -9,6 +9,7 @@ import torch
 
 from .conditioning import Conditioning
 from .parallel_config import ParallelConfig
+from .resume import Checkpoint
 from .samplers import SAMPLER_NAMES
 from .sigmas import SCHEDULER_NAMES
 
@@ -116,6 +117,10 @@ class GenerationRequest:
     end_step: Optional[int] = None
     add_noise: bool = True
     leftover_noise: bool = False
+    # resume.py: ``checkpoints`` asks the sequence / CFG loop for a Checkpoint with every step event, ``resume``
+    # continues a run from one (the pool's retry after a lost worker), equal to the uninterrupted run
+    checkpoints: bool = False
+    resume: Optional[Checkpoint] = None
 
     def __post_init__(self) -> None:
         if self.sigmas is not None:

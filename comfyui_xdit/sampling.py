@@ -22,6 +22,7 @@ from .models.adapter import Adapter
 from .noise import AncestralNoise, BatchRows, BrownianNoise, inpaint_noise, prepare_batch_noise
 from .prediction import FLOW, PREDICTIONS, Prediction, max_denoise, prediction_of
 from .request import GenerationRequest
+from .resume import Checkpoint, capture, restore
 from .samplers import (BROWNIAN_SAMPLERS, CFG_PP_SAMPLERS, DEVICE_TREE_SAMPLERS, DISCARD_PENULTIMATE_SIGMA_SAMPLERS, NOISE_SAMPLERS, SNR_OFFSET_SAMPLERS,
                        SamplerProgram, SamplerState, SamplerStep, check_sampler, sampler_program)
 from .uni_pc_sampler import UNI_PC_VARIANTS, uni_pc_sigmas
@@ -40,6 +41,7 @@ class StepEvent:
     step: int
     total: int
     preview: Optional[torch.Tensor] = None
+    checkpoint: Optional[Checkpoint] = None  # the loop's state after this step, when the request asks for it
 
 
 class GenerationCancelled(RuntimeError):
@@ -72,6 +74,8 @@ class SamplingPlan:
     prediction: Prediction = FLOW  # the model's: its input scaling and x0 from its output (prediction.py)
     frames: Optional[int] = None  # a video latent's (B, C, T, H, W) frame count T; None: an image latent
     timestep_sigmas: Optional[torch.Tensor] = None  # (calls,) see model_sigmas; None: the call sigmas themselves
+    checkpoints: bool = False  # emit a Checkpoint with every step event (resume.py)
+    resume: Optional[Checkpoint] = None  # start after its calls, from its tokens, history and noise state
 
     def unpack(self, adapter: Adapter, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, C*2*2) back into this plan's latent layout: (B, C, H, W) or (B, C, T, H, W)."""
@@ -235,7 +239,8 @@ def prepare_plan(adapter: Adapter, request: GenerationRequest) -> SamplingPlan:
                         negative=_negative_branch(request), cfg=request.cfg, inpaint=inpaint,
                         noise_seed=request.seed if request.sampler in NOISE_SAMPLERS | BROWNIAN_SAMPLERS else None,
                         latent_shape=tuple(latent.shape), brownian_span=sigmas if brownian else None,
-                        brownian_on_device=request.sampler in DEVICE_TREE_SAMPLERS, prediction=prediction)
+                        brownian_on_device=request.sampler in DEVICE_TREE_SAMPLERS, prediction=prediction,
+                        checkpoints=request.checkpoints, resume=request.resume)
 
 
 def _negative_branch(request: GenerationRequest) -> Optional[Conditioning]:
@@ -288,6 +293,24 @@ def check_stop(should_stop: Optional[ShouldStop], step: int) -> None:
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 
 
+def resume_point(plan: SamplingPlan, x: torch.Tensor, state: SamplerState,
+                 step_noise: Optional[object]) -> tuple[torch.Tensor, SamplerState, int]:
+    """(tokens, sampler history, first call) a whole-latent loop starts from: ``begin``'s, or where the plan's
+    ``resume`` checkpoint stood (its noise generator state restored into ``step_noise``)."""
+    if plan.resume is None:
+        return x, state, 0
+    plan.resume.check_fits(x, plan.total_calls)
+    x, state = restore(plan.resume, x.device, step_noise)
+    return x, state, plan.resume.calls
+
+
+def step_event(adapter: Adapter, plan: SamplingPlan, i: int, denoised: torch.Tensor, x: torch.Tensor,
+               state: SamplerState, step_noise: Optional[object]) -> StepEvent:
+    """The event after model call ``i``: its preview, and a checkpoint when the plan asks for them."""
+    checkpoint = capture(i + 1, x, state, step_noise) if plan.checkpoints else None
+    return StepEvent(i + 1, plan.total_calls, preview_latent(adapter, plan, denoised), checkpoint)
+
+
 def run_loop(adapter: Adapter, plan: SamplingPlan, velocity: VelocityFn, on_step: Optional[OnStep] = None,
              should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
     """The whole-latent loop: ``velocity(model_input, sigma_batch, cond)`` per branch, CFG, one sampler step.
@@ -299,8 +322,9 @@ def run_loop(adapter: Adapter, plan: SamplingPlan, velocity: VelocityFn, on_step
     x, state = plan.begin(plan.x.to(adapter.device))
     inpaint = plan.inpaint.to(adapter.device) if plan.inpaint is not None else None
     step_noise = plan.step_noise(x.device)
+    x, state, first = resume_point(plan, x, state, step_noise)
     batch = x.shape[0]
-    for i in range(plan.total_calls):
+    for i in range(first, plan.total_calls):
         check_stop(should_stop, i)
         sigma = plan.call_sigmas[i]
         sigma_batch = plan.model_sigmas[i] * x.new_ones(batch)  # what the adapter is told (model_sigmas)
@@ -315,5 +339,5 @@ def run_loop(adapter: Adapter, plan: SamplingPlan, velocity: VelocityFn, on_step
         x, state = plan.step(x, denoised, plan.sigmas, i, state, None if step_noise is None else (lambda: step_noise(i)),
                              uncond)
         if on_step is not None:
-            on_step(StepEvent(i + 1, plan.total_calls, preview_latent(adapter, plan, denoised)))
+            on_step(step_event(adapter, plan, i, denoised, x, state, step_noise))
     return x

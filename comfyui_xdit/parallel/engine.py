@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Iterator, Optional
 
 import torch
@@ -23,8 +24,8 @@ from ..conditioning import Conditioning
 from ..models.adapter import Adapter
 from ..parallel_config import ParallelConfig
 from ..request import GenerationRequest
-from ..sampling import (GenerationCancelled, OnStep, SamplingPlan, ShouldStop, StepEvent, apply_cfg, denoised_from,
-                        finish, prepare_plan, preview_latent)
+from ..sampling import (GenerationCancelled, OnStep, SamplingPlan, ShouldStop, apply_cfg, denoised_from, finish,
+                        prepare_plan, resume_point, step_event)
 from .cfg_parallel import branch_velocities
 from .comm import CommCounter, agree_any
 from .data_parallel import batch_rows, gather_rows
@@ -66,6 +67,11 @@ class ParallelEngine:
                                    num_blocks=len(self.adapter.blocks), batch_size=batch)
         if plan.total_calls == 0:  # denoise == 0: ComfyUI hands the input back untouched
             return request.latent.clone()
+        if self.parallel.pipefusion_degree > 1 or self.parallel.data_degree > 1:
+            if plan.resume is not None:  # their state is spread over stages / groups (and PipeFusion's K/V buffers)
+                raise ValueError(f"resuming is available for the sequence / CFG parallel loop only, not for "
+                                 f"{self.parallel.describe()}; run the request again from its first step")
+            plan = replace(plan, checkpoints=False)
         degree = self.parallel.data_degree
         mine = plan if degree == 1 else plan.rows(*batch_rows(batch, degree, self.mesh.coords.data))
         x = self._run(mine, on_step, should_stop)  # (rows, N, C): this data group's images
@@ -104,8 +110,9 @@ class ParallelEngine:
         x, state = plan.begin(plan.x.to(self.adapter.device))
         inpaint = plan.inpaint.to(x.device) if plan.inpaint is not None else None
         step_noise = plan.step_noise(x.device)  # every rank steps the whole latent: each draws the same
+        x, state, first = resume_point(plan, x, state, step_noise)
         image_ids = plan.image_ids
-        for i in range(plan.total_calls):
+        for i in range(first, plan.total_calls):
             if self.counter is not None:
                 self.counter.begin_step(i)
             self._check_stop(should_stop, i, x.device)
@@ -126,7 +133,7 @@ class ParallelEngine:
             x, state = plan.step(x, denoised, plan.sigmas, i, state, None if step_noise is None else (lambda: step_noise(i)),
                                  uncond)
             if on_step is not None:
-                on_step(StepEvent(i + 1, plan.total_calls, preview_latent(self.adapter, plan, denoised)))
+                on_step(step_event(self.adapter, plan, i, denoised, x, state, step_noise))
         return x
 
     # ---- helpers --------------------------------------------------------------------------------
