@@ -18,7 +18,7 @@ STATUS_PATH = "/xdit/pool/status"
 async def pool_status(request: web.Request) -> web.Response:
     """Every live pool: address, interface, and the pool's own report (hosts, devices, state)."""
     loop = asyncio.get_running_loop()
-    pools = await loop.run_in_executor(None, registry().status)  # pings ranks: keep the event loop free
+    pools = await loop.run_in_executor(None, registry().status)  # reads Ray's GCS: keep the event loop free
     return web.json_response({"pools": pools})
 
 

@@ -1,7 +1,7 @@
 """The persistent Ray worker pool: rank actors on this machine and remote hosts (imports Ray)."""
 
 from .errors import (InsecureCluster, ModelMissing, NotEnoughDevices, PoolError, PoolUnreachable, VersionSkew,
-                     WorkerError, WorkerLost, WorkerTimeout)
+                     WorkerError, WorkerLost, WorkerStalled, WorkerTimeout)
 from .job import Job, JobState
 from .pool import WorkerPool, XDiTPool
 from .settings import PoolSettings, Timeouts
@@ -9,4 +9,4 @@ from .status import HostStatus, PoolStatus, RankStatus
 
 __all__ = ["InsecureCluster", "Job", "JobState", "ModelMissing", "NotEnoughDevices", "PoolError", "PoolSettings",
            "PoolStatus", "PoolUnreachable", "HostStatus", "RankStatus", "Timeouts", "VersionSkew", "WorkerError",
-           "WorkerLost", "WorkerPool", "WorkerTimeout", "XDiTPool"]
+           "WorkerLost", "WorkerPool", "WorkerStalled", "WorkerTimeout", "XDiTPool"]

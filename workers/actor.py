@@ -48,6 +48,7 @@ class RankWorker:
         self.engine_key: Optional[tuple[str, str, str, ParallelConfig]] = None
         self.engine: Any = None
         self.busy = False
+        self.step: Optional[int] = None  # the step this rank last started in generate (its heartbeat reports it)
         self.weights_how: Optional[str] = None
         self.loads = 0  # models built by this rank (status: a cached model is not built again)
         self.nccl_rules: Any = None  # the NCCL-semantics shim of a gloo world under test, else None
@@ -63,10 +64,11 @@ class RankWorker:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def ping(self) -> dict[str, Any]:
+        """The heartbeat: answered on another of the actor's threads, so also while ``generate`` runs."""
         rank = self.setup_info.rank if self.setup_info else None
         model = self.model_key[0] if self.model_key else None
         return {"rank": rank, "busy": self.busy, "model": model, "device": str(self.device), "weights": self.weights_how,
-                "loads": self.loads}
+                "loads": self.loads, "step": self.step}
 
     def has_file(self, ref: ModelRef, models_folder: Optional[str]) -> Optional[str]:
         return find_local(ref, models_folder)
@@ -159,15 +161,16 @@ class RankWorker:
             preview = event.preview.detach().cpu() if event.preview is not None else None
             channel.post.remote(job, StepEvent(event.step, event.total, preview))  # fire and forget
 
-        def should_stop(step: int) -> bool:
-            return bool(ray.get(channel.should_stop.remote(job, step), timeout=60.0))
+        first = info.rank == 0
 
-        self.busy = True
+        def should_stop(step: int) -> bool:
+            self.step = step  # every rank's progress, for the driver's stall detection
+            return first and bool(ray.get(channel.should_stop.remote(job, step), timeout=60.0))
+
+        self.busy, self.step = True, None
         try:
             # Rank 0 asks the channel; the engine makes every rank agree on the step (a tiny all-reduce).
-            first = info.rank == 0
-            latent = self.engine.generate(request, on_step=on_step if first else None,
-                                          should_stop=should_stop if first else None)
+            latent = self.engine.generate(request, on_step=on_step if first else None, should_stop=should_stop)
         except Exception:
             logger.exception("rank %d failed in generate", info.rank)
             raise

@@ -29,6 +29,11 @@ class WorkerTimeout(WorkerError):
     """A rank did not answer ``method`` in time."""
 
 
+class WorkerStalled(WorkerTimeout):
+    """A rank stopped making progress (no heartbeat, or stuck at a step its peers passed); the world
+    was torn down, its processes killed."""
+
+
 class PoolUnreachable(PoolError):
     """The Ray head given by address cannot be reached."""
 

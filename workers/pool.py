@@ -13,6 +13,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Any, Optional
 
 import torch
@@ -24,6 +25,7 @@ from comfyui_xdit.sampling import GenerationCancelled, OnStep
 from .channel import JobChannel
 from .errors import ModelMissing, PoolError, WorkerError, WorkerLost, WorkerTimeout
 from .job import Job
+from .leases import new_client_id, others_waiting, read_leases
 from .runtime import RayRuntime, start_or_join
 from .security import auth_mode
 from .settings import PoolSettings
@@ -35,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 HELD_MODELS = 2  # ComfyUI MODELs (and LoRA sets) whose weights a pool keeps for re-shipping
+YIELD_CHECK_S = 1.0  # how often an idle pool looks for other clients waiting for devices
+STATUS_PING_S = 1.0  # an idle rank that does not answer the status within this is shown as "no answer"
 
 
 class XDiTPool:
@@ -42,6 +46,7 @@ class XDiTPool:
 
     def __init__(self, settings: PoolSettings = PoolSettings()) -> None:
         self.settings = settings
+        self.client = new_client_id()  # this pool's name on the cluster (its placement groups carry it)
         self._runtime: Optional[RayRuntime] = None
         self._channel: Any = None
         self._world: Optional[World] = None
@@ -147,11 +152,16 @@ class XDiTPool:
             self._world_lock.release()
 
     def _serve(self) -> None:
+        checked = 0.0
         while not self._stop.is_set():
             try:
                 job = self._queue.get(timeout=0.25)
             except queue.Empty:
+                if time.monotonic() - checked > YIELD_CHECK_S:  # idle: give the devices to a waiting client
+                    checked = time.monotonic()
+                    self._yield_devices(wait_s=0.0)
                 continue
+            self._yield_devices(wait_s=10.0)  # between jobs too, so clients with long queues take turns
             if self._stop.is_set():
                 job._fail(PoolError("the pool shut down before this job ran"))
                 continue
@@ -211,7 +221,7 @@ class XDiTPool:
 
             shared = ray.put(request)  # one copy in the object store for all ranks
             results = world.call_each("generate", [(job.id, shared, channel)] * world.world_size,
-                                      timeout_s=timeouts.step_s, on_poll=on_poll)
+                                      timeout_s=timeouts.step_s, on_poll=on_poll, watch=True)
             on_poll()
         finally:
             channel.close.remote(job.id)
@@ -219,10 +229,26 @@ class XDiTPool:
         assert isinstance(latent, torch.Tensor), "rank 0 returned no latent"
         return latent
 
+    def _yield_devices(self, wait_s: float) -> None:
+        """Drop the idle world when another client waits for devices; then wait (up to ``wait_s``) until
+        it got them, so that this pool's next world queues behind it instead of overtaking it."""
+        if self._world is None:
+            return
+        try:
+            if not others_waiting(read_leases(), self.client):
+                return
+            logger.info("pool %s: another client waits for devices; letting this pool's world go", self.client)
+            self._drop_world()
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and others_waiting(read_leases(), self.client):
+                time.sleep(0.2)
+        except Exception as exc:  # noqa: BLE001 - a failed look at the cluster must not stop the job thread
+            logger.warning("pool %s: could not read the cluster's device leases: %s", self.client, exc)
+
     # ---- world and model -----------------------------------------------------------------------
     def _world_for(self, parallel: ParallelConfig) -> World:
         with self._world_lock:
-            candidate = World(self.settings, parallel)
+            candidate = World(self.settings, parallel, self.client)
             if self._world is not None and not self._world.broken and self._world.key == candidate.key:
                 return self._world
             self._drop_world()
@@ -297,27 +323,47 @@ class XDiTPool:
         ranks = []
         world = self._world
         if world is not None:
-            refs = [a.ping.remote() for a in world.actors]
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.settings.timeouts.rpc_s)
-            for info, ref in zip(world.ranks, refs):
-                state, model, weights, loads = "no answer", None, None, 0
-                if ref in ready:
-                    try:
-                        answer = ray.get(ref, timeout=1.0)
-                        state, model, weights = ("busy" if answer["busy"] else "idle"), answer["model"], answer["weights"]
-                        loads = answer.get("loads", 0)
-                    except Exception:  # noqa: BLE001 - a dead actor is a status, not an error
-                        state = "dead"
+            heartbeats = world.heartbeats  # a job runs: its heartbeats answer, nobody waits on a busy rank
+            answers = heartbeats.answers() if heartbeats is not None else _ping_all(world.actors, STATUS_PING_S)
+            for info, (answer, age, dead) in zip(world.ranks, answers):
+                state, model, weights, loads, step = "no answer", None, None, 0, None
+                if dead:
+                    state = "dead"
+                elif answer is None and heartbeats is not None:
+                    state = "busy"  # in the job, no heartbeat answered yet (the stall watch bounds this)
+                elif answer is not None:
+                    state, model, weights = ("busy" if answer["busy"] else "idle"), answer["model"], answer["weights"]
+                    loads, step = answer.get("loads", 0), answer.get("step")
                 ranks.append(RankStatus(info.rank, info.host, info.pid, info.device, state, model, weights,
-                                        info.node_id, loads))
+                                        info.node_id, loads, step, round(age, 1) if age is not None else None))
         running = self._running
         layout = world.loaded[1].describe() if world is not None and world.loaded else None
+        leases = read_leases()
         assert self._runtime is not None
         return PoolStatus(address=self._runtime.address, embedded=self.settings.embedded, auth=auth_mode(),
                           hosts=host_statuses(ray.nodes()), ranks=tuple(ranks), layout=layout,
                           queued=self._queue.qsize(), running=running.id if running else None,
+                          client=self.client, leases=leases,
                           gpus=self._runtime.gpus.describe() if self._runtime.gpus is not None else
                           "chosen on each host (cluster)" if not self.settings.embedded else "as Ray was started")
+
+
+def _ping_all(actors: list[Any], timeout_s: float) -> list[tuple[Optional[dict], Optional[float], bool]]:
+    """(answer or None, None, dead) per actor, waiting at most ``timeout_s`` for all of them together."""
+    import ray
+
+    refs = [a.ping.remote() for a in actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    out: list[tuple[Optional[dict], Optional[float], bool]] = []
+    for ref in refs:
+        if ref not in ready:
+            out.append((None, None, False))
+            continue
+        try:
+            out.append((ray.get(ref, timeout=0), None, False))
+        except Exception:  # noqa: BLE001 - a dead actor is a status, not an error
+            out.append((None, None, True))
+    return out
 
 
 WorkerPool = XDiTPool

@@ -21,6 +21,8 @@ class Timeouts:
     rendezvous_s: float = 120.0  # torch.distributed init on every rank
     load_s: float = 900.0  # loading a model on every rank
     step_s: float = 600.0  # silence allowed between two step events (the first step included)
+    stall_s: float = 90.0  # a rank silent to heartbeats, or stuck at a step others passed, this long is stalled
+    heartbeat_s: float = 1.0  # how often the driver pings each rank of a running job
     job_s: float = 24 * 3600.0  # default for Job.result()
     shutdown_s: float = 10.0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from .leases import Lease
+
 
 @dataclass(frozen=True)
 class HostStatus:
@@ -27,6 +29,8 @@ class RankStatus:
     weights: Optional[str] = None  # how the model reached this rank: local file, object store, built in
     node_id: str = ""
     loads: int = 0  # models this rank built since it started (a prompt that reuses the loaded one adds none)
+    step: Optional[int] = None  # the step this rank last started (while a job runs)
+    heard_s: Optional[float] = None  # seconds since its last heartbeat (while a job runs)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class PoolStatus:
     queued: int
     running: Optional[str]  # id of the running job
     gpus: str = "chosen on each host"  # the embedded pool's GPUs (and the one left to ComfyUI)
+    client: str = ""  # this pool's name on the cluster
+    leases: tuple[Lease, ...] = ()  # every pool's devices on the cluster, held or waited for
 
     def format(self) -> str:
         lines = [f"Ray at {self.address} ({'embedded, this machine only' if self.embedded else 'cluster'}), "
@@ -52,8 +58,14 @@ class PoolStatus:
         lines.append(f"ranks: {len(self.ranks)}" + (f" ({self.layout})" if self.layout else " (created on the first job)"))
         for r in self.ranks:
             lines.append(f"  rank {r.rank:<3} {r.host:<16} pid {r.pid:<8} {r.device:<8} {r.state:<9} "
-                         f"model {r.model or '-'}" + (f" ({r.weights})" if r.weights else ""))
+                         f"model {r.model or '-'}" + (f" ({r.weights})" if r.weights else "")
+                         + (f" step {r.step}" if r.step is not None else "")
+                         + (f", heard {r.heard_s:g}s ago" if r.heard_s is not None else ""))
         lines.append(f"jobs: {'running ' + self.running if self.running else 'none running'}, {self.queued} queued")
+        lines.append(f"devices by client (this pool: {self.client or '-'}): {len(self.leases)} groups")
+        for lease in self.leases:
+            where = f"on {', '.join(sorted(set(lease.hosts)))}" if lease.hosts else ""
+            lines.append(f"  {lease.client:<28} {lease.state:<7} {lease.devices} {lease.kind} {where}".rstrip())
         return "\n".join(lines)
 
 

@@ -20,7 +20,10 @@ from comfyui_xdit.request import ModelRef
 from comfyui_xdit.sampling import GenerationCancelled
 
 from .actor import RankSetup, RankWorker
-from .errors import NotEnoughDevices, WorkerError, WorkerLost, WorkerTimeout
+from .errors import NotEnoughDevices, WorkerError, WorkerLost, WorkerStalled, WorkerTimeout
+from .heartbeat import Heartbeats
+from .leases import describe_holders, group_name, read_leases
+from .liveness import describe_beats, find_stall
 from .settings import PoolSettings
 from .topology import Slot, block_size, order_ranks
 from .versions import check_versions, host_versions
@@ -73,8 +76,9 @@ def worker_failure(rank: RankInfo, method: str, exc: BaseException) -> BaseExcep
 class World:
     """The live actors of one layout; ``key`` says which layouts it can serve without a rebuild."""
 
-    def __init__(self, settings: PoolSettings, parallel: ParallelConfig) -> None:
+    def __init__(self, settings: PoolSettings, parallel: ParallelConfig, client: str = "anonymous") -> None:
         self.settings = settings
+        self.client = client  # names the placement groups: the cluster's status shows who holds the devices
         self.world_size = parallel.world_size
         self.device_kind, devices = cluster_devices(settings)
         self.block = block_size(parallel, devices)
@@ -83,6 +87,7 @@ class World:
         self.ranks: list[RankInfo] = []
         self.loaded: Optional[tuple[ModelRef, ParallelConfig]] = None  # what the ranks hold now
         self.broken = False
+        self.heartbeats: Optional[Heartbeats] = None  # the ranks' heartbeats during the running job
 
     @property
     def key(self) -> tuple[int, int]:
@@ -105,8 +110,9 @@ class World:
         from ray.util.placement_group import placement_group, placement_group_table
 
         bundle = {"GPU": 1.0} if self.device_kind == "cuda" else {"CPU": self.settings.cpus_per_rank}
-        self.groups = [placement_group([dict(bundle)] * self.block, strategy="STRICT_PACK")
-                       for _ in range(self.world_size // self.block)]
+        self.groups = [placement_group([dict(bundle)] * self.block, strategy="STRICT_PACK",
+                                       name=group_name(self.client, index))
+                       for index in range(self.world_size // self.block)]
         timeout = self.settings.timeouts.start_s
         try:
             ray.get([g.ready() for g in self.groups], timeout=timeout)
@@ -114,8 +120,8 @@ class World:
             _, free = cluster_devices(self.settings)
             raise NotEnoughDevices(
                 f"could not reserve {self.world_size} {self.device_kind} ranks in groups of {self.block} "
-                f"per host within {timeout:.0f}s; devices per host: {free}. Other jobs may hold them, "
-                f"or a host just left") from None
+                f"per host within {timeout:.0f}s; devices per host: {free}; {describe_holders(read_leases())} "
+                f"(pools with a job running keep their devices until it ends), or a host just left") from None
         addresses = node_addresses()
         slots = []
         for index, group in enumerate(self.groups):
@@ -136,7 +142,7 @@ class World:
             self.actors.append(remote.options(num_gpus=1 if cuda else 0,
                                               num_cpus=0 if cuda else self.settings.cpus_per_rank,
                                               scheduling_strategy=strategy, max_restarts=0,
-                                              max_concurrency=2).remote())
+                                              max_concurrency=4).remote())  # + heartbeat, status, blame
         provisional = [RankInfo(r, s.host, s.node_id, -1, "?") for r, s in enumerate(slots)]
         self.ranks = provisional
         facts = self.call("describe", timeout_s=self.settings.timeouts.start_s)
@@ -173,22 +179,29 @@ class World:
         return self.call_each(method, [args] * len(self.actors), timeout_s=timeout_s)
 
     def call_each(self, method: str, args: Sequence[tuple], timeout_s: float,
-                  on_poll: Optional[Callable[[], None]] = None) -> list[Any]:
+                  on_poll: Optional[Callable[[], bool]] = None, watch: bool = False) -> list[Any]:
+        """``watch``: heartbeat every rank meanwhile and fail fast (``WorkerStalled``) on a stalled one."""
+        heartbeats = Heartbeats(self.actors, self.settings.timeouts.heartbeat_s) if watch else None
         refs = [getattr(actor, method).remote(*a) for actor, a in zip(self.actors, args)]
-        return self.gather(refs, method, timeout_s, on_poll)
+        self.heartbeats = heartbeats
+        try:
+            return self.gather(refs, method, timeout_s, on_poll, heartbeats=heartbeats)
+        finally:
+            self.heartbeats = None
 
     def call_one(self, rank: int, method: str, *args: Any, timeout_s: float) -> Any:
         ref = getattr(self.actors[rank], method).remote(*args)
         return self.gather([ref], method, timeout_s, ranks=[rank])[0]
 
     def gather(self, refs: Sequence[Any], method: str, timeout_s: float,
-               on_poll: Optional[Callable[[], None]] = None, ranks: Optional[Sequence[int]] = None,
-               poll_s: float = 0.2) -> list[Any]:
+               on_poll: Optional[Callable[[], bool]] = None, ranks: Optional[Sequence[int]] = None,
+               poll_s: float = 0.2, heartbeats: Optional[Heartbeats] = None) -> list[Any]:
         """Wait for every ref and return their values in order.
 
         The first real failure is raised at once (ranks stuck in a collective with a dead peer would
         never answer); a cancellation only after every rank has stopped. ``timeout_s`` bounds the
-        wait; ``on_poll`` runs between polls and restarts the clock when it returns True (progress).
+        wait; ``on_poll`` runs between polls and restarts the clock when it returns True (progress);
+        ``heartbeats``: a rank they show stalled fails the call within ``Timeouts.stall_s``.
         """
         import ray
 
@@ -202,8 +215,9 @@ class World:
             if left <= 0:
                 stuck = sorted(ranks[i] for i in pending.values())
                 info = self.ranks[stuck[0]]
-                raise WorkerTimeout(info.rank, info.host, method,
-                                    detail=f"no answer within {timeout_s:.0f}s from ranks {stuck}")
+                beats = f"; {describe_beats(heartbeats.beats(), time.monotonic())}" if heartbeats else ""
+                raise WorkerTimeout(info.rank, self._where(info), method,
+                                    detail=f"no answer within {timeout_s:.0f}s from ranks {stuck}{beats}")
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=min(left, poll_s))
             for ref in ready:
                 i = pending.pop(ref)
@@ -219,6 +233,12 @@ class World:
                     raise failure from exc
             if on_poll is not None and on_poll():
                 deadline = time.monotonic() + timeout_s
+            if heartbeats is not None and pending:
+                heartbeats.poll()
+                stall = find_stall(heartbeats.beats(), time.monotonic(), self.settings.timeouts.stall_s)
+                if stall is not None:
+                    info = self.ranks[stall.rank]
+                    raise WorkerStalled(info.rank, self._where(info), method, detail=f"stalled: {stall.reason}")
         if cancelled is not None:
             raise cancelled
         return results
@@ -242,10 +262,14 @@ class World:
                                              f"failed: {failure.cause})")
         if silent:
             info = refs[silent[0]]
-            return WorkerLost(info.rank, f"{info.host} (node {info.node_id[:8]}, pid {info.pid})", failure.method,
+            return WorkerLost(info.rank, self._where(info), failure.method,
                               detail=f"no answer to a ping within {timeout_s:.0f}s (rank {failure.rank} "
                                      f"failed: {failure.cause})")
         return failure
+
+    @staticmethod
+    def _where(info: RankInfo) -> str:
+        return f"{info.host} (node {info.node_id[:8]}, pid {info.pid})"
 
     # ---- ending --------------------------------------------------------------------------------
     def teardown(self) -> None:
@@ -258,12 +282,31 @@ class World:
                 ray.kill(actor, no_restart=True)
             except Exception as exc:  # noqa: BLE001 - already dead actors raise; nothing to do
                 logger.debug("kill failed: %s", exc)
+        _kill_stopped_here(self.ranks)
         for group in self.groups:
             try:
                 remove_placement_group(group)
             except Exception as exc:  # noqa: BLE001
                 logger.debug("placement group removal failed: %s", exc)
         self.actors, self.groups, self.loaded, self.broken = [], [], None, True
+
+
+def _kill_stopped_here(ranks: Sequence[RankInfo]) -> None:
+    """SIGKILL this machine's rank processes that are stopped (SIGSTOP, a debugger): they cannot act on
+    ``ray.kill``, which reaches them only after the raylet's grace period. Remote ones: Ray's job."""
+    import psutil
+
+    here = _driver_node()
+    for info in ranks:
+        if info.node_id != here or info.pid <= 0:
+            continue
+        try:
+            process = psutil.Process(info.pid)
+            if process.status() == psutil.STATUS_STOPPED and "RankWorker" in " ".join(process.cmdline()):
+                logger.warning("rank %d (pid %d) is stopped: killing it", info.rank, info.pid)
+                process.kill()
+        except psutil.Error:
+            continue  # gone already
 
 
 def _driver_node() -> str:
