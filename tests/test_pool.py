@@ -155,15 +155,21 @@ def test_data_groups_split_the_batch_and_rank_0_returns_it_whole(pool: XDiTPool)
     torch.testing.assert_close(result, serial(batch), rtol=1e-4, atol=1e-4)
 
 
-def test_killed_worker_is_retried_once_on_a_rebuilt_world(pool: XDiTPool) -> None:
+def test_killed_worker_is_retried_once_on_a_rebuilt_world_and_resumes(pool: XDiTPool) -> None:
     pool.submit(request(steps=1)).result(timeout=120)  # world of one rank
     pid = rank_pids(pool)[0]
-    req = request(steps=60, seed=6, size=8)  # long enough to still run when the kill lands
+    # long enough to still run when the kill lands; a multistep sampler: its history is in the checkpoint
+    req = dataclasses.replace(request(steps=60, seed=6, size=8), sampler="dpmpp_2m")
     job = pool.submit(req)
-    next(iter(job.events(timeout=120)))
+    events = job.events(timeout=120)
+    steps = [next(events).step for _ in range(3)]
     os.kill(pid, signal.SIGKILL)
-    torch.testing.assert_close(job.result(timeout=180), serial(req))
+    steps += [event.step for event in events]
+    assert torch.equal(job.result(timeout=180), serial(req))  # resumed: the uninterrupted run's latent, bit for bit
     assert job.attempts == 2 and rank_pids(pool)[0] != pid
+    # progress went on from the last checkpoint the driver had, not from step 1 again
+    assert steps.count(1) == 1 and steps[-1] == 60 and set(steps) == set(range(1, 61)), steps
+    assert job.checkpoint is not None and job.checkpoint.calls == 60
 
 
 def test_killed_worker_without_retry_fails_naming_rank_and_host(pool: XDiTPool) -> None:

@@ -159,7 +159,8 @@ class RankWorker:
 
         def on_step(event: StepEvent) -> None:
             preview = event.preview.detach().cpu() if event.preview is not None else None
-            channel.post.remote(job, StepEvent(event.step, event.total, preview))  # fire and forget
+            # fire and forget; the checkpoint (when the pool asked for them) lets a retry resume from this step
+            channel.post.remote(job, StepEvent(event.step, event.total, preview, event.checkpoint))
 
         first = info.rank == 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import queue
 import threading
@@ -11,6 +12,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from comfyui_xdit.request import GenerationRequest
+from comfyui_xdit.resume import Checkpoint
 from comfyui_xdit.sampling import GenerationCancelled, StepEvent
 
 _END = object()
@@ -30,13 +32,16 @@ class Job:
     ``events()`` yields ``StepEvent``s (step, total, preview latent or None) until the job ends;
     ``result()`` returns the LATENT (B, C, H, W) or raises the job's error (``WorkerError`` naming
     rank and host, ``GenerationCancelled``, ...); ``cancel()`` stops every rank at the same step.
-    When a rank dies and the pool retries the job once, the events start again from step 1.
+    When a rank dies and the pool retries the job once, a sequence / CFG parallel (or serial) job resumes
+    from the last step whose checkpoint arrived (``checkpoint``; the events go on from there, the latent is
+    the uninterrupted run's); a PipeFusion or data-parallel job starts again from step 1.
     """
 
     def __init__(self, job_id: str, request: GenerationRequest, default_timeout_s: float,
                  on_cancel: Callable[["Job"], None]) -> None:
         self.id = job_id
         self.request = request
+        self.checkpoint: Optional[Checkpoint] = None  # the last finished step's state, for a resumed retry
         self._default_timeout_s = default_timeout_s
         self._on_cancel = on_cancel
         self._lock = threading.Lock()
@@ -121,6 +126,9 @@ class Job:
             return True
 
     def _post(self, event: StepEvent) -> None:
+        if event.checkpoint is not None:  # kept for a retry; callers of events() get the step and preview
+            self.checkpoint = event.checkpoint
+            event = dataclasses.replace(event, checkpoint=None)
         self._events.put(event)
 
     def _finish(self, latent: torch.Tensor) -> None:

@@ -205,7 +205,7 @@ class XDiTPool:
     def _attempt(self, job: Job) -> torch.Tensor:
         import ray
 
-        request = job.request
+        request = resumable(job)
         world = self._world_for(request.parallel)
         self._load(world, request)
         channel, timeouts = self._channel, self.settings.timeouts
@@ -364,6 +364,20 @@ def _ping_all(actors: list[Any], timeout_s: float) -> list[tuple[Optional[dict],
         except Exception:  # noqa: BLE001 - a dead actor is a status, not an error
             out.append((None, None, True))
     return out
+
+
+def resumable(job: Job) -> GenerationRequest:
+    """The request an attempt runs: asking for a checkpoint with every step where the loop can resume (serial,
+    sequence / CFG parallel), and resumed from the job's last one on a retry (the same latent as one run)."""
+    request = job.request
+    if request.parallel.pipefusion_degree > 1 or request.parallel.data_degree > 1:
+        return request  # their state is spread over stages / groups: a retry starts again
+    request = dataclasses.replace(request, checkpoints=True)
+    if job.checkpoint is not None:
+        logger.warning("job %s: resuming after model call %d (the last step whose checkpoint arrived)", job.id,
+                       job.checkpoint.calls)
+        request = dataclasses.replace(request, resume=job.checkpoint)
+    return request
 
 
 WorkerPool = XDiTPool
