@@ -194,3 +194,24 @@ def test_killed_worker_without_retry_fails_naming_rank_and_host(pool: XDiTPool) 
         assert queued.wait(timeout=5) and queued.state is JobState.FAILED
     finally:
         no_retry.shutdown()
+
+
+def test_alternating_models_stay_loaded_on_the_ranks(pool: XDiTPool) -> None:
+    """Wan 2.2's two experts in one prompt: each rank keeps two models (models_per_rank), so alternating
+    ones are built once; a third evicts the least recently used one."""
+    sd3_ref = ModelRef("tiny:sd3")
+    positive, _ = tiny_conditioning(sd3_ref, 1)
+    sd3 = GenerationRequest(model=sd3_ref, latent=torch.zeros(1, 16, 16, 16), positive=positive, seed=1, steps=2)
+    flux = request(steps=2, seed=1)
+    bf16 = dataclasses.replace(flux, model=ModelRef("tiny:flux", dtype="bf16"))
+    pool.submit(flux).result(timeout=120)
+    loads = lambda: sum(r.loads for r in pool.status().ranks)  # noqa: E731 - read twice below
+    before = loads()
+    for req in (sd3, flux, sd3, flux):
+        assert torch.equal(pool.submit(req).result(timeout=180), Engine(load_model(req.model)).generate(req))
+    assert loads() == before + 1  # sd3 built once, flux never again
+    pool.submit(bf16).result(timeout=180)  # a third model: sd3 (least recently used) goes
+    pool.submit(flux).result(timeout=180)
+    assert loads() == before + 2
+    pool.submit(sd3).result(timeout=180)
+    assert loads() == before + 3

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -38,13 +39,15 @@ class RankSetup:
 
 
 class RankWorker:
-    """One rank: device, process-group membership, a one-model cache and the engine."""
+    """One rank: device, process-group membership, a cache of loaded models and the engine."""
 
-    def __init__(self) -> None:
+    def __init__(self, models_per_rank: int = 2) -> None:
         self.setup_info: Optional[RankSetup] = None
         self.device: Optional[torch.device] = None
         self.model_key: Optional[tuple[str, str, str, Optional[tuple[int, int]]]] = None
         self.adapter: Any = None
+        self.models_per_rank = models_per_rank
+        self.cached: "OrderedDict[tuple, tuple[Any, Optional[str]]]" = OrderedDict()  # key -> (adapter, how), LRU last
         self.engine_key: Optional[tuple[str, str, str, ParallelConfig]] = None
         self.engine: Any = None
         self.busy = False
@@ -121,10 +124,14 @@ class RankWorker:
         # a PipeFusion stage builds only its blocks (shipped weights already hold only those)
         blocks = None if spec is None else stage_blocks(parallel, info.rank, spec.num_blocks)
         key = (ref.path, ref.dtype, ref.patches, blocks)  # a stage-only model serves only that stage
-        if self.model_key != key:
+        if self.model_key != key and key in self.cached:
+            self._activate(key)
+        elif self.model_key != key:
             if self.engine is not None:
                 engine_bridge.release_engine(self.engine)
             self.adapter, self.model_key, self.engine, self.engine_key = None, None, None, None
+            while len(self.cached) >= self.models_per_rank:  # room for this one: the least recently used goes
+                self.cached.popitem(last=False)
             if ref.is_tiny:
                 self.adapter = load_model(ref, self.device, blocks=blocks)
             elif source.local_path is not None:
@@ -139,13 +146,39 @@ class RankWorker:
                                              ref.torch_dtype, self.device, f"{ref.path!r} (object store)", blocks)
             how = source.how if blocks is None or source.blocks else f"{source.how} (blocks {blocks[0]}-{blocks[1] - 1})"
             self.model_key, self.weights_how = key, how
+            self.cached[key] = (self.adapter, how)
             self.loads += 1
+        self._engine_for(ref, parallel)
+        return source.how
+
+    def switch(self, ref: ModelRef, parallel: ParallelConfig) -> bool:
+        """Run a model this rank keeps loaded (for ``parallel``'s stage of it); False when it has none."""
+        from comfyui_xdit.parallel.pipefusion_schedule import stage_blocks
+
+        for key, (adapter, _) in self.cached.items():
+            if key[:3] == (ref.path, ref.dtype, ref.patches) and \
+                    key[3] == stage_blocks(parallel, self._info().rank, adapter.spec.num_blocks):
+                self._activate(key)
+                self._engine_for(ref, parallel)
+                return True
+        return False
+
+    def _activate(self, key: tuple) -> None:
+        if self.engine is not None:
+            engine_bridge.release_engine(self.engine)
+        self.engine, self.engine_key = None, None
+        self.cached.move_to_end(key)
+        self.adapter, self.weights_how = self.cached[key]
+        self.model_key = key
+
+    def _engine_for(self, ref: ModelRef, parallel: ParallelConfig) -> None:
+        """The engine of the active model for ``parallel``, (re)built when either changed."""
+        info = self._info()
         if self.engine_key != (ref.path, ref.dtype, ref.patches, parallel):
             if self.engine is not None:
                 engine_bridge.release_engine(self.engine)
             self.engine = engine_bridge.build_engine(self.adapter, parallel, info.rank)
             self.engine_key = (ref.path, ref.dtype, ref.patches, parallel)
-        return source.how
 
     def generate(self, job: str, request: GenerationRequest, channel: Any) -> Optional[torch.Tensor]:
         """Sample ``request``; rank 0 posts events and returns the latent, other ranks return None."""

@@ -278,6 +278,10 @@ class XDiTPool:
         if world.loaded == key:
             return
         ref, folder, timeouts = request.model, self.settings.models_folder, self.settings.timeouts
+        if key in world.resident and all(world.call("switch", ref, request.parallel, timeout_s=timeouts.rpc_s)):
+            world.loaded, world.resident = key, _most_recent(world.resident, key, self.settings.models_per_rank)
+            logger.info("running %s, kept loaded on %d ranks", ref.path, world.world_size)
+            return
         sources = [WeightSource(ref)] * world.world_size
         if ref.is_in_memory:
             import ray
@@ -311,7 +315,7 @@ class XDiTPool:
         logger.info("loading %s (%s) on %d ranks", ref.path, ref.dtype, world.world_size)
         hows = world.call_each("load", [(s, request.parallel) for s in sources], timeout_s=timeouts.load_s)
         del sources  # the object-store copies go once every rank has its model
-        world.loaded = key
+        world.loaded, world.resident = key, _most_recent(world.resident, key, self.settings.models_per_rank)
         logger.info("loaded %s on %d ranks (%s)", ref.path, world.world_size, ", ".join(sorted(set(hows))))
 
     # ---- status --------------------------------------------------------------------------------
@@ -364,6 +368,11 @@ def _ping_all(actors: list[Any], timeout_s: float) -> list[tuple[Optional[dict],
         except Exception:  # noqa: BLE001 - a dead actor is a status, not an error
             out.append((None, None, True))
     return out
+
+
+def _most_recent(resident: tuple, key: tuple, keep: int) -> tuple:
+    """The models every rank keeps after ``key`` ran, oldest first: the actors' own LRU rule."""
+    return (tuple(k for k in resident if k != key) + (key,))[-keep:]
 
 
 def resumable(job: Job) -> GenerationRequest:

@@ -44,6 +44,8 @@ class PoolSettings:
     is missing on their host. ``use_gpus``: None = one rank per GPU when the cluster has GPUs, else
     CPU ranks. ``gpus``: ``auto`` (every GPU but ``host_gpu`` when there are others), ``all``, or cuda
     ordinals (embedded pool only). ``retry_once``: after a worker or host dies, rebuild the world and run the job again once.
+    ``models_per_rank``: how many models every rank keeps loaded, so alternating ones (two experts, a refiner)
+    are not loaded again for each prompt.
     """
 
     address: Optional[str] = None
@@ -58,11 +60,14 @@ class PoolSettings:
     ship_code: Optional[bool] = None  # send our packages through Ray's runtime env; None = with an address, or
     # when comfyui-xdit is not installed in this Python (a plain copy in custom_nodes)
     retry_once: bool = True
+    models_per_rank: int = 2  # models each rank keeps loaded (least recently used goes first): Wan 2.2's two experts
     namespace: str = "comfyui-xdit"
     system_config: tuple[tuple[str, object], ...] = ()  # extra Ray _system_config for the embedded runtime
     timeouts: Timeouts = field(default_factory=Timeouts)
 
     def __post_init__(self) -> None:
+        if self.models_per_rank < 1:
+            raise ValueError(f"models_per_rank must be at least 1, got {self.models_per_rank}")
         if self.cpus_per_rank <= 0:
             raise ValueError(f"cpus_per_rank must be positive, got {self.cpus_per_rank}")
         if self.address is not None and not self.address.strip():

@@ -85,7 +85,8 @@ class World:
         self.groups: list[Any] = []
         self.actors: list[Any] = []
         self.ranks: list[RankInfo] = []
-        self.loaded: Optional[tuple[ModelRef, ParallelConfig]] = None  # what the ranks hold now
+        self.loaded: Optional[tuple[ModelRef, ParallelConfig]] = None  # what the ranks run now
+        self.resident: tuple[tuple[ModelRef, ParallelConfig], ...] = ()  # what they keep loaded, oldest first
         self.broken = False
         self.heartbeats: Optional[Heartbeats] = None  # the ranks' heartbeats during the running job
 
@@ -142,7 +143,7 @@ class World:
             self.actors.append(remote.options(num_gpus=1 if cuda else 0,
                                               num_cpus=0 if cuda else self.settings.cpus_per_rank,
                                               scheduling_strategy=strategy, max_restarts=0,
-                                              max_concurrency=4).remote())  # + heartbeat, status, blame
+                                              max_concurrency=4).remote(self.settings.models_per_rank))  # + heartbeat, status, blame
         provisional = [RankInfo(r, s.host, s.node_id, -1, "?") for r, s in enumerate(slots)]
         self.ranks = provisional
         facts = self.call("describe", timeout_s=self.settings.timeouts.start_s)
@@ -289,6 +290,7 @@ class World:
             except Exception as exc:  # noqa: BLE001
                 logger.debug("placement group removal failed: %s", exc)
         self.actors, self.groups, self.loaded, self.broken = [], [], None, True
+        self.resident = ()
 
 
 def _kill_stopped_here(ranks: Sequence[RankInfo]) -> None:
