@@ -39,21 +39,6 @@ def image_tokens(width: int, height: int, frames: int) -> int:
     return (width // SPATIAL) * (height // SPATIAL) * latent_frames
 
 
-def pool_hosts(address: str) -> tuple[int, int]:
-    """(hosts, GPUs per host) of a running Ray cluster: the alive nodes that have GPUs (the fewest per host)."""
-    import ray  # lazily: the engine package never imports Ray at import time
-
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    try:
-        gpus = [int(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]]
-    finally:
-        ray.shutdown()
-    gpus = [g for g in gpus if g > 0]
-    if not gpus:
-        raise ValueError(f"the Ray cluster at {address} has no GPUs; give --hosts and --gpus-per-host to plan for one")
-    return len(gpus), min(gpus)
-
-
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="the fastest parallel layouts for a model, size and pool (modelled)")
     p.add_argument("--model", required=True, help="a model file, tiny:NAME, or full:NAME "
@@ -75,7 +60,12 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     shape = model_shape(args.model)
-    hosts, per_host = pool_hosts(args.address) if args.address else (args.hosts, args.gpus_per_host)
+    if args.address:
+        from comfyui_xdit_workers.cli_pool import cluster_gpus  # lazily: the engine package never imports Ray
+
+        hosts, per_host = cluster_gpus(args.address)
+    else:
+        hosts, per_host = args.hosts, args.gpus_per_host
     device: Device = DEVICES[args.device]
     cluster = Cluster(hosts, per_host, device, LINKS[args.intra], LINKS[args.inter])
     call = CallShape(image_tokens(args.width, args.height, args.frames), cfg_branches=1 if args.cfg == 1.0 else 2)

@@ -55,3 +55,19 @@ def guarded(run, *args):
     except PoolError as exc:
         sys.stderr.write(f"comfyui-xdit: pool error: {exc}\n")
         sys.exit(POOL_ERROR_EXIT)
+
+
+def cluster_gpus(address: str) -> tuple[int, int]:
+    """(hosts, GPUs per host) of a running Ray cluster, for ``comfyui-xdit plan --address``: the alive nodes
+    that have GPUs (the fewest per host)."""
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        gpus = [int(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]]
+    finally:
+        ray.shutdown()
+    gpus = [g for g in gpus if g > 0]
+    if not gpus:
+        raise ValueError(f"the Ray cluster at {address} has no GPUs; give --hosts and --gpus-per-host to plan for one")
+    return len(gpus), min(gpus)
