@@ -2,9 +2,9 @@
 
 Runs on local CPU ranks (gloo, one torch thread per rank) through ``comfyui_xdit.parallel.launch``, so
 one rank against two is one core against two. ``--model heavy-flux`` (the default) is a compute-heavy
-random Flux (1024 wide, 8 heads of 128, 2 double + 2 single blocks) at 1024-4096 tokens, where compute,
-not overhead, decides; ``tiny:flux`` shows overheads instead. Target on 2 cores: >= 1.6x for CFG and
-PipeFusion.
+random Flux (1024 wide, 8 heads of 128, 2 double + 4 single blocks: Flux-dev's 1:2) at 1024-4096
+tokens, where compute, not overhead, decides; ``tiny:flux`` shows overheads instead. Target on 2
+cores: >= 1.6x for CFG and PipeFusion.
 
     python benchmarks/parallel_speed.py [--model heavy-flux|tiny:NAME] [--size 512] [--steps 4]
 """
@@ -28,7 +28,7 @@ from comfyui_xdit.parallel.launch import run_ranks, stop_helper_processes
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 
-HEAVY_FLUX = FluxSpec(num_layers=2, num_single_layers=2, attention_head_dim=128, num_attention_heads=8,
+HEAVY_FLUX = FluxSpec(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=8,
                       joint_attention_dim=512, pooled_projection_dim=128, guidance_embeds=True)
 CONFIGS = {
     "serial": ParallelConfig(),

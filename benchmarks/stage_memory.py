@@ -18,7 +18,7 @@ import torch
 
 from comfyui_xdit.models.flux import FluxAdapter
 from comfyui_xdit.models.flux_checkpoint import FluxSpec, bfl_shapes
-from comfyui_xdit.parallel.pipefusion_schedule import split_stages
+from comfyui_xdit.parallel.pipefusion_schedule import spec_stages
 
 FLUX_DEV = FluxSpec(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
                     joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)
@@ -40,13 +40,13 @@ def main() -> None:
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     spec, size = FLUX_DEV, torch.empty((), dtype=dtype).element_size()
-    num_blocks = spec.num_layers + spec.num_single_layers
     shared = stage_bytes(spec, dtype, (0, 0))
     print(f"Flux-dev ({spec.num_layers} double + {spec.num_single_layers} single blocks), {args.dtype} weights")
     print(f"{'pipefusion':>10}{'largest stage GiB':>19}{'smallest GiB':>14}{'shared GiB':>12}{'K/V buffer GiB':>16}")
     for degree in args.degrees:
-        per_stage = [stage_bytes(spec, dtype, bounds) for bounds in split_stages(num_blocks, degree)]
-        most_blocks = max(stop - start for start, stop in split_stages(num_blocks, degree))
+        stages = spec_stages(spec, degree)  # balanced by cost, as the ranks cut them
+        per_stage = [stage_bytes(spec, dtype, bounds) for bounds in stages]
+        most_blocks = max(stop - start for start, stop in stages)
         kv = 2 * most_blocks * (IMAGE_TOKENS + TEXT_TOKENS) * spec.hidden_size * size if degree > 1 else 0
         print(f"{degree:>10}{max(per_stage) / GIB:>19.2f}{min(per_stage) / GIB:>14.2f}{shared / GIB:>12.2f}"
               f"{kv / GIB:>16.2f}")

@@ -25,10 +25,11 @@ import torch.distributed as dist
 
 from comfyui_xdit.engine import Engine
 from comfyui_xdit.model_loader import load_model, tiny_conditioning
+from comfyui_xdit.models.families import TINY_SPECS
 from comfyui_xdit.parallel.launch import run_ranks, stop_helper_processes
 from comfyui_xdit.parallel.mesh import SEQUENCE_AXES, RankCoords
 from comfyui_xdit.parallel.pipefusion_reference import pipefusion_reference
-from comfyui_xdit.parallel.pipefusion_schedule import split_stages
+from comfyui_xdit.parallel.pipefusion_schedule import spec_stages
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit.sampling import finish, prepare_plan
@@ -108,7 +109,7 @@ def expected_bytes(req: GenerationRequest, rank: int, step: int) -> dict[str, in
     items = 1 if warm else par.patches  # whole-latent item, or one item per patch
     local = TOKENS // items // p  # image tokens of one item on this rank
     branches = 2 if par.cfg_degree == 1 else 1  # forwards per item on this rank
-    start, stop = split_stages(BLOCKS, par.pipefusion_degree)[coords.pipefusion]
+    start, stop = spec_stages(TINY_SPECS["flux"], par.pipefusion_degree)[coords.pipefusion]
     per_item = (stop - start) * branches  # attention layers this rank runs per item
     is_last = coords.pipefusion == par.pipefusion_degree - 1
     out = {"control": FP32}  # the stop vote

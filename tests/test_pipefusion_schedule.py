@@ -86,3 +86,44 @@ def test_warmup_steps_are_synchronous() -> None:
     times = simulate(stages, steps=3, warmup_steps=2, num_patches=patches)
     # a warm-up step starts on stage 0 only after the previous one left the last stage
     assert times[(0, Work(1, None))][0] == times[(stages - 1, Work(0, None))][1] == stages * patches
+
+
+def test_cost_split_balances_the_costliest_stage() -> None:
+    double, single = 2.0, 1.0  # Flux-dev: 19 double blocks, then 38 single ones
+    costs = [double] * 19 + [single] * 38
+    assert split_stages(57, 2, costs) == ((0, 19), (19, 57))  # 38 | 38, where by count it was 48 | 28
+    four = split_stages(57, 4, costs)
+    assert max(sum(costs[a:b]) for a, b in four) == 20.0  # 76 / 4 = 19 cannot be met: ten double blocks
+    assert [b for _, b in four][-1] == 57 and all(a < b for a, b in four)
+
+
+def test_equal_costs_split_like_the_count() -> None:
+    for blocks in range(1, 20):
+        for degree in range(1, min(blocks, 8) + 1):
+            assert split_stages(blocks, degree, [3.0] * blocks) == split_stages(blocks, degree), (blocks, degree)
+
+
+def test_cost_split_is_optimal_against_every_split() -> None:
+    from itertools import combinations
+
+    costs = [5.0, 1.0, 1.0, 7.0, 2.0, 2.0, 3.0, 9.0, 1.0]
+    for degree in (2, 3, 4):
+        best = min(max(sum(costs[a:b]) for a, b in zip((0,) + cut, cut + (len(costs),)))
+                   for cut in combinations(range(1, len(costs)), degree - 1))
+        split = split_stages(len(costs), degree, costs)
+        assert max(sum(costs[a:b]) for a, b in split) == best, degree
+
+
+def test_flux_double_blocks_cost_about_twice_single_ones() -> None:
+    from comfyui_xdit.models.block_sizes import block_sizes
+    from comfyui_xdit.parallel.pipefusion_schedule import spec_stages
+    from comfyui_xdit.planning.full_size import FULL_SIZE
+
+    spec = FULL_SIZE["flux-dev"][0]
+    sizes = block_sizes(spec)
+    costs = sizes.costs()
+    assert 1.7 < costs[0] / costs[-1] < 2.0  # matmuls 2x, attention the same in both
+    assert sizes.per_sample[0] == 4 * sizes.per_sample[-1] > 0  # img_mod + txt_mod (6 x width each) vs 3 x width
+    stages = spec_stages(spec, 2)
+    assert stages == ((0, 21), (21, 57))
+    assert max(sum(costs[a:b]) for a, b in stages) / sum(costs) < 0.51

@@ -14,12 +14,11 @@ from comfyui_xdit.model_loader import load_model, tiny_conditioning
 from comfyui_xdit.models.flux import AbsentBlock, FluxAdapter
 from comfyui_xdit.models.flux_checkpoint import NAMED_SPECS, read_checkpoint, write_random_flux
 from comfyui_xdit.parallel.launch import generate_local_many, stop_helper_processes
-from comfyui_xdit.parallel.pipefusion_schedule import split_stages, stage_blocks
+from comfyui_xdit.parallel.pipefusion_schedule import spec_stages, stage_blocks
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 
 SPEC = NAMED_SPECS["flux"]  # 2 double + 2 single blocks
-NUM_BLOCKS = SPEC.num_layers + SPEC.num_single_layers
 MODEL = ModelRef("tiny:flux")
 
 
@@ -48,11 +47,11 @@ def block_keys(adapter: FluxAdapter) -> set[int]:
     return held
 
 
-@pytest.mark.parametrize("degree", [2, 4])
+@pytest.mark.parametrize("degree", [2, 3, 4])
 def test_a_stage_holds_no_other_stages_block(tiny_file: Path, degree: int) -> None:
     whole = FluxAdapter.from_file(tiny_file)
     shared = {k for k in whole.transformer.state_dict() if "transformer_blocks." not in k}
-    for start, stop in split_stages(NUM_BLOCKS, degree):
+    for start, stop in spec_stages(SPEC, degree):
         stage = FluxAdapter.from_file(tiny_file, blocks=(start, stop))
         assert block_keys(stage) == set(range(start, stop))
         assert shared <= set(stage.transformer.state_dict())  # embedders and head on every stage
@@ -72,7 +71,7 @@ def test_only_the_stages_tensors_are_read_from_disk(tiny_file: Path) -> None:
 
 def test_memory_per_rank_falls_with_the_degree() -> None:
     """The largest stage's weights at degree 1, 2 and 4 (tiny shapes; the README's table is Flux-dev's)."""
-    largest = [max(load_model(MODEL, blocks=b).parameter_bytes() for b in split_stages(NUM_BLOCKS, d))
+    largest = [max(load_model(MODEL, blocks=b).parameter_bytes() for b in spec_stages(SPEC, d))
                for d in (1, 2, 4)]
     assert largest[0] > largest[1] > largest[2]
 
@@ -85,10 +84,10 @@ def test_running_a_block_of_another_stage_is_a_clear_error() -> None:
 
 def test_stage_blocks_follow_the_mesh() -> None:
     config = ParallelConfig(pipefusion_degree=2, ulysses_degree=2)  # ranks (pf, ulysses): 0,1 -> stage 0
-    assert [stage_blocks(config, r, NUM_BLOCKS) for r in range(4)] == [(0, 2), (0, 2), (2, 4), (2, 4)]
-    assert stage_blocks(ParallelConfig(ulysses_degree=2), 1, NUM_BLOCKS) is None
+    assert [stage_blocks(config, r, SPEC) for r in range(4)] == [(0, 2), (0, 2), (2, 4), (2, 4)]
+    assert stage_blocks(ParallelConfig(ulysses_degree=2), 1, SPEC) is None
     data = ParallelConfig(data_degree=2, pipefusion_degree=2)  # ranks (data, pf): each data group has both stages
-    assert [stage_blocks(data, r, NUM_BLOCKS) for r in range(4)] == [(0, 2), (2, 4), (0, 2), (2, 4)]
+    assert [stage_blocks(data, r, SPEC) for r in range(4)] == [(0, 2), (2, 4), (0, 2), (2, 4)]
 
 
 def test_stage_only_ranks_sample_exactly_what_serial_does() -> None:

@@ -122,7 +122,7 @@ class RankWorker:
         ref = source.ref
         spec = model_spec(ref) if ref.is_tiny else read_spec(source.local_path) if source.local_path else source.spec
         # a PipeFusion stage builds only its blocks (shipped weights already hold only those)
-        blocks = None if spec is None else stage_blocks(parallel, info.rank, spec.num_blocks)
+        blocks = None if spec is None else stage_blocks(parallel, info.rank, spec)
         key = (ref.path, ref.dtype, ref.patches, blocks)  # a stage-only model serves only that stage
         if self.model_key != key and key in self.cached:
             self._activate(key)
@@ -157,7 +157,7 @@ class RankWorker:
 
         for key, (adapter, _) in self.cached.items():
             if key[:3] == (ref.path, ref.dtype, ref.patches) and \
-                    key[3] == stage_blocks(parallel, self._info().rank, adapter.spec.num_blocks):
+                    key[3] == stage_blocks(parallel, self._info().rank, adapter.spec):
                 self._activate(key)
                 self._engine_for(ref, parallel)
                 return True

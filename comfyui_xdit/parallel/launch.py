@@ -162,7 +162,7 @@ def generate_requests(rank: int, world_size: int, requests: Sequence[GenerationR
     out = []
     for request in requests:
         spec = model_spec(request.model)
-        blocks = stage_blocks(request.parallel, rank, spec.num_blocks)
+        blocks = stage_blocks(request.parallel, rank, spec)
         if (request.model, blocks) not in adapters:
             adapters[request.model, blocks] = load_model(request.model, blocks=blocks)
         counter = CommCounter()

@@ -12,7 +12,7 @@ so with ``num_patches >= stages`` stage 0 never waits: no bubble but the pipelin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from ..parallel_config import ParallelConfig
 from .mesh import RankCoords
@@ -46,20 +46,68 @@ def split_even(total: int, parts: int) -> tuple[tuple[int, int], ...]:
     return tuple(bounds)
 
 
-def split_stages(num_blocks: int, degree: int) -> tuple[tuple[int, int], ...]:
-    """Transformer blocks ``[start, stop)`` per pipeline stage, e.g. 5 blocks over 2 stages -> (0,3), (3,5)."""
+def split_balanced(costs: Sequence[float], parts: int) -> tuple[tuple[int, int], ...]:
+    """``parts`` contiguous ``[start, stop)`` ranges over ``costs`` whose costliest range is as cheap as any
+    split allows; among those the most even (least sum of squared costs), ties giving earlier ranges more
+    items, so equal costs split like ``split_even``."""
+    n = len(costs)
+    if not 1 <= parts <= n:
+        raise ValueError(f"cannot split {n} items into {parts} non-empty parts; use 1 to {n} parts")
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    inf = float("inf")
+    # least possible costliest range: bottleneck[k][i] over the first i items in k ranges
+    bottleneck = [[inf] * (n + 1) for _ in range(parts + 1)]
+    bottleneck[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for i in range(k, n + 1):
+            bottleneck[k][i] = min(max(bottleneck[k - 1][j], prefix[i] - prefix[j]) for j in range(k - 1, i))
+    limit = bottleneck[parts][n] * (1 + 1e-9)
+    # least sum of squares of the items i.. in k ranges, no range over the limit
+    squares = [[inf] * (n + 1) for _ in range(parts + 1)]
+    squares[0][n] = 0.0
+    for k in range(1, parts + 1):
+        for i in range(n - k, -1, -1):
+            squares[k][i] = min((squares[k - 1][j] + (prefix[j] - prefix[i]) ** 2
+                                 for j in range(i + 1, n - k + 2) if prefix[j] - prefix[i] <= limit), default=inf)
+    bounds, start = [], 0
+    for k in range(parts, 0, -1):
+        best = squares[k][start]
+        stop = max(j for j in range(start + 1, n - k + 2) if prefix[j] - prefix[start] <= limit
+                   and squares[k - 1][j] + (prefix[j] - prefix[start]) ** 2 <= best * (1 + 1e-9))
+        bounds.append((start, stop))
+        start = stop
+    return tuple(bounds)
+
+
+def split_stages(num_blocks: int, degree: int,
+                 costs: Optional[Sequence[float]] = None) -> tuple[tuple[int, int], ...]:
+    """Transformer blocks ``[start, stop)`` per pipeline stage. With each block's ``costs`` (its FLOPs, from
+    ``models.block_sizes``) the stages are balanced by cost; without, by count: 5 blocks over 2 -> (0,3), (3,5)."""
     if degree > num_blocks:
         raise ValueError(f"pipefusion_degree {degree} exceeds the model's {num_blocks} transformer blocks; "
                          f"use pipefusion_degree <= {num_blocks}")
-    return split_even(num_blocks, degree)
+    if costs is None:
+        return split_even(num_blocks, degree)
+    if len(costs) != num_blocks:
+        raise ValueError(f"{len(costs)} block costs for {num_blocks} blocks")
+    return split_balanced(costs, degree)
 
 
-def stage_blocks(parallel: ParallelConfig, rank: int, num_blocks: int) -> Optional[tuple[int, int]]:
+def spec_stages(spec: Any, degree: int) -> tuple[tuple[int, int], ...]:
+    """The stages of ``spec``'s blocks, balanced by their cost; the one split every rank and the pool use."""
+    from ..models.block_sizes import block_costs
+
+    return split_stages(spec.num_blocks, degree, block_costs(spec))
+
+
+def stage_blocks(parallel: ParallelConfig, rank: int, spec: Any) -> Optional[tuple[int, int]]:
     """The blocks ``[start, stop)`` that ``rank``'s PipeFusion stage runs, which is all it needs to load;
     ``None`` without PipeFusion (every rank runs every block)."""
     if parallel.pipefusion_degree == 1:
         return None
-    return split_stages(num_blocks, parallel.pipefusion_degree)[RankCoords.of(rank, parallel).pipefusion]
+    return spec_stages(spec, parallel.pipefusion_degree)[RankCoords.of(rank, parallel).pipefusion]
 
 
 def patch_bounds(num_tokens: int, num_patches: int) -> tuple[tuple[int, int], ...]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..parallel.pipefusion_schedule import split_stages
 from ..parallel_config import ParallelConfig
 from .hardware import Cluster
 from .model_shape import ModelShape
@@ -77,7 +76,7 @@ def _pipefusion_calls(shape: ModelShape, layout: ParallelConfig, cluster: Cluste
     stages, p = layout.pipefusion_degree, layout.sequence_degree
     branches = branches_per_rank(layout, call)
     items = 1 if warm else layout.patches
-    start, stop = max(split_stages(shape.blocks, stages), key=lambda s: s[1] - s[0])  # the slowest stage
+    start, stop = max(shape.stages(stages), key=lambda s: sum(shape.stage_costs[s[0]:s[1]]))  # the slowest stage
     flops = sum(shape.block_flops(call.image_tokens, b) for b in range(start, stop))
     attention = shape.attention_flops(call.image_tokens) * (stop - start) / shape.blocks
     tokens = call.image_tokens / items / p

@@ -4,11 +4,12 @@ per block and shared, widths, heads, and whether the text attends jointly with t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-import torch
-
+from ..models.block_sizes import block_sizes
 from ..models.families import family_of
+from ..parallel.pipefusion_schedule import split_stages
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -19,10 +20,12 @@ class ModelShape:
     heads: int
     hidden: int
     block_parameters: tuple[int, ...]  # weights of each adapter block, in order
+    block_token_parameters: tuple[int, ...]  # of those, the ones every token passes through (not modulation)
     shared_parameters: int  # embedders, final layer: every stage holds them
     text_tokens: int  # prompt tokens carried with the image stream
     joint_text: bool  # prompt tokens attend with the image tokens (Flux, SD3, Qwen-Image)
     token_channels: int  # latent channels of one packed token (C * 2 * 2)
+    stage_costs: tuple[float, ...]  # what PipeFusion balances its stages by (``models.block_sizes``)
 
     @property
     def blocks(self) -> int:
@@ -42,12 +45,17 @@ class ModelShape:
 
     def block_flops(self, image_tokens: int, block: int) -> float:
         """Multiply-add FLOPs (x2) of one block on the whole latent: every weight touches every token it
-        sees (an upper bound for cross-attention's text-only K/V projections), plus QK^T and PV."""
+        sees (an upper bound for cross-attention's text-only K/V projections; modulation weights touch the
+        sample once, not its tokens), plus QK^T and PV."""
         tokens = self.attended_tokens(image_tokens)
         attention = 4.0 * tokens * tokens * self.hidden
         if not self.joint_text:
             attention += 4.0 * image_tokens * self.text_tokens * self.hidden  # cross-attention
-        return 2.0 * self.block_parameters[block] * tokens + attention
+        return 2.0 * self.block_token_parameters[block] * tokens + attention
+
+    def stages(self, degree: int) -> tuple[tuple[int, int], ...]:
+        """PipeFusion's stages over ``degree`` ranks: the blocks ``[start, stop)`` each runs, as the ranks cut them."""
+        return split_stages(self.blocks, degree, self.stage_costs)
 
     def attention_flops(self, image_tokens: int) -> float:
         """The QK^T and PV FLOPs of one whole forward (the part Ring attention overlaps with its sends)."""
@@ -60,19 +68,10 @@ class ModelShape:
 
 
 def shape_of(spec: Any, name: str = "", text_tokens: int = 256) -> ModelShape:
-    """A spec's shape: its family's random state is built on the meta device (no memory) and its tensors
-    grouped by the family's block index."""
+    """A spec's shape, from its blocks' sizes (``models.block_sizes``: no memory, no file read)."""
     fam = family_of(spec)
-    with torch.device("meta"):
-        state: Mapping[str, torch.Tensor] = fam.random_state(spec, 0)
-    per_block = [0] * spec.num_blocks
-    shared = 0
-    for key, tensor in state.items():
-        index = fam.block_index(key, spec)
-        if index is None:
-            shared += tensor.numel()
-        else:
-            per_block[index] += tensor.numel()
+    sizes = block_sizes(spec)
     return ModelShape(name=name or fam.id, family=fam.id, heads=spec.num_attention_heads, hidden=spec.hidden_size,
-                      block_parameters=tuple(per_block), shared_parameters=shared, text_tokens=text_tokens,
+                      block_parameters=sizes.total, block_token_parameters=sizes.per_token,
+                      shared_parameters=sizes.shared, stage_costs=sizes.costs(), text_tokens=text_tokens,
                       joint_text=fam.joint_text, token_channels=spec.latent_channels * 4)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..parallel.pipefusion_schedule import split_stages
 from ..parallel_config import ParallelConfig
 from .model_shape import ModelShape
 
@@ -75,7 +74,7 @@ def pipefusion_call_bytes(shape: ModelShape, layout: ParallelConfig, call: CallS
     items = 1 if warm else layout.patches
     local = call.image_tokens // items // p
     branches = branches_per_rank(layout, call)
-    start, stop = split_stages(shape.blocks, layout.pipefusion_degree)[stage]
+    start, stop = shape.stages(layout.pipefusion_degree)[stage]
     out = {"control": FP32}
     _add(out, attention_bytes(shape, layout, call, local), items * (stop - start) * branches)
     if stage < layout.pipefusion_degree - 1:  # image shard + the item's own text stream, per item per branch
