@@ -53,7 +53,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-host", type=int, default=8)
     p.add_argument("--device", choices=list(DEVICES), default="h100")
     p.add_argument("--intra", choices=list(LINKS), default="nvlink", help="link between GPUs of one host")
-    p.add_argument("--inter", choices=list(LINKS), default="25gbe", help="link between hosts")
+    p.add_argument("--inter", choices=list(LINKS), default=None,
+                   help="link between hosts (default: measured between two hosts of --address, else 25gbe)")
     p.add_argument("--exact", action="store_true", help="leave out PipeFusion (approximate after warm-up)")
     p.add_argument("--top", type=int, default=5)
 
@@ -63,11 +64,12 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.address:
         from comfyui_xdit_workers.cli_pool import cluster_gpus  # lazily: the engine package never imports Ray
 
-        hosts, per_host = cluster_gpus(args.address)
+        hosts, per_host, measured = cluster_gpus(args.address, measure_link=args.inter is None)
     else:
-        hosts, per_host = args.hosts, args.gpus_per_host
+        hosts, per_host, measured = args.hosts, args.gpus_per_host, None
     device: Device = DEVICES[args.device]
-    cluster = Cluster(hosts, per_host, device, LINKS[args.intra], LINKS[args.inter])
+    inter = measured or LINKS[args.inter or "25gbe"]
+    cluster = Cluster(hosts, per_host, device, LINKS[args.intra], inter)
     call = CallShape(image_tokens(args.width, args.height, args.frames), cfg_branches=1 if args.cfg == 1.0 else 2)
     ranked = plan_layouts(shape, cluster, PlanRequest(call, args.steps, exact=args.exact))
     out: list[Any] = [f"plan for {args.model} at {args.width}x{args.height}"

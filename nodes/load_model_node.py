@@ -84,7 +84,7 @@ class XDiTLoadModel(io.ComfyNode):
                                      cfg_parallel, data_degree)
         else:
             config = auto_config(spec, live.status().hosts, layout, plan_width, plan_height, cfg_parallel,
-                                 warmup_steps, data_degree)
+                                 warmup_steps, data_degree, inter=live.inter_host_link())
         live.warm(config)  # build the ranks now, so a shortage of devices shows on this node
         logger.info("xDiT model %s (%s) on %s", unet_name, config.describe(), pool.describe())
         return io.NodeOutput(ModelHandle(pool=pool, model=ref, parallel=config, spec=spec, name=unet_name))

@@ -80,7 +80,7 @@ class XDiTParallelModel(io.ComfyNode):
         live = registry().get(pool)
         if layout != "manual":
             config = auto_config(spec, live.status().hosts, layout, plan_width, plan_height, cfg_parallel,
-                                 warmup_steps, data_degree)
+                                 warmup_steps, data_degree, inter=live.inter_host_link())
         live.hold_model(ref.path, state, digest, patches)
         live.warm(config)  # the sampler checks the layout against the model and the latent before running
         logger.info("xDiT model from the MODEL (%d LoRA patches %s) on %s, %s", len(patches), digest or "-",

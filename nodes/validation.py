@@ -75,13 +75,14 @@ def layout_inputs() -> list:
 
 
 def auto_config(spec, hosts, layout: str, plan_width: int, plan_height: int, cfg_parallel: bool,
-                warmup_steps: int, data_degree: int) -> ParallelConfig:
-    """The planner's layout for the widgets of a node set to an auto ``layout`` (``hosts``: the pool status')."""
+                warmup_steps: int, data_degree: int, inter=None) -> ParallelConfig:
+    """The planner's layout for the widgets of a node set to an auto ``layout`` (``hosts``: the pool status';
+    ``inter``: the link the pool measured between its hosts, None with one host)."""
     if int(data_degree) != 1:
         raise ValueError(f"layout {layout!r} plans one image's layout; set data_degree to 1, or choose the degrees "
                          f"by hand (layout manual)")
-    return planned_config(spec, PoolHosts.of(hosts), int(plan_width), int(plan_height), bool(cfg_parallel), layout,
-                          warmup_steps=max(1, int(warmup_steps)))
+    return planned_config(spec, PoolHosts.of(hosts, inter), int(plan_width), int(plan_height), bool(cfg_parallel),
+                          layout, warmup_steps=max(1, int(warmup_steps)))
 
 
 def resolve_dtype(weight_dtype: str, pool: PoolHandle) -> str:

@@ -134,6 +134,27 @@ def test_plan_command_prints_ranked_layouts(capsys) -> None:
     assert "multiple of 16" in capsys.readouterr().err
 
 
+def test_plan_address_plans_with_the_measured_link(capsys, monkeypatch) -> None:
+    import comfyui_xdit_workers.cli_pool as cli_pool
+    from comfyui_xdit.planning.hardware import Link
+
+    asked = []
+
+    def fake_cluster(address: str, measure_link: bool = False):
+        asked.append((address, measure_link))
+        return 2, 4, Link("measured 10.0.0.1 <-> 10.0.0.2", 0.5e9, 2e-4) if measure_link else None
+
+    monkeypatch.setattr(cli_pool, "cluster_gpus", fake_cluster)
+    assert main(["plan", "--model", "tiny:flux", "--width", "256", "--height", "256", "--address", "x:1"]) == 0
+    assert "on 2 x 4" in capsys.readouterr().out and asked[-1] == ("x:1", True)
+    capsys.readouterr()
+    assert main(["plan", "--model", "tiny:flux", "--width", "256", "--height", "256", "--address", "x:1"]) == 0
+    assert main(["plan", "--model", "tiny:flux", "--address", "x:1", "--inter", "10gbe"]) == 0
+    out = capsys.readouterr().out
+    assert "measured 10.0.0.1 <-> 10.0.0.2 between hosts" in out and "10 GbE between hosts" in out
+    assert asked[-1] == ("x:1", False)  # a link given by hand is not measured
+
+
 def test_scaling_benchmark_predicts_the_published_numbers_it_was_not_fitted_to(tmp_path, monkeypatch) -> None:
     import json
     import runpy

@@ -96,6 +96,19 @@ def test_hosts_without_the_file_receive_it_through_the_object_store(cluster_pool
         missing.result(timeout=60)
 
 
+def test_the_link_between_hosts_is_measured_once_and_planned_with(cluster_pool) -> None:
+    from comfyui_xdit.planning.pool_plan import PoolHosts
+    from comfyui_xdit_workers.link_probe import LinkProbe
+
+    _, pool, _ = cluster_pool
+    link = pool.inter_host_link(LinkProbe(payload_bytes=4 << 20, repeats=2, latency_rounds=5, timeout_s=60))
+    assert link is not None and link.name.startswith("measured ")
+    assert 1e6 < link.bandwidth < 1e12 and 0 < link.latency < 0.5  # loopback between two local "hosts"
+    assert pool.inter_host_link() is link  # remembered for the same hosts
+    planned = PoolHosts.of(pool.status().hosts, link).cluster()
+    assert planned.hosts == 2 and planned.gpus_per_host == 2 and planned.inter is link  # the CPU-less head holds no rank
+
+
 def test_removed_host_mid_job_is_survived_and_the_next_job_runs(cluster_pool) -> None:
     cluster, pool, hosts = cluster_pool
     parallel = ParallelConfig(ulysses_degree=2)

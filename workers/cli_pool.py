@@ -57,17 +57,23 @@ def guarded(run, *args):
         sys.exit(POOL_ERROR_EXIT)
 
 
-def cluster_gpus(address: str) -> tuple[int, int]:
-    """(hosts, GPUs per host) of a running Ray cluster, for ``comfyui-xdit plan --address``: the alive nodes
-    that have GPUs (the fewest per host)."""
+def cluster_gpus(address: str, measure_link: bool = False):
+    """(hosts, GPUs per host, the measured link between hosts or None) of a running Ray cluster, for
+    ``comfyui-xdit plan --address``: the alive nodes that have GPUs (the fewest per host). The link is
+    measured (``link_probe``) only when asked and there are two hosts or more."""
     import ray
+
+    from .link_probe import probe_hosts
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
-        gpus = [int(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]]
+        nodes = [n for n in ray.nodes() if n["Alive"] and int(n["Resources"].get("GPU", 0)) > 0]
+        link = None
+        if measure_link and len(nodes) > 1:
+            link = probe_hosts([n["NodeID"] for n in nodes], [n.get("NodeManagerAddress", "?") for n in nodes])
     finally:
         ray.shutdown()
-    gpus = [g for g in gpus if g > 0]
+    gpus = [int(n["Resources"]["GPU"]) for n in nodes]
     if not gpus:
         raise ValueError(f"the Ray cluster at {address} has no GPUs; give --hosts and --gpus-per-host to plan for one")
-    return len(gpus), min(gpus)
+    return len(gpus), min(gpus), link

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from comfyui_xdit.parallel_config import ParallelConfig
+from comfyui_xdit.planning.hardware import Link
 from comfyui_xdit.request import GenerationRequest
 from comfyui_xdit.sampling import GenerationCancelled, OnStep
 
@@ -31,7 +32,8 @@ from .security import auth_mode
 from .settings import PoolSettings
 from .status import PoolStatus, RankStatus, host_statuses
 from .weights import WeightSource, read_for_shipping, ship
-from .world import World
+from .link_probe import LinkProbe, probe_hosts
+from .world import World, cluster_devices, node_addresses
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class XDiTPool:
         self._world_lock = threading.RLock()  # the job thread and warm() both build worlds
         self._held: dict[str, Any] = {}  # in-memory model path -> its base BFL state dict (XDiTParallelModel)
         self._held_patches: dict[str, Any] = {}  # patches digest -> tuple[LoraPatch, ...]
+        self._links: dict[tuple[str, ...], Any] = {}  # host node ids -> the measured Link between them
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "XDiTPool":
@@ -319,6 +322,22 @@ class XDiTPool:
         logger.info("loaded %s on %d ranks (%s)", ref.path, world.world_size, ", ".join(sorted(set(hows))))
 
     # ---- status --------------------------------------------------------------------------------
+    def inter_host_link(self, probe: Optional[LinkProbe] = None) -> Optional[Link]:
+        """The measured link between the pool's hosts (the first two holding devices), for the layout
+        planner; None with one host. Measured once per set of hosts, then remembered."""
+        if self._runtime is None:
+            self.start()
+        _, devices = cluster_devices(self.settings)
+        hosts = tuple(sorted(node for node, count in devices.items() if count > 0))
+        if len(hosts) < 2:
+            return None
+        if hosts not in self._links:
+            names = node_addresses()
+            interface = self.settings.network_interface
+            self._links[hosts] = probe_hosts(hosts, [names.get(h, h[:8]) for h in hosts],
+                                             probe or LinkProbe(network_interface=interface))
+        return self._links[hosts]
+
     def status(self) -> PoolStatus:
         import ray
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from ..parallel_config import ParallelConfig
-from .hardware import CPU_RANK, ETHERNET, H100, NVLINK, SHARED_MEMORY, Cluster
+from .hardware import CPU_RANK, ETHERNET, H100, NVLINK, SHARED_MEMORY, Cluster, Link
 from .model_shape import shape_of
 from .planner import PlanRequest, plan_layouts
 from .traffic import CallShape
@@ -25,21 +25,22 @@ class PoolHosts:
 
     per_host: tuple[int, ...]
     gpus: bool
+    inter: Optional[Link] = None  # measured between hosts (the pool's ``inter_host_link``); None: 25 GbE
 
     @classmethod
-    def of(cls, hosts: Sequence[Any]) -> "PoolHosts":
+    def of(cls, hosts: Sequence[Any], inter: Optional[Link] = None) -> "PoolHosts":
         """From the pool status' hosts (``alive``, ``gpus``, ``cpus``): GPUs where any host has them, else
         one CPU rank per core."""
         alive = [h for h in hosts if h.alive]
         if any(h.gpus > 0 for h in alive):
-            return cls(tuple(int(h.gpus) for h in alive if h.gpus > 0), True)
-        return cls(tuple(max(1, int(h.cpus)) for h in alive), False)
+            return cls(tuple(int(h.gpus) for h in alive if h.gpus > 0), True, inter)
+        return cls(tuple(int(h.cpus) for h in alive if h.cpus >= 1), False, inter)  # a CPU-less head holds none
 
     def cluster(self) -> Cluster:
         if not self.per_host:
             raise ValueError("the pool has no alive host to plan for; start the pool (or a Ray cluster) first")
         device, intra = (H100, NVLINK) if self.gpus else (CPU_RANK, SHARED_MEMORY)
-        return Cluster(len(self.per_host), min(self.per_host), device, intra, ETHERNET[25])
+        return Cluster(len(self.per_host), min(self.per_host), device, intra, self.inter or ETHERNET[25])
 
 
 def planned_config(spec: Any, hosts: PoolHosts, width: int, height: int, true_cfg: bool, choice: str,
@@ -58,8 +59,9 @@ def planned_config(spec: Any, hosts: PoolHosts, width: int, height: int, true_cf
                                                       warmup_steps=warmup_steps))
     best = ranked[0]
     serial = next((p.seconds for p in ranked if p.layout.world_size == 1), None)
-    logger.info("auto layout for %s at %dx%d on %d host(s) x %d %s: %s; modelled %.2f s for %d steps%s", spec.family,
-                width, height, cluster.hosts, cluster.gpus_per_host, "GPUs" if hosts.gpus else "CPU ranks",
+    logger.info("auto layout for %s at %dx%d on %d host(s) x %d %s (%s between hosts): %s; modelled %.2f s for %d "
+                "steps%s", spec.family, width, height, cluster.hosts, cluster.gpus_per_host,
+                "GPUs" if hosts.gpus else "CPU ranks", cluster.inter.name,
                 best.layout.describe(), best.seconds, steps,
                 f" (serial {serial:.2f} s)" if serial is not None else "")
     return best.layout
