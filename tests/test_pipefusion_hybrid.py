@@ -112,7 +112,7 @@ def expected_bytes(req: GenerationRequest, rank: int, step: int) -> dict[str, in
     start, stop = spec_stages(TINY_SPECS["flux"], par.pipefusion_degree)[coords.pipefusion]
     per_item = (stop - start) * branches  # attention layers this rank runs per item
     is_last = coords.pipefusion == par.pipefusion_degree - 1
-    out = {"control": FP32}  # the stop vote
+    out = {"control": FP32 * items}  # the stop vote, one per work item
     if u > 1:  # q, k, v, out all-to-all (keeping 1/u) + the text output all-gathered over heads
         all_to_all = 4 * local * HEADS * HEAD_DIM * FP32 * (u - 1) // u
         out["ulysses"] = items * per_item * (all_to_all + (u - 1) * TEXT * (HEADS // u) * HEAD_DIM * FP32)

@@ -106,9 +106,10 @@ class _Returns:
         while work not in self._received:
             self._take_one(x)
 
-    def drain(self, x: torch.Tensor, before_step: int) -> None:
-        """Receive everything the last stage sent for steps before ``before_step`` (on cancel)."""
-        while self._pending and self._pending[0].step < before_step:
+    def drain(self, x: torch.Tensor, before: Work) -> None:
+        """Receive everything the last stage sent for the items before ``before`` (on cancel: every rank
+        stopped at that item, so the last stage sent exactly those)."""
+        while self._pending and self._pending[0] != before:
             self._take_one(x)
 
 
@@ -180,21 +181,20 @@ class PipeFusionLoop:
         denoised_full = torch.zeros_like(x)
         preview_like = preview_latent(adapter, plan, plan.x).to(adapter.device) if self.sends_preview else None
         returns = _Returns(links, items, returned, patches, preview_like, on_step, total) if links.is_first else None
-        vote = LaggedStopVote(should_stop, adapter.device, self.counter)
+        vote = LaggedStopVote(should_stop, adapter.device, self.counter, links.stages)
         saved = adapter.seam.backend
         logger.debug("rank %d: pipefusion stage %d/%d, blocks %s, %d patches, warm-up %d, shard %d/%d",
                      self.mesh.rank, links.stage, links.stages, self.blocks, patches, warmup, self.shard.index,
                      self.shard.count)
-        step = 0
+        work = items[0]
         try:
-            for work in items:
+            for index, work in enumerate(items):
                 step = work.step
-                if work.is_warmup or work.patch == 0:
-                    if self.counter is not None:
-                        self.counter.begin_step(step)
-                    vote.before_step(step)
+                if self.counter is not None and (work.is_warmup or work.patch == 0):
+                    self.counter.begin_step(step)
                 if returns is not None and step > 0:
                     returns.until(producer_of_input(work, warmup), x)
+                vote.before_item(index, step, work.is_warmup)  # after the input arrived: see LaggedStopVote
                 start, stop = (0, num_tokens) if work.is_warmup else bounds[work.patch]
                 lo, hi = shard_range(self.shard, start, stop)
                 sigma = plan.call_sigmas[step]
@@ -215,7 +215,7 @@ class PipeFusionLoop:
                                                returned[work], inpaint, step_noise)
         except GenerationCancelled:
             if returns is not None:
-                returns.drain(x, step)
+                returns.drain(x, work)
             links.flush()
             raise
         finally:

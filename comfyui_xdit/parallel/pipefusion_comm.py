@@ -100,36 +100,44 @@ class PipeLinks:
 
 
 class LaggedStopVote:
-    """All ranks agree whether to stop, one step late, so the vote never makes stage 0 wait.
+    """All ranks agree whether to stop, a few work items late, so the vote does not make stage 0 wait.
 
-    At the start of step ``i`` every rank starts a MAX all-reduce of its own ``should_stop(i)`` and
-    acts on the vote started at step ``i - 1`` (step 0 waits on its own). Stage 0 starts step ``i``
-    no earlier than the last stage started step ``i - 1`` when patches >= stages - 1, so that vote
-    is already complete. A cancel therefore takes effect one step later than in the serial loop.
+    At the start of every work item each rank starts a MAX all-reduce of its own ``should_stop(step)``
+    and acts on the votes started ``lag`` items before: 0 right after a whole-latent (warm-up) item, when
+    stage 0 has just received the whole latent from the last stage, so every rank is already at this
+    item; ``stages - 1`` between patches, how far the last stage runs behind stage 0. Every rank walks
+    the same items with the same lags, so all stop at the same item; with ``patches >= stages`` a cancel
+    takes effect within one step.
     """
 
     def __init__(self, should_stop: Optional[Callable[[int], bool]], device: torch.device,
-                 counter: Optional[CommCounter]) -> None:
+                 counter: Optional[CommCounter], stages: int) -> None:
         self.should_stop = should_stop
         self.device = device
         self.counter = counter
-        self._pending: Optional[tuple[dist.Work, torch.Tensor]] = None
+        self.stages = stages
+        self._pending: list[tuple[int, dist.Work, torch.Tensor]] = []  # (item index, its all-reduce, flag)
+        self._after_whole = True  # the previous item covered the whole latent (or there was none)
 
-    def before_step(self, step: int) -> None:
-        """Raises ``GenerationCancelled`` on every rank alike."""
+    def before_item(self, index: int, step: int, whole: bool) -> None:
+        """Vote at item ``index`` (of step ``step``; ``whole``: a warm-up item); raises
+        ``GenerationCancelled`` on every rank alike."""
         flag = torch.tensor([1 if self.should_stop is not None and self.should_stop(step) else 0], dtype=torch.int32,
                             device=self.device)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
         if self.counter is not None:
             self.counter.add("control", nbytes(flag))
-        decided = self._pending if self._pending is not None else (work, flag)
-        decided[0].wait()
-        self._pending = (work, flag)
-        if decided[1].item():
-            self.close()
-            raise GenerationCancelled(f"cancelled before step {step}")
+        self._pending.append((index, work, flag))
+        lag = 0 if self._after_whole else self.stages - 1
+        self._after_whole = whole
+        while self._pending and self._pending[0][0] <= index - lag:
+            _, decided, stop = self._pending.pop(0)
+            decided.wait()
+            if stop.item():
+                self.close()
+                raise GenerationCancelled(f"cancelled before step {step}")
 
     def close(self) -> None:
-        if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
+        for _, work, _ in self._pending:
+            work.wait()
+        self._pending = []

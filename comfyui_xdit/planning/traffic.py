@@ -75,7 +75,7 @@ def pipefusion_call_bytes(shape: ModelShape, layout: ParallelConfig, call: CallS
     local = call.image_tokens // items // p
     branches = branches_per_rank(layout, call)
     start, stop = shape.stages(layout.pipefusion_degree)[stage]
-    out = {"control": FP32}
+    out = {"control": FP32 * items}  # the stop vote, one per work item
     _add(out, attention_bytes(shape, layout, call, local), items * (stop - start) * branches)
     if stage < layout.pipefusion_degree - 1:  # image shard + the item's own text stream, per item per branch
         out["pipefusion"] = items * branches * shape.hidden * act * (local + shape.text_tokens)
