@@ -28,6 +28,8 @@ from comfyui_xdit.parallel.launch import run_ranks, stop_helper_processes
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 
+from bar_plot import bar_plot  # beside this script (python puts a script's folder first on the path)
+
 HEAVY_FLUX = FluxSpec(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=8,
                       joint_attention_dim=512, pooled_projection_dim=128, guidance_embeds=True)
 CONFIGS = {
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json", default="parallel_speed.json")
+    parser.add_argument("--plot", default="parallel_speed.png")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "heavy-flux":
@@ -99,6 +102,8 @@ def run(args: argparse.Namespace, ref: ModelRef, positive: Conditioning, negativ
     with open(args.json, "w") as f:
         json.dump([{"config": n, "ranks": w, "s_per_step": s, "speed_up": serial / s, "rank0_bytes_per_step": b}
                    for n, w, s, b in rows], f, indent=1)
+    bar_plot(args.plot, f"{args.model}, {args.size} px, {args.steps} steps: speed-up over one CPU rank (MEASURED)",
+             [n for n, *_ in rows], {"speed-up": [serial / s for _, _, s, _ in rows]}, "x serial")
     print(f"{args.model}, {args.size}x{args.size} px ({(args.size // 16) ** 2} tokens), {args.steps} steps, cfg 3.0, "
           f"CPU gloo ranks, one torch thread each")
     print(f"{'config':<22}{'ranks':>6}{'s/step':>10}{'speed-up':>10}{'rank0 KiB/step':>16}")
