@@ -19,6 +19,7 @@ from .input_checks import CLI_INPUTS, check_inputs
 from .parallel_config import ParallelConfig
 from .plan_command import add_plan_parser, run_plan
 from .models.families import TINY_SPECS, family_of, write_random_model
+from .models.fp8_weights import UNET_LOADER_CHOICES, weight_dtype_of_choice
 from .prediction import prediction_of
 from .samplers import check_sampler
 from .request import DTYPES, GenerationRequest, ModelRef, SigmaShift
@@ -77,7 +78,7 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
 
     if args.height % 16 or args.width % 16:
         raise ValueError(f"--height and --width must be multiples of 16 for Flux, got {args.height}x{args.width}")
-    model = ModelRef(args.model, args.dtype or default_dtype())
+    model = ModelRef(args.model, args.dtype or default_dtype(), weight_dtype=weight_dtype_of_choice(args.weight_dtype))
     if model.is_tiny:
         positive, negative = tiny_conditioning(model, args.seed)
     elif args.cond:
@@ -103,7 +104,8 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
         if args.resolution_shift else SigmaShift()
     parallel = ParallelConfig(data_degree=args.data_degree, cfg_degree=2 if args.cfg_parallel else 1,
                               pipefusion_degree=args.pipefusion, ring_degree=args.ring, ulysses_degree=args.ulysses,
-                              num_patches=args.patches, warmup_steps=args.warmup_steps)
+                              num_patches=args.patches, warmup_steps=args.warmup_steps,
+                              shard_weights=args.shard_weights)
     return GenerationRequest(model=model, latent=latent, positive=positive,
                              negative=negative if args.cfg != 1.0 else None, seed=args.seed, steps=args.steps,
                              cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, denoise=args.denoise,
@@ -163,6 +165,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default="simple", choices=SCHEDULER_NAMES)
     p.add_argument("--denoise", type=float, default=1.0)
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--weight-dtype", choices=list(UNET_LOADER_CHOICES), default="default",
+                   help="how the ranks store the weights, as UNETLoader's weight_dtype: default keeps an fp8 file's "
+                        "Linear weights fp8; fp8_e4m3fn / fp8_e5m2 round every weight to fp8 and keep the Linear "
+                        "weights fp8, upcast to --dtype at each layer (fp8_e4m3fn_fast computes as fp8_e4m3fn)")
     p.add_argument("--cond", help="conditioning file for real models")
     p.add_argument("--init-latent", help="a SaveLatent file to start from (image-to-image with --denoise < 1)")
     p.add_argument("--resolution-shift", action="store_true",
@@ -188,6 +194,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     par.add_argument("--cfg-parallel", action="store_true", help="run the two CFG branches on two rank groups")
     par.add_argument("--data-degree", type=int, default=1,
                      help="batch groups: the images of the batch split over this many rank groups")
+    par.add_argument("--shard-weights", action="store_true",
+                     help="keep 1/N of every block's weights on each of the N ranks of a PipeFusion stage (FSDP2), "
+                          "gathering a block's weights just before it runs; needs more than one rank per stage")
     add_pool_options(p)
     p.add_argument("--in-process", action="store_true",
                    help="skip the Ray pool: sample in this process (local processes for parallel configs)")
@@ -222,7 +231,8 @@ def run_generate(args: argparse.Namespace) -> int:
         def report(event) -> None:
             logger.info("step %d/%d", event.step, event.total)
 
-        logger.info("loading %s (%s) in this process", request.model.path, request.model.dtype)
+        logger.info("loading %s (%s, weights %s) in this process", request.model.path, request.model.dtype,
+                    request.model.weight_dtype)
         engine = Engine(load_model(request.model))
         logger.info("sampling %d steps", request.sampling_steps)
         latent = engine.generate(request, on_step=report)

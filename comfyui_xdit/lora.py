@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from comfyui_xdit.lora_adapters import LohaPatch, LokrPatch, LoraPatch, WeightPatch
+from comfyui_xdit.models.fp8_weights import FP8_DTYPES, stochastic_round
 
 __all__ = ["LoraPatch", "LohaPatch", "LokrPatch", "WeightPatch", "merge_lora", "patches_digest"]
 
@@ -36,7 +37,9 @@ def merge_lora(state: Mapping[str, torch.Tensor], patches: Sequence[WeightPatch]
         weight = stored.to(torch.float32, copy=True)  # everything below is float32, so ComfyUI's casts are no-ops
         for patch in key_patches:
             _apply(weight if patch.offset is None else weight.narrow(*patch.offset), patch)
-        out[key] = weight.to(stored.dtype)
+        # an fp8 weight goes back as ComfyUI stores it: stochastic rounding seeded by the weight's name
+        out[key] = (stochastic_round(weight, stored.dtype, key) if stored.dtype in FP8_DTYPES
+                    else weight.to(stored.dtype))
     return out
 
 

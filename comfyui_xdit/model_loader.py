@@ -36,8 +36,9 @@ def load_model(ref: ModelRef, device: torch.device | str = "cpu", blocks: Option
     only those blocks and the shared tensors."""
     if ref.is_tiny:
         name = ref.path[len(TINY_PREFIX):]
-        return build_adapter(tiny_state(name), tiny_spec(name), ref.torch_dtype, device, ref.path, blocks)
-    return adapter_from_file(ref.path, ref.torch_dtype, device, blocks=blocks)
+        return build_adapter(tiny_state(name), tiny_spec(name), ref.torch_dtype, device, ref.path, blocks,
+                             ref.weight_dtype)
+    return adapter_from_file(ref.path, ref.torch_dtype, device, blocks=blocks, weight_dtype=ref.weight_dtype)
 
 
 def tiny_conditioning(ref: ModelRef, seed: int, text_len: int = 8,

@@ -13,6 +13,9 @@ class ParallelConfig:
     synchronous full steps PipeFusion runs before it starts reusing one-step-stale K/V.
     ``data_degree`` splits the images of a batch over that many rank groups (xDiT's data parallel degree),
     each laid out as cfg x pipefusion x ring x ulysses.
+    ``shard_weights`` keeps 1/N of every transformer block on each of the N ranks that run it (FSDP2:
+    a block's weights are gathered just before it runs, ``parallel/weight_sharding.py``); it needs N > 1,
+    i.e. more than one rank per PipeFusion stage.
     """
 
     data_degree: int = 1
@@ -22,6 +25,7 @@ class ParallelConfig:
     ulysses_degree: int = 1
     num_patches: int | None = None
     warmup_steps: int = 1
+    shard_weights: bool = False
 
     def __post_init__(self) -> None:
         for name in ("data_degree", "cfg_degree", "pipefusion_degree", "ring_degree", "ulysses_degree"):
@@ -42,6 +46,19 @@ class ParallelConfig:
             raise ValueError(f"num_patches {self.num_patches} < pipefusion_degree {self.pipefusion_degree}: every "
                              f"stage needs a patch in flight; set num_patches (--patches) to at least "
                              f"{self.pipefusion_degree}, or leave it unset to use {self.pipefusion_degree}")
+        if not isinstance(self.shard_weights, bool):
+            raise ValueError(f"shard_weights must be True or False, got {self.shard_weights!r}")
+        if self.shard_weights:
+            self.check_shardable()
+
+    def check_shardable(self) -> None:
+        """Weight sharding needs more than one rank per PipeFusion stage; ``ValueError`` names the fix."""
+        if self.shard_group_size < 2:
+            where = (f"each of its {self.pipefusion_degree} PipeFusion stages has 1 rank" if self.pipefusion_degree > 1
+                     else "it has 1 rank")
+            raise ValueError(f"shard_weights needs more than one rank per PipeFusion stage (the ranks of a stage share "
+                             f"its blocks' weights), but {self._degrees()}: {where}; add ranks on ulysses, ring, cfg "
+                             f"or data (e.g. ulysses_degree 2), or turn shard_weights (--shard-weights) off")
 
     @property
     def world_size(self) -> int:
@@ -62,10 +79,20 @@ class ParallelConfig:
         return self.ring_degree * self.ulysses_degree
 
     @property
+    def shard_group_size(self) -> int:
+        """Ranks that run the same blocks (one PipeFusion stage: data x cfg x ring x ulysses), which share their
+        weights with ``shard_weights``."""
+        return self.world_size // self.pipefusion_degree
+
+    @property
     def is_serial(self) -> bool:
         return self.world_size == 1
 
     def describe(self) -> str:
+        sharded = f", weights sharded over {self.shard_group_size} ranks" if self.shard_weights else ""
+        return self._degrees() + sharded
+
+    def _degrees(self) -> str:
         data = f"data {self.data_degree} x " if self.data_degree > 1 else ""
         return (f"{data}cfg {self.cfg_degree} x pipefusion {self.pipefusion_degree} x ring {self.ring_degree} x "
                 f"ulysses {self.ulysses_degree} (patches {self.patches})")

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .conditioning import Conditioning
+from .models.fp8_weights import WEIGHT_STORAGE
 from .parallel_config import ParallelConfig
 from .resume import Checkpoint
 from .samplers import SAMPLER_NAMES
@@ -20,15 +21,27 @@ IN_MEMORY_PREFIX = "comfyui-model:"  # weights a ComfyUI MODEL holds, handed to 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """Which weights to run: a ``.safetensors`` path or ``tiny:<family>``, and the compute dtype."""
+    """Which weights to run: a ``.safetensors`` path or ``tiny:<family>``, the compute dtype, and how the
+    weights are stored (``weight_dtype``, models/fp8_weights.py: ``default`` keeps a file's fp8 Linear weights
+    fp8 and holds the rest in the compute dtype; ``fp8_e4m3fn`` / ``fp8_e5m2`` round every tensor to that
+    fp8 dtype first, as ComfyUI's UNETLoader does). All four fields are the model's identity."""
 
     path: str
     dtype: str = "fp32"
     patches: str = ""  # digest of the LoRA patches merged on the ranks ("" = none)
+    weight_dtype: str = "default"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.weight_dtype not in WEIGHT_STORAGE:
+            raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_STORAGE)}, got {self.weight_dtype!r} "
+                             f"(fp8_e4m3fn_fast computes as fp8_e4m3fn here)")
+
+    @property
+    def identity(self) -> tuple[str, str, str, str]:
+        """What the ranks cache a loaded model by: every field."""
+        return self.path, self.dtype, self.patches, self.weight_dtype
 
     @property
     def is_tiny(self) -> bool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from comfy_api.latest import io
 
 from comfyui_xdit.environment import require_environment
 from comfyui_xdit.lora import patches_digest
 from comfyui_xdit.models.families import family_of, infer_spec
+from comfyui_xdit.models.fp8_weights import weight_dtype_of_state
 from comfyui_xdit.request import IN_MEMORY_PREFIX, ModelRef
 
 from .comfy_types import CATEGORY, XDiTModelType, XDiTPoolType
@@ -51,6 +53,12 @@ class XDiTParallelModel(io.ComfyNode):
                              "split over this many rank groups, each with the degrees above (needs batch_size >= "
                              "this)."),
                 *layout_inputs(),
+                # optional, and last: saved workflows keep loading (default off)
+                io.Boolean.Input("shard_weights", default=False, optional=True,
+                                 tooltip="Keep 1/N of every transformer block's weights on each of the N GPUs of a "
+                                         "PipeFusion stage (FSDP2), gathering a block just before it runs: less "
+                                         "memory per GPU for one all-gather of its weights per block. Needs more "
+                                         "than one GPU per stage."),
             ],
             outputs=[XDiTModelType.Output(display_name="model")],
         )
@@ -59,7 +67,7 @@ class XDiTParallelModel(io.ComfyNode):
     def execute(cls, pool: PoolHandle, model, weight_dtype: str, ulysses_degree: int, ring_degree: int,
                 pipefusion_degree: int, num_patches: int, warmup_steps: int, cfg_parallel: bool,
                 data_degree: int = 1, layout: str = "manual", plan_width: int = 1024,
-                plan_height: int = 1024) -> io.NodeOutput:
+                plan_height: int = 1024, shard_weights: bool = False) -> io.NodeOutput:
         require_environment()
         family = check_family(model)
         if layout == "manual":
@@ -76,14 +84,17 @@ class XDiTParallelModel(io.ComfyNode):
             raise ValueError(f"a LoRA patches {unknown[0]!r}, which this {family_of(spec).title} model does not have; the LoRA was "
                              f"made for another model")
         digest = patches_digest(patches)
-        ref = ModelRef(path=model_identity(model), dtype=resolve_dtype(weight_dtype, pool), patches=digest)
+        # a MODEL whose weights ComfyUI holds in fp8 (UNETLoader's fp8 weight_dtype) stays fp8 on the ranks
+        ref = ModelRef(path=model_identity(model), dtype=resolve_dtype(weight_dtype, pool), patches=digest,
+                       weight_dtype=weight_dtype_of_state(state))
         live = registry().get(pool)
         if layout != "manual":
             config = auto_config(spec, live.status().hosts, layout, plan_width, plan_height, cfg_parallel,
                                  warmup_steps, data_degree, inter=live.inter_host_link())
+        config = replace(config, shard_weights=bool(shard_weights))  # ValueError naming the fix on one rank per stage
         live.hold_model(ref.path, state, digest, patches)
         live.warm(config)  # the sampler checks the layout against the model and the latent before running
-        logger.info("xDiT model from the MODEL (%d LoRA patches %s) on %s, %s", len(patches), digest or "-",
-                    pool.describe(), config.describe())
+        logger.info("xDiT model from the MODEL (%d LoRA patches %s, weights %s) on %s, %s", len(patches),
+                    digest or "-", ref.weight_dtype, pool.describe(), config.describe())
         return io.NodeOutput(ModelHandle(pool=pool, model=ref, parallel=config, spec=spec, name="MODEL",
                                          shift=sigma_shift(model)))

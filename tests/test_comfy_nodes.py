@@ -375,3 +375,32 @@ def test_parallelized_model_with_two_loras_matches_stock(comfy_host: ComfyHost) 
             assert run.succeeded, run.describe() + "\n" + comfy_host.log_tail()
             latent = saved_latent(comfy_host, run.of_type("executed"), "save_xdit")
             assert relative_error(latent, stock) < 1e-3, degrees
+
+
+def test_fp8_weights_match_stock_fp8(comfy_host: ComfyHost) -> None:
+    """UNETLoader weight_dtype fp8_e4m3fn -> KSampler (and with a LoRA), against XDiTLoadModel weight_storage
+    fp8_e4m3fn and against that fp8 MODEL with the LoRA through xDiT Parallelize Model: the ranks keep the
+    weights fp8 and store the merged LoRA as ComfyUI does (seeded stochastic rounding; tests/test_fp8_weights.py
+    measures 5e-7 in process)."""
+    plain, _ = write_loras(comfy_host.base_dir / "models" / "loras")
+    prompt = conditioning_nodes()
+    prompt["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL_NAME, "weight_dtype": "fp8_e4m3fn"}}
+    prompt["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["unet", 0], "lora_name": plain,
+                                                                       "strength_model": 0.7}}
+    prompt["ks"] = {"class_type": "KSampler", "inputs": {"model": ["unet", 0], **sampler_inputs()}}
+    prompt["ks_lora"] = {"class_type": "KSampler", "inputs": {"model": ["lora", 0], **sampler_inputs()}}
+    prompt.update(xdit_nodes("x", weight_storage="fp8_e4m3fn"))
+    prompt["xpm"] = {"class_type": "XDiTParallelModel", "inputs": {
+        "pool": ["xpool", 0], "model": ["lora", 0], "weight_dtype": "default", "ulysses_degree": 1, "ring_degree": 1,
+        "pipefusion_degree": 1, "num_patches": 0, "warmup_steps": 1, "cfg_parallel": False}}
+    prompt["psample"] = {**prompt["xsample"], "inputs": {**prompt["xsample"]["inputs"], "model": ["xpm", 0]}}
+    for node in ("ks", "ks_lora", "xsample", "psample"):
+        prompt[f"save_{node}"] = save(node, f"fp8_{node}")
+    with comfy_host.connect() as ws:
+        result = ws.run(prompt, timeout=600)
+    assert result.succeeded, result.describe() + "\n" + comfy_host.log_tail()
+    latent = {node: saved_latent(comfy_host, result.of_type("executed"), f"save_{node}")
+              for node in ("ks", "ks_lora", "xsample", "psample")}
+    assert relative_error(latent["xsample"], latent["ks"]) < 1e-3
+    assert relative_error(latent["psample"], latent["ks_lora"]) < 1e-3
+    assert relative_error(latent["ks_lora"], latent["ks"]) > 1e-3  # the LoRA really changed the picture

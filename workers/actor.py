@@ -44,10 +44,11 @@ class RankWorker:
     def __init__(self, models_per_rank: int = 2) -> None:
         self.setup_info: Optional[RankSetup] = None
         self.device: Optional[torch.device] = None
-        self.model_key: Optional[tuple[str, str, str, Optional[tuple[int, int]]]] = None
+        self.model_key: Optional[tuple] = None  # ModelRef.identity + the stage's blocks + the shard group
         self.adapter: Any = None
         self.models_per_rank = models_per_rank
         self.cached: "OrderedDict[tuple, tuple[Any, Optional[str]]]" = OrderedDict()  # key -> (adapter, how), LRU last
+        self.shards: dict[tuple, Any] = {}  # key of a cached sharded model -> its ShardedWeights
         self.engine_key: Optional[tuple[str, str, str, ParallelConfig]] = None
         self.engine: Any = None
         self.busy = False
@@ -108,6 +109,11 @@ class RankWorker:
 
     def leave_world(self) -> None:
         self.engine, self.engine_key = None, None
+        for key in list(self.shards):  # a sharded model holds 1/N of its weights: useless outside this world
+            self.shards.pop(key).release()
+            self.cached.pop(key, None)
+            if self.model_key == key:
+                self.adapter, self.model_key, self.weights_how = None, None, None
         engine_bridge.leave_world(self.nccl_rules)
         self.nccl_rules = None
 
@@ -116,14 +122,17 @@ class RankWorker:
         from comfyui_xdit.lora import merge_lora
         from comfyui_xdit.model_loader import load_model, model_spec
         from comfyui_xdit.models.families import adapter_from_file, build_adapter, infer_spec, read_spec
+        from comfyui_xdit.models.fp8_weights import stored_state, unpickled
         from comfyui_xdit.parallel.pipefusion_schedule import stage_blocks
+        from comfyui_xdit.parallel.weight_sharding import shard_weights, sharing
 
         info = self._info()
         ref = source.ref
         spec = model_spec(ref) if ref.is_tiny else read_spec(source.local_path) if source.local_path else source.spec
         # a PipeFusion stage builds only its blocks (shipped weights already hold only those)
         blocks = None if spec is None else stage_blocks(parallel, info.rank, spec)
-        key = (ref.path, ref.dtype, ref.patches, blocks)  # a stage-only model serves only that stage
+        # a stage-only model serves only that stage; a sharded one only its shard group
+        key = (*ref.identity, blocks, sharing(parallel, info.rank))
         if self.model_key != key and key in self.cached:
             self._activate(key)
         elif self.model_key != key:
@@ -131,20 +140,31 @@ class RankWorker:
                 engine_bridge.release_engine(self.engine)
             self.adapter, self.model_key, self.engine, self.engine_key = None, None, None, None
             while len(self.cached) >= self.models_per_rank:  # room for this one: the least recently used goes
-                self.cached.popitem(last=False)
+                gone, _ = self.cached.popitem(last=False)
+                if gone in self.shards:  # every rank evicts alike, so each frees its stage group
+                    self.shards.pop(gone).release()
+            # a sharded model is built in host memory: only its shards (and shared tensors) reach the device
+            built_on = torch.device("cpu") if parallel.shard_weights else self.device
             if ref.is_tiny:
-                self.adapter = load_model(ref, self.device, blocks=blocks)
+                self.adapter = load_model(ref, built_on, blocks=blocks)
             elif source.local_path is not None:
-                self.adapter = adapter_from_file(source.local_path, ref.torch_dtype, self.device, blocks=blocks)
+                self.adapter = adapter_from_file(source.local_path, ref.torch_dtype, built_on, blocks=blocks,
+                                                 weight_dtype=ref.weight_dtype)
             else:
                 import ray
 
-                state = dict(ray.get(source.shipped))
+                state = unpickled(ray.get(source.shipped))  # fp8 tensors travel as bytes
                 if source.lora is not None:  # merged here, in float32, as ComfyUI merges them
-                    state = merge_lora(state, [p for p in ray.get(source.lora) if p.key in state])
+                    # onto the weights as stored (fp8 rounded first, as ComfyUI's fp8 weights are)
+                    state = merge_lora(stored_state(state, ref.weight_dtype),
+                                       [p for p in ray.get(source.lora) if p.key in state])
                 self.adapter = build_adapter(state, spec if spec is not None else infer_spec(state, ref.path),
-                                             ref.torch_dtype, self.device, f"{ref.path!r} (object store)", blocks)
+                                             ref.torch_dtype, built_on, f"{ref.path!r} (object store)", blocks,
+                                             ref.weight_dtype)
             how = source.how if blocks is None or source.blocks else f"{source.how} (blocks {blocks[0]}-{blocks[1] - 1})"
+            if parallel.shard_weights:  # collective: every rank shards right after building, alike
+                self.shards[key] = shard_weights(self.adapter, parallel, info.rank, self.device)
+                how = f"{how}, sharded over ranks {list(self.shards[key].ranks)}"
             self.model_key, self.weights_how = key, how
             self.cached[key] = (self.adapter, how)
             self.loads += 1
@@ -154,10 +174,12 @@ class RankWorker:
     def switch(self, ref: ModelRef, parallel: ParallelConfig) -> bool:
         """Run a model this rank keeps loaded (for ``parallel``'s stage of it); False when it has none."""
         from comfyui_xdit.parallel.pipefusion_schedule import stage_blocks
+        from comfyui_xdit.parallel.weight_sharding import sharing
 
+        rank = self._info().rank
         for key, (adapter, _) in self.cached.items():
-            if key[:3] == (ref.path, ref.dtype, ref.patches) and \
-                    key[3] == stage_blocks(parallel, self._info().rank, adapter.spec):
+            if key[:4] == ref.identity and \
+                    key[4:] == (stage_blocks(parallel, rank, adapter.spec), sharing(parallel, rank)):
                 self._activate(key)
                 self._engine_for(ref, parallel)
                 return True
@@ -174,19 +196,18 @@ class RankWorker:
     def _engine_for(self, ref: ModelRef, parallel: ParallelConfig) -> None:
         """The engine of the active model for ``parallel``, (re)built when either changed."""
         info = self._info()
-        if self.engine_key != (ref.path, ref.dtype, ref.patches, parallel):
+        if self.engine_key != (*ref.identity, parallel):
             if self.engine is not None:
                 engine_bridge.release_engine(self.engine)
             self.engine = engine_bridge.build_engine(self.adapter, parallel, info.rank)
-            self.engine_key = (ref.path, ref.dtype, ref.patches, parallel)
+            self.engine_key = (*ref.identity, parallel)
 
     def generate(self, job: str, request: GenerationRequest, channel: Any) -> Optional[torch.Tensor]:
         """Sample ``request``; rank 0 posts events and returns the latent, other ranks return None."""
         import ray
 
         info = self._info()
-        if self.engine is None or self.engine_key != (request.model.path, request.model.dtype, request.model.patches,
-                                                      request.parallel):
+        if self.engine is None or self.engine_key != (*request.model.identity, request.parallel):
             raise RuntimeError(f"rank {info.rank} has no engine for {request.model} / "
                                f"{request.parallel.describe()}; load it first")
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from comfyui_xdit.models.fp8_weights import picklable
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.planning.hardware import Link
 from comfyui_xdit.request import GenerationRequest
@@ -268,7 +269,7 @@ class XDiTPool:
         """Keep a ComfyUI MODEL's base weights (and LoRA patches) for jobs whose ModelRef names ``path``
         (and ``digest``): the pool ships them to the ranks when a job needs them loaded."""
         self._held.pop(path, None)  # re-inserted last: the most recently used stays
-        self._held[path] = state
+        self._held[path] = picklable(state)  # fp8 tensors as bytes: torch cannot unpickle fp8
         if digest:
             self._held_patches.pop(digest, None)
             self._held_patches[digest] = tuple(patches)
@@ -302,7 +303,7 @@ class XDiTPool:
             if lacking:
                 hosts = sorted({world.ranks[r].host for r in lacking})
                 try:
-                    state = read_for_shipping(ref, folder)
+                    state = picklable(read_for_shipping(ref, folder))  # an fp8 file's tensors as bytes
                 except FileNotFoundError:
                     raise ModelMissing(
                         f"model file {ref.path!r} is missing on host(s) {', '.join(hosts)} (ranks {lacking}) "

@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
-from . import packing
+from . import fp8_weights, packing
 from .absent_block import AbsentBlock
 from ..conditioning import Conditioning
 
@@ -29,7 +29,8 @@ class AdapterBase:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.get_parameter(self.ANCHOR).dtype
+        """The compute dtype (an fp8 anchor weight computes in its ``UpcastLinear``'s)."""
+        return fp8_weights.compute_dtype_of(self.transformer, self.ANCHOR)
 
     @property
     def device(self) -> torch.device:
@@ -99,10 +100,10 @@ def build_stage_module(module_class: type, config: dict, state: dict[str, torch.
         for layer in range(len(module_list)):
             if not blocks[0] <= layer < blocks[1]:
                 module_list[layer] = AbsentBlock(layer, blocks)
-    converted = {k: v.to(dtype) for k, v in to_diffusers(state, spec).items()}
+    converted = fp8_weights.cast_state(to_diffusers(state, spec), module, dtype)  # fp8 Linear weights stay fp8
     result = module.load_state_dict(converted, strict=True, assign=True)
     assert not result.missing_keys and not result.unexpected_keys, result
-    return module
+    return fp8_weights.finish(module, dtype, module_class.__name__)
 
 
 def patch_conv_as_linear(proj: torch.nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from . import (flux_checkpoint, hunyuan_dit_checkpoint, pixart_checkpoint, qwen_image_checkpoint, sd3_checkpoint,
                wan_checkpoint)
 from .checkpoint_file import read_shapes
+from .fp8_weights import refuse_scaled_fp8, stored_state
 
 ModelSpec = Any  # FluxSpec | SD3Spec | ...: frozen dataclasses with the properties listed above
 
@@ -144,6 +145,7 @@ def detect_family(keys: Mapping[str, Any], source: str = "checkpoint") -> Family
 
 def infer_spec(state: Mapping[str, Any], source: str = "checkpoint") -> ModelSpec:
     """The architecture of tensors (or shapes) in a family's single-file layout, prefix stripped."""
+    refuse_scaled_fp8(state, source)
     return detect_family(state, source).infer_spec(state, source)
 
 
@@ -167,18 +169,21 @@ def stage_state(state: Mapping[str, torch.Tensor], spec: ModelSpec, blocks: tupl
 
 
 def build_adapter(state: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, device: torch.device | str,
-                  source: str, blocks: Optional[tuple[int, int]] = None):
-    """The family's adapter from file-layout tensors (all of them, or one stage's with ``blocks``)."""
-    return family_of(spec).adapter().from_state_dict(state, dtype, device, source=source, blocks=blocks, spec=spec)
+                  source: str, blocks: Optional[tuple[int, int]] = None, weight_dtype: str = "default"):
+    """The family's adapter from file-layout tensors (all of them, or one stage's with ``blocks``), computing in
+    ``dtype``; fp8 Linear weights (the file's, or all of them with an fp8 ``weight_dtype``) stay fp8
+    (``fp8_weights``)."""
+    return family_of(spec).adapter().from_state_dict(stored_state(state, weight_dtype), dtype, device, source=source,
+                                                     blocks=blocks, spec=spec)
 
 
 def adapter_from_file(path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str,
-                      blocks: Optional[tuple[int, int]] = None):
+                      blocks: Optional[tuple[int, int]] = None, weight_dtype: str = "default"):
     """Load a file's adapter; with ``blocks`` only the shared tensors and those blocks are read from disk."""
     from .checkpoint_file import read_checkpoint
     spec = read_spec(path)
     state = read_checkpoint(path, keep=None if blocks is None else (lambda key: in_blocks(key, spec, blocks)))
-    return build_adapter(state, spec, dtype, device, repr(os.fspath(path)), blocks)
+    return build_adapter(state, spec, dtype, device, repr(os.fspath(path)), blocks, weight_dtype)
 
 
 def random_state(spec: ModelSpec, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

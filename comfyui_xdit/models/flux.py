@@ -20,7 +20,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from ..attention import AttentionSeam
 from ..conditioning import Conditioning
 from ..latent_format import FLUX_LATENT_FORMAT, LatentFormat
-from . import packing
+from . import fp8_weights, packing
 from .absent_block import AbsentBlock
 from .adapter_base import AdapterBase
 from ..prediction import FLOW, Prediction
@@ -142,9 +142,10 @@ class FluxAdapter(AdapterBase):
                     container[layer if double else layer - spec.num_layers] = AbsentBlock(layer, blocks)
             converted = {k: v for k, v in converted.items()
                          if (i := _diffusers_block(k, spec.num_layers)) is None or blocks[0] <= i < blocks[1]}
-        converted = {k: v.to(dtype) for k, v in converted.items()}
+        converted = fp8_weights.cast_state(converted, transformer, dtype)  # fp8 Linear weights stay fp8
         result = transformer.load_state_dict(converted, strict=True, assign=True)
         assert not result.missing_keys and not result.unexpected_keys, result
+        fp8_weights.finish(transformer, dtype, f"Flux from {source}")
         # Buffers that are not in the file (none today) would still be on meta; fail loudly if so.
         on_meta = any(t.is_meta for t in converted.values())
         assert on_meta or not any(t.is_meta for t in transformer.state_dict().values()), "unloaded tensors on meta"

@@ -150,24 +150,28 @@ class RankResult:
 
 
 def generate_requests(rank: int, world_size: int, requests: Sequence[GenerationRequest]) -> list[RankResult]:
-    """Rank body: load each model once (a PipeFusion stage only its blocks), then sample every request
-    with its own mesh and engine."""
+    """Rank body: load each model once (a PipeFusion stage only its blocks; with ``shard_weights`` sharded
+    over the ranks that run the same blocks), then sample every request with its own mesh and engine."""
     from ..model_loader import load_model, model_spec
     from . import create_engine
     from .comm import CommCounter
     from .mesh import Mesh
     from .pipefusion_schedule import stage_blocks
+    from .weight_sharding import shard_weights, sharing
 
     adapters = {}
     out = []
     for request in requests:
         spec = model_spec(request.model)
         blocks = stage_blocks(request.parallel, rank, spec)
-        if (request.model, blocks) not in adapters:
-            adapters[request.model, blocks] = load_model(request.model, blocks=blocks)
+        key = (request.model, blocks, sharing(request.parallel, rank))  # a sharded model serves its shard group
+        if key not in adapters:
+            adapters[key] = load_model(request.model, blocks=blocks)
+            if request.parallel.shard_weights:
+                shard_weights(adapters[key], request.parallel, rank)
         counter = CommCounter()
         mesh = Mesh.build(request.parallel, rank)
-        engine = create_engine(adapters[request.model, blocks], request.parallel, rank, mesh, counter)
+        engine = create_engine(adapters[key], request.parallel, rank, mesh, counter)
         latent = engine.generate(request)
         out.append(RankResult(latent, counter.per_step()))
         logger.info("rank %d: %s done", rank, request.parallel.describe())

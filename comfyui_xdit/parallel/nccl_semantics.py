@@ -50,8 +50,11 @@ logger = logging.getLogger(__name__)
 
 SEMANTICS_ENV = "COMFYUI_XDIT_NCCL_SEMANTICS"  # "1": gloo ranks obey NCCL's rules (the test suite sets it)
 WAIT_ENV = "COMFYUI_XDIT_NCCL_WAIT_S"  # the watchdog's bound in seconds
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all_single", "broadcast",
-               "reduce_scatter_tensor", "barrier")
+# all_gather_single: FSDP2's all-gather of a block's weights (weight_sharding.py) on torch >= 2.14; the names this
+# torch lacks are skipped
+COLLECTIVES = tuple(name for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
+                                      "all_to_all_single", "broadcast", "reduce_scatter_tensor", "barrier")
+                    if hasattr(dist, name))
 
 
 @dataclass(frozen=True)
