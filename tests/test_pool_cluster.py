@@ -109,6 +109,54 @@ def test_the_link_between_hosts_is_measured_once_and_planned_with(cluster_pool) 
     assert planned.hosts == 2 and planned.gpus_per_host == 2 and planned.inter is link  # the CPU-less head holds no rank
 
 
+OTHER_CLIENT = """
+import sys, torch
+from comfyui_xdit.model_loader import tiny_conditioning
+from comfyui_xdit.parallel_config import ParallelConfig
+from comfyui_xdit.request import GenerationRequest, ModelRef
+from comfyui_xdit_workers import PoolSettings, Timeouts, XDiTPool
+tiny = ModelRef("tiny:flux")
+positive, _ = tiny_conditioning(tiny, 0)
+pool = XDiTPool(PoolSettings(address=sys.argv[1], timeouts=Timeouts(start_s=120, step_s=120))).start()
+job = pool.submit(GenerationRequest(model=tiny, latent=torch.zeros(1, 16, 8, 8), positive=positive, steps=100000,
+                                    parallel=ParallelConfig(ulysses_degree=2, ring_degree=2)))
+next(iter(job.events(timeout=120)))
+print(pool.client, flush=True)
+job.result(timeout=3600)
+"""
+
+
+def test_a_client_that_disappears_frees_its_devices(cluster_pool) -> None:
+    """Another ComfyUI (a process of its own) takes all four CPUs for a running job and is SIGKILLed with no
+    chance to shut down: Ray drops its placement groups and actors, and this pool's next job gets them."""
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    cluster, pool, _ = cluster_pool
+    other = subprocess.Popen([sys.executable, "-c", OTHER_CLIENT, cluster.address], stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)  # our idle pool lets its world go to it
+    try:
+        ready, _, _ = select.select([other.stdout], [], [], 180)
+        client = other.stdout.readline().strip() if ready else ""
+        assert client, "the other client did not start its job"
+        held = [(lease.client, lease.devices) for lease in pool.status().leases if lease.state == "held"]
+        assert {c for c, _ in held} == {client} and sum(d for _, d in held) == 4, held  # a group per host
+        os.killpg(other.pid, signal.SIGKILL)
+        other.wait(timeout=30)
+        started = time.monotonic()
+        wide = request(steps=2, seed=5, parallel=ParallelConfig(ulysses_degree=2, ring_degree=2))
+        torch.testing.assert_close(pool.submit(wide).result(timeout=180), Engine(load_model(TINY)).generate(
+            request(steps=2, seed=5)), rtol=1e-4, atol=1e-4)
+        assert time.monotonic() - started < 120
+        assert {lease.client for lease in pool.status().leases} == {pool.client}  # nothing of the dead one left
+    finally:
+        if other.poll() is None:
+            os.killpg(other.pid, signal.SIGKILL)
+            other.wait(timeout=30)
+
+
 def test_removed_host_mid_job_is_survived_and_the_next_job_runs(cluster_pool) -> None:
     cluster, pool, hosts = cluster_pool
     parallel = ParallelConfig(ulysses_degree=2)
