@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .cond_batch import branch_outputs
 from .conditioning import Conditioning
 from .inpaint import Inpaint, build_inpaint
 from .models import packing
@@ -76,6 +77,7 @@ class SamplingPlan:
     timestep_sigmas: Optional[torch.Tensor] = None  # (calls,) see model_sigmas; None: the call sigmas themselves
     checkpoints: bool = False  # emit a Checkpoint with every step event (resume.py)
     resume: Optional[Checkpoint] = None  # start after its calls, from its tokens, history and noise state
+    batch_cfg: bool = True  # both CFG branches in one forward where ComfyUI batches them (cond_batch.py)
 
     def unpack(self, adapter: Adapter, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, C*2*2) back into this plan's latent layout: (B, C, H, W) or (B, C, T, H, W)."""
@@ -313,7 +315,8 @@ def step_event(adapter: Adapter, plan: SamplingPlan, i: int, denoised: torch.Ten
 
 def run_loop(adapter: Adapter, plan: SamplingPlan, velocity: VelocityFn, on_step: Optional[OnStep] = None,
              should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
-    """The whole-latent loop: ``velocity(model_input, sigma_batch, cond)`` per branch, CFG, one sampler step.
+    """The whole-latent loop: ``velocity(model_input, sigma_batch, cond)`` for the CFG branches (one call over
+    both where the plan batches them, ``cond_batch.py``), CFG, one sampler step.
 
     Serial sampling passes the adapter's forward; sequence/CFG parallel pass a velocity that shards
     and gathers. The tokens live on the model's device (sigmas stay 0-dim CPU scalars, which every
@@ -330,9 +333,10 @@ def run_loop(adapter: Adapter, plan: SamplingPlan, velocity: VelocityFn, on_step
         sigma_batch = plan.model_sigmas[i] * x.new_ones(batch)  # what the adapter is told (model_sigmas)
         seen = inpaint.model_input(x, sigma) if inpaint is not None else x  # what the sampler shows the model
         model_in = plan.prediction.model_input(seen, sigma)  # EPS: scaled to unit variance
-        cond = denoised_from(seen, sigma, velocity(model_in, sigma_batch, plan.positive), plan.prediction)
-        uncond = (denoised_from(seen, sigma, velocity(model_in, sigma_batch, plan.negative), plan.prediction)
-                  if plan.negative else None)
+        v_cond, v_uncond = branch_outputs(velocity, model_in, sigma_batch, plan.positive, plan.negative,
+                                          plan.batch_cfg)  # one forward of both branches, as ComfyUI's batch
+        cond = denoised_from(seen, sigma, v_cond, plan.prediction)
+        uncond = denoised_from(seen, sigma, v_uncond, plan.prediction) if v_uncond is not None else None
         denoised = apply_cfg(cond, uncond, plan.cfg)
         if inpaint is not None:
             denoised = inpaint.model_output(denoised)

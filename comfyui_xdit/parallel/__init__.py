@@ -20,12 +20,13 @@ __all__ = ["CommCounter", "Mesh", "ParallelEngine", "RankCoords", "create_engine
 
 
 def create_engine(adapter: Adapter, parallel: ParallelConfig, rank: int, mesh: Optional[Mesh] = None,
-                  counter: Optional[CommCounter] = None) -> Union[Engine, ParallelEngine]:
+                  counter: Optional[CommCounter] = None, batch_cfg: bool = True) -> Union[Engine, ParallelEngine]:
     """The serial ``Engine`` for a world of one, else a ``ParallelEngine`` for ``rank``.
 
     Without ``mesh`` the groups are created here, which is collective: call it on all ranks alike,
-    after ``init_distributed``.
+    after ``init_distributed``. ``batch_cfg``: both CFG branches in one forward where ComfyUI batches them.
     """
     if parallel.is_serial:
-        return Engine(adapter, parallel, rank)
-    return ParallelEngine(adapter, parallel, mesh if mesh is not None else Mesh.build(parallel, rank), counter)
+        return Engine(adapter, parallel, rank, batch_cfg=batch_cfg)
+    return ParallelEngine(adapter, parallel, mesh if mesh is not None else Mesh.build(parallel, rank), counter,
+                          batch_cfg=batch_cfg)

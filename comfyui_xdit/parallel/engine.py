@@ -2,8 +2,9 @@
 
 Every rank builds the same sampling plan from the request (noise, sigmas, starting tokens are
 deterministic), so every rank holds the same ``x``. Each step, the guidance branches' velocities are
-computed sequence-parallel inside the rank's ring x ulysses group (and, with CFG parallel, one branch
-per cfg rank), gathered whole onto every rank, and the sampler step is applied identically
+computed sequence-parallel inside the rank's ring x ulysses group (both in one forward of batch 2B
+where ComfyUI batches them, ``cond_batch.py``; with CFG parallel, one branch per cfg rank), gathered
+whole onto every rank, and the sampler step is applied identically
 everywhere. PipeFusion (pipefusion_degree > 1) runs its own loop (``pipefusion.py``), with ring x
 ulysses inside each stage; ``_run`` is the dispatch point. With data_degree > 1 each data group runs
 that loop on its chunk of the batch's images (``data_parallel.py``) and the chunks are gathered at the
@@ -38,10 +39,11 @@ logger = logging.getLogger(__name__)
 
 
 class ParallelEngine:
-    """Samples a request as one rank of ``mesh``; ``counter`` (optional) records the bytes it sends."""
+    """Samples a request as one rank of ``mesh``; ``counter`` (optional) records the bytes it sends; ``batch_cfg``:
+    both CFG branches of a rank in one forward where ComfyUI batches them (``cond_batch.py``), else two."""
 
     def __init__(self, adapter: Adapter, parallel: ParallelConfig, mesh: Mesh,
-                 counter: Optional[CommCounter] = None) -> None:
+                 counter: Optional[CommCounter] = None, batch_cfg: bool = True) -> None:
         if mesh.parallel != parallel:
             raise ValueError(f"mesh was built for {mesh.parallel.describe()}, engine asked for {parallel.describe()}; "
                              f"build the mesh from the same ParallelConfig")
@@ -50,6 +52,7 @@ class ParallelEngine:
         self.mesh = mesh
         self.rank = mesh.rank
         self.counter = counter
+        self.batch_cfg = batch_cfg
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest, on_step: Optional[OnStep] = None,
@@ -61,7 +64,7 @@ class ParallelEngine:
         if request.parallel != self.parallel:
             raise ValueError(f"request asks for {request.parallel.describe()} but this engine runs "
                              f"{self.parallel.describe()}; build the engine from request.parallel")
-        plan = prepare_plan(self.adapter, request)
+        plan = replace(prepare_plan(self.adapter, request), batch_cfg=self.batch_cfg)
         batch = plan.x.shape[0]
         self.parallel.validate_for(self.mesh.world_size, self.adapter.num_heads, plan.x.shape[1], request.cfg,
                                    num_blocks=len(self.adapter.blocks), batch_size=batch)
@@ -121,11 +124,12 @@ class ParallelEngine:
             seen = inpaint.model_input(x, sigma) if inpaint is not None else x  # what the sampler shows the model
             model_in = plan.prediction.model_input(seen, sigma)
 
-            def branch(cond: Conditioning) -> torch.Tensor:
-                return velocity(model_in, image_ids, cond, sigma_batch)
+            def branch(tokens: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+                return velocity(tokens, image_ids, cond, sigmas)
 
-            v_cond, v_uncond = branch_velocities(branch, plan.positive, plan.negative, self.mesh.group(("cfg",)),
-                                                 self.mesh.coords.cfg, self.counter)
+            v_cond, v_uncond = branch_velocities(branch, model_in, sigma_batch, plan.positive, plan.negative,
+                                                 self.mesh.group(("cfg",)), self.mesh.coords.cfg, self.counter,
+                                                 plan.batch_cfg)
             uncond = denoised_from(seen, sigma, v_uncond, plan.prediction) if v_uncond is not None else None
             denoised = apply_cfg(denoised_from(seen, sigma, v_cond, plan.prediction), uncond, plan.cfg)
             if inpaint is not None:

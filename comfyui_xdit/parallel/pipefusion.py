@@ -1,6 +1,8 @@
 """PipeFusion, written once: the model's blocks split into pipeline stages, the latent into patches.
 
-Every stage walks the same ``stage_work`` sequence. For each (step, patch) item, per CFG branch:
+Every stage walks the same ``stage_work`` sequence. For each (step, patch) item, per CFG forward (both
+branches stacked into one forward of batch 2B where ComfyUI batches them, ``cond_batch.py``, else one per
+branch):
 stage 0 embeds the patch, each stage runs its blocks with the stale-K/V attention backend and sends
 the activations on; the last stage runs the head, applies CFG and the sampler step to the patch and
 sends the updated patch back to stage 0, which needs it one step later. Warm-up items cover the
@@ -30,6 +32,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..cond_batch import branch_forwards
 from ..conditioning import Conditioning
 from ..inpaint import Inpaint
 from ..noise import AncestralNoise
@@ -170,10 +173,11 @@ class PipeFusionLoop:
         bounds = patch_bounds(num_tokens, patches)
         items = list(stage_work(total, warmup, patches))
         returned = {w: returned_range(w, warmup, bounds, num_tokens, self.shard) for w in items}
-        branches = self._branches(plan)
+        # both branches as one forward of batch 2B where ComfyUI batches them, else one forward each
+        forwards = branch_forwards(self._branches(plan), plan.x.shape[0], plan.batch_cfg)
         ulysses, ring = self.mesh.group(("ulysses",)), self.mesh.group(("ring",))
-        # one K/V buffer set per branch
-        backends = [StaleKVAttention(num_tokens, ulysses, ring, self.counter) for _ in branches]
+        # one K/V buffer set per forward (a stacked one holds each branch's own rows: the same stale K/V)
+        backends = [StaleKVAttention(num_tokens, ulysses, ring, self.counter) for _ in forwards.conds]
         # stage 0: inputs as they come back; last stage: the truth (and the sampler state)
         x, sampler_state = plan.begin(plan.x.to(adapter.device).clone())
         inpaint = plan.inpaint.to(adapter.device) if plan.inpaint is not None else None
@@ -203,16 +207,18 @@ class PipeFusionLoop:
                 model_in = plan.prediction.model_input(seen, sigma)  # what the model sees
                 sigma_batch = plan.model_sigmas[step] * part.new_ones(part.shape[0])  # what the adapter is told
                 denoised = []
-                for backend, cond in zip(backends, branches):
+                for backend, cond in zip(backends, forwards.conds):
                     adapter.seam.backend = backend.at(start, stop)
-                    state = self._forward(model_in, plan.image_ids[lo:hi], cond, sigma_batch)
+                    # (B, n_local, C) -> (2B, n_local, C) when the branches are stacked
+                    state = self._forward(forwards.rows(model_in), plan.image_ids[lo:hi], cond,
+                                          forwards.rows(sigma_batch))
                     if links.is_last:
-                        local = denoised_from(seen, sigma, adapter.head(state), plan.prediction)  # (B, n_local, C)
-                        # (B, n_local, C) from each ring x ulysses rank -> (B, n, C), the whole item
+                        local = denoised_from(forwards.rows(seen), sigma, adapter.head(state), plan.prediction)
+                        # (rows, n_local, C) from each ring x ulysses rank -> (rows, n, C), the whole item
                         denoised.append(all_gather_cat(local, 1, self.sequence_group, self.counter, "sequence"))
                 if links.is_last:
-                    sampler_state = self._step(plan, work, denoised, x, denoised_full, sampler_state, start, stop,
-                                               returned[work], inpaint, step_noise)
+                    sampler_state = self._step(plan, work, forwards.branches(denoised), x, denoised_full,
+                                               sampler_state, start, stop, returned[work], inpaint, step_noise)
         except GenerationCancelled:
             if returns is not None:
                 returns.drain(x, work)

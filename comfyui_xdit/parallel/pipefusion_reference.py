@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cond_batch import branch_forwards
 from ..models.adapter import Adapter
 from ..samplers import step_patch
 from ..sampling import SamplingPlan, apply_cfg, denoised_from
@@ -27,7 +28,8 @@ def pipefusion_reference(adapter: Adapter, plan: SamplingPlan, num_patches: int,
     num_tokens = plan.x.shape[1]
     bounds = patch_bounds(num_tokens, num_patches)
     branches = [plan.positive] + ([plan.negative] if plan.negative is not None else [])
-    backends = [StaleKVAttention(num_tokens) for _ in branches]  # one set of K/V buffers per CFG branch
+    forwards = branch_forwards(branches, plan.x.shape[0], plan.batch_cfg)  # one of both, or one per branch
+    backends = [StaleKVAttention(num_tokens) for _ in forwards.conds]  # one set of K/V buffers per forward
     x, state = plan.begin(plan.x.clone())  # tokens (B, N, 64) and the sampler state
     step_noise = plan.step_noise(x.device)
     saved = adapter.seam.backend
@@ -39,12 +41,14 @@ def pipefusion_reference(adapter: Adapter, plan: SamplingPlan, num_patches: int,
             part = x[:, start:stop]  # (B, n, 64)
             seen = plan.inpaint.model_input(part, sigma, start) if plan.inpaint is not None else part
             model_in = plan.prediction.model_input(seen, sigma)
-            denoised = []
-            for backend, cond in zip(backends, branches):
+            outputs = []
+            for backend, cond in zip(backends, forwards.conds):
                 adapter.seam.backend = backend.at(start, stop)
-                velocity = adapter.velocity(model_in, plan.image_ids[start:stop], cond,
-                                            plan.model_sigmas[work.step] * part.new_ones(len(part)))
-                denoised.append(denoised_from(seen, sigma, velocity, plan.prediction))
+                # (B, n, 64) -> (2B, n, 64) when the branches are stacked
+                outputs.append(adapter.velocity(forwards.rows(model_in), plan.image_ids[start:stop], cond,
+                                                forwards.rows(plan.model_sigmas[work.step] * part.new_ones(len(part)))))
+            denoised = [denoised_from(seen, sigma, velocity, plan.prediction)
+                        for velocity in forwards.branches(outputs)]  # positive first
             guided = apply_cfg(denoised[0], denoised[1] if len(denoised) > 1 else None, plan.cfg)
             if plan.inpaint is not None:
                 guided = plan.inpaint.model_output(guided, start)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ..parallel_config import ParallelConfig
 from .hardware import Cluster
 from .model_shape import ModelShape
-from .traffic import CallShape, branches_per_rank, pipefusion_call_bytes, sequence_call_bytes
+from .traffic import CallShape, branches_per_rank, forwards_per_rank, pipefusion_call_bytes, sequence_call_bytes
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,12 @@ def _sequence_call(shape: ModelShape, layout: ParallelConfig, cluster: Cluster, 
     compute = cluster.device.seconds(branches * call.batch * shape.forward_flops(call.image_tokens) / p, tokens)
     attention = cluster.device.seconds(branches * call.batch * shape.attention_flops(call.image_tokens) / p, tokens)
     sent = sequence_call_bytes(shape, layout, call)
-    layers = shape.blocks * branches
+    forwards = forwards_per_rank(layout, call)  # messages per collective: batched branches share them
+    layers = shape.blocks * forwards
     ring = axes.seconds("ring", sent.get("ring", 0), (layout.ring_degree - 1) * layers)
     exposed = {"ulysses": axes.seconds("ulysses", sent.get("ulysses", 0), 4 * layers),
                "ring": max(0.0, ring - attention),
-               "sequence": axes.seconds("sequence", sent.get("sequence", 0), branches),
+               "sequence": axes.seconds("sequence", sent.get("sequence", 0), forwards),
                "cfg": axes.seconds("cfg", sent.get("cfg", 0), 1)}
     return compute, exposed
 
@@ -84,12 +85,13 @@ def _pipefusion_calls(shape: ModelShape, layout: ParallelConfig, cluster: Cluste
     item_attention = cluster.device.seconds(branches * attention / items / p, tokens)
     first = pipefusion_call_bytes(shape, layout, call, 0, warm, sends_back=0)
     last = pipefusion_call_bytes(shape, layout, call, stages - 1, warm, sends_back=call.image_tokens // p)
-    layers = (stop - start) * branches
+    forwards = forwards_per_rank(layout, call)  # messages per collective: batched branches share them
+    layers = (stop - start) * forwards
     ulysses = axes.seconds("ulysses", first.get("ulysses", 0) / items, 4 * layers)
     ring = max(0.0, axes.seconds("ring", first.get("ring", 0) / items, (layout.ring_degree - 1) * layers)
                - item_attention)
-    send = axes.seconds("pipefusion", first["pipefusion"] / items, branches)
-    tail = axes.seconds("sequence", last.get("sequence", 0), items * branches) + \
+    send = axes.seconds("pipefusion", first["pipefusion"] / items, forwards)
+    tail = axes.seconds("sequence", last.get("sequence", 0), items * forwards) + \
         axes.seconds("cfg", last.get("cfg", 0), 1)
     stage_item = item_compute + ulysses + ring
     if warm:  # stage after stage on the whole latent, each handing its activations on

@@ -24,11 +24,18 @@ class CallShape:
     batch: int = 1
     cfg_branches: int = 2  # 2: true CFG (a negative is run), 1: cfg == 1.0 or a distilled model
     activation_bytes: int = 2  # bf16 / fp16; 4 for float32
+    batch_cfg: bool = True  # both branches of a rank in one forward of batch 2B (the engine's default)
 
 
 def branches_per_rank(layout: ParallelConfig, call: CallShape) -> int:
-    """Forwards one rank runs per model call: its own branch under CFG parallel, else every branch."""
+    """CFG branches one rank computes per model call: its own under CFG parallel, else every branch."""
     return 1 if layout.cfg_degree == 2 else call.cfg_branches
+
+
+def forwards_per_rank(layout: ParallelConfig, call: CallShape) -> int:
+    """Forwards (so messages per collective) one rank runs per model call: its branches batched into one, or
+    one per branch. The bytes are those of its branches either way (one message of 2B rows or two of B)."""
+    return 1 if call.batch_cfg else branches_per_rank(layout, call)
 
 
 def attention_bytes(shape: ModelShape, layout: ParallelConfig, call: CallShape, local: int) -> dict[str, int]:
