@@ -20,7 +20,8 @@ class ModelShape:
     heads: int
     hidden: int
     block_parameters: tuple[int, ...]  # weights of each adapter block, in order
-    block_token_parameters: tuple[int, ...]  # of those, the ones every token passes through (not modulation)
+    block_token_parameters: tuple[int, ...]  # of those, the ones every image (and joint text) token passes through
+    block_text_parameters: tuple[int, ...]  # the ones only the prompt's tokens pass through (text stream, K/V)
     shared_parameters: int  # embedders, final layer: every stage holds them
     text_tokens: int  # prompt tokens carried with the image stream
     joint_text: bool  # prompt tokens attend with the image tokens (Flux, SD3, Qwen-Image)
@@ -45,13 +46,14 @@ class ModelShape:
 
     def block_flops(self, image_tokens: int, block: int) -> float:
         """Multiply-add FLOPs (x2) of one block on the whole latent: every weight touches every token it
-        sees (an upper bound for cross-attention's text-only K/V projections; modulation weights touch the
-        sample once, not its tokens), plus QK^T and PV."""
+        sees (image and joint text tokens; a text stream's weights and cross-attention's K/V only the
+        prompt's; modulation the sample once, so it is left out), plus QK^T and PV."""
         tokens = self.attended_tokens(image_tokens)
         attention = 4.0 * tokens * tokens * self.hidden
         if not self.joint_text:
             attention += 4.0 * image_tokens * self.text_tokens * self.hidden  # cross-attention
-        return 2.0 * self.block_token_parameters[block] * tokens + attention
+        return 2.0 * (self.block_token_parameters[block] * tokens
+                      + self.block_text_parameters[block] * self.text_tokens) + attention
 
     def stages(self, degree: int) -> tuple[tuple[int, int], ...]:
         """PipeFusion's stages over ``degree`` ranks: the blocks ``[start, stop)`` each runs, as the ranks cut them."""
@@ -73,5 +75,6 @@ def shape_of(spec: Any, name: str = "", text_tokens: int = 256) -> ModelShape:
     sizes = block_sizes(spec)
     return ModelShape(name=name or fam.id, family=fam.id, heads=spec.num_attention_heads, hidden=spec.hidden_size,
                       block_parameters=sizes.total, block_token_parameters=sizes.per_token,
+                      block_text_parameters=sizes.per_text_token,
                       shared_parameters=sizes.shared, stage_costs=sizes.costs(), text_tokens=text_tokens,
                       joint_text=fam.joint_text, token_channels=spec.latent_channels * 4)
