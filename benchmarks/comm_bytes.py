@@ -35,7 +35,7 @@ from comfyui_xdit.planning.model_shape import shape_of
 from comfyui_xdit.planning.traffic import CallShape, pipefusion_call_bytes, sequence_call_bytes
 from comfyui_xdit.request import GenerationRequest, ModelRef
 
-from bar_plot import bar_plot  # beside this script (python puts a script's folder first on the path)
+from plots import bar_plot  # beside this script (python puts a script's folder first on the path)
 
 NARROW = FluxSpec(num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=24,
                   joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True)

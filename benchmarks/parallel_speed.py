@@ -28,7 +28,7 @@ from comfyui_xdit.parallel.launch import run_ranks, stop_helper_processes
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 
-from bar_plot import bar_plot  # beside this script (python puts a script's folder first on the path)
+from plots import bar_plot  # beside this script (python puts a script's folder first on the path)
 
 HEAVY_FLUX = FluxSpec(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=8,
                       joint_attention_dim=512, pooled_projection_dim=128, guidance_embeds=True)

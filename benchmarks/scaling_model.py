@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from dataclasses import dataclass
 
 from comfyui_xdit.planning.full_size import FULL_SIZE
@@ -23,7 +22,8 @@ from comfyui_xdit.planning.model_shape import ModelShape, shape_of
 from comfyui_xdit.planning.planner import PlanRequest, plan_layouts
 from comfyui_xdit.planning.traffic import CallShape
 
-logger = logging.getLogger(__name__)
+from plots import pyplot  # beside this script (python puts a script's folder first on the path)
+
 STEPS = 28
 TOKENS = {1024: 4096, 4096: 65536}  # Flux packed tokens at that many px a side
 
@@ -107,12 +107,8 @@ def main() -> None:
 
 
 def _plot(grid: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed (pip install -e '.[bench]'); no plot written")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for intra in ("NVLink", "PCIe"):

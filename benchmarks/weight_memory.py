@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from dataclasses import asdict, dataclass
 
 from comfyui_xdit.models.block_sizes import block_sizes
 from comfyui_xdit.models.flux_checkpoint import FluxSpec
 from comfyui_xdit.planning.full_size import FULL_SIZE
 
-logger = logging.getLogger(__name__)
+from plots import pyplot  # beside this script (python puts a script's folder first on the path)
+
 GIB = 1024 ** 3
 MODELS = {"flux-dev": "Flux-dev", "wan2.1-t2v-14b": "Wan 2.1 14B", "qwen-image": "Qwen-Image"}
 BYTES_PER_PARAM = {"bf16": 2, "fp8": 1}
@@ -177,12 +177,8 @@ def main() -> None:
 
 
 def _plot(rows: list[Row], path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed (pip install -e '.[bench]'); no plot written")
+    plt = pyplot()
+    if plt is None:
         return
     models = list(dict.fromkeys(r.model for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.6), sharey=True)

@@ -21,9 +21,9 @@ from comfyui_xdit_workers import ModelMissing, PoolSettings, Timeouts, WorkerLos
 from comfyui_xdit_workers.settings import HOST_NO_LOCAL_WEIGHTS_ENV
 from comfyui_xdit_workers.topology import group_hosts
 
+from local_cluster import token_cluster
+
 TINY = ModelRef("tiny:flux")
-FAST_HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_timeout_ms": 500,
-               "health_check_failure_threshold": 3}
 
 
 def request(steps: int, seed: int = 0, parallel: ParallelConfig = ParallelConfig(),
@@ -35,33 +35,13 @@ def request(steps: int, seed: int = 0, parallel: ParallelConfig = ParallelConfig
 
 @pytest.fixture(scope="module")
 def cluster_pool():
-    import ray
-    from ray._raylet import Config
-    from ray.cluster_utils import Cluster
-
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"  # the token in ~/.ray; the pool refuses clusters without one
-    Config.initialize("")  # this process re-reads the mode, as `ray.init` does when it turns token auth on
-    cluster, pool = None, None
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                                "_system_config": FAST_HEALTH})
-        hosts = [cluster.add_node(num_cpus=2, env_vars={HOST_NO_LOCAL_WEIGHTS_ENV: "1"}) for _ in range(2)]
-        cluster.wait_for_nodes()
+    with token_cluster(2, env_vars={HOST_NO_LOCAL_WEIGHTS_ENV: "1"}) as (cluster, hosts):
         pool = XDiTPool(PoolSettings(address=cluster.address,  # our code travels in the runtime env
-                                     timeouts=Timeouts(start_s=60, step_s=60, rpc_s=20))).start()
-        yield cluster, pool, hosts
-    finally:
-        if pool is not None:
+                                     timeouts=Timeouts(start_s=60, step_s=60, rpc_s=20)))
+        try:
+            yield cluster, pool.start(), hosts
+        finally:
             pool.shutdown()
-        ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
-        Config.initialize("")
 
 
 def test_ulysses_groups_stay_on_a_host_pipefusion_groups_cross(cluster_pool) -> None:

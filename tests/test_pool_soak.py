@@ -26,6 +26,8 @@ from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit_workers import JobState, PoolError, PoolSettings, Timeouts, XDiTPool
 
+from local_cluster import token_cluster
+
 TINY = ModelRef("tiny:flux")
 STALL_S = 15.0
 LAYOUTS = [ParallelConfig(), ParallelConfig(ulysses_degree=2), ParallelConfig(ring_degree=2),
@@ -34,8 +36,7 @@ LAYOUTS = [ParallelConfig(), ParallelConfig(ulysses_degree=2), ParallelConfig(ri
            ParallelConfig(pipefusion_degree=2, ulysses_degree=2, warmup_steps=64)]
 SAMPLERS = ["euler", "dpmpp_2m", "euler_ancestral", "heun"]
 FAULTS_SHORT = {2: "kill", 5: "stop"}
-FAST_HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_timeout_ms": 500,
-               "health_check_failure_threshold": 3}
+
 
 
 @dataclasses.dataclass
@@ -86,33 +87,13 @@ def inject(fault: str, pool: XDiTPool, cluster, rng: random.Random, hosts: list)
 
 @pytest.fixture(scope="module")
 def soak_cluster():
-    import ray
-    from ray._raylet import Config
-    from ray.cluster_utils import Cluster
-
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"  # the token in ~/.ray; the pool refuses clusters without one
-    Config.initialize("")  # this process re-reads the mode, as `ray.init` does when it turns token auth on
-    cluster, pool = None, None
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                                "_system_config": FAST_HEALTH})
-        hosts = [cluster.add_node(num_cpus=2) for _ in range(2)]
-        cluster.wait_for_nodes()
+    with token_cluster(2) as (cluster, hosts):
         pool = XDiTPool(PoolSettings(address=cluster.address, timeouts=Timeouts(
-            start_s=90, step_s=90, rpc_s=30, stall_s=STALL_S, heartbeat_s=1.0))).start()
-        yield cluster, pool, hosts
-    finally:
-        if pool is not None:
+            start_s=90, step_s=90, rpc_s=30, stall_s=STALL_S, heartbeat_s=1.0)))
+        try:
+            yield cluster, pool.start(), hosts
+        finally:
             pool.shutdown()
-        ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
-        Config.initialize("")
 
 
 def soak(cluster, pool: XDiTPool, hosts: list, count: int, faults: dict[int, str], seed: int) -> list[Outcome]:

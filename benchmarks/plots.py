@@ -1,23 +1,31 @@
-"""One grouped bar chart as a PNG, for the benchmarks' tables (matplotlib from the ``bench`` extra;
-without it the table and JSON are still written and a warning says why there is no plot)."""
+"""The benchmarks' plots: matplotlib from the ``bench`` extra (without it the table and JSON are still
+written and a warning says why there is no plot), and one grouped bar chart as a PNG."""
 
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
 
-def bar_plot(path: str, title: str, groups: Sequence[str], series: Mapping[str, Sequence[float]], ylabel: str,
-             log: bool = False) -> None:
-    """Bars of each ``series`` (name -> one value per group) side by side over ``groups``."""
+def pyplot() -> Optional[Any]:
+    """``matplotlib.pyplot`` drawing to files, or None (with a warning) where matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         logger.warning("matplotlib is not installed (pip install -e '.[bench]'); no plot written")
+        return None
+    return plt
+
+
+def bar_plot(path: str, title: str, groups: Sequence[str], series: Mapping[str, Sequence[float]], ylabel: str,
+             log: bool = False) -> None:
+    """Bars of each ``series`` (name -> one value per group) side by side over ``groups``."""
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(len(series), 1)
