@@ -13,6 +13,7 @@ import os
 import socket
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch
@@ -42,6 +43,7 @@ class RankWorker:
     """One rank: device, process-group membership, a cache of loaded models and the engine."""
 
     def __init__(self, models_per_rank: int = 2) -> None:
+        self.store: Any = None  # rank 0's listening rendezvous store, between open_rendezvous and join_world
         self.setup_info: Optional[RankSetup] = None
         self.device: Optional[torch.device] = None
         self.model_key: Optional[tuple] = None  # ModelRef.identity + the stage's blocks + the shard group
@@ -91,21 +93,29 @@ class RankWorker:
         logger.info("rank %d/%d on %s", info.rank, info.world_size, self.device)
         return str(self.device)
 
-    def free_port(self) -> tuple[str, int]:
-        """Rank 0's rendezvous endpoint: this node's address and a port free right now."""
+    def open_rendezvous(self, timeout_s: float) -> tuple[str, int]:
+        """Rank 0: listen for the world's rendezvous now, on a port the OS picks (binding it here, not
+        probing a free one for later, so no other process can take it in between); its address for the others."""
         import ray
+        import torch.distributed as dist
 
-        host = ray.util.get_node_ip_address()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            return host, int(sock.getsockname()[1])
+        info = self._info()
+        self.store = dist.TCPStore(ray.util.get_node_ip_address(), 0, info.world_size, is_master=True,
+                                   timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        return ray.util.get_node_ip_address(), int(self.store.port)
 
     def join_world(self, master_addr: str, master_port: int, timeout_s: float,
                    store_file: Optional[str] = None) -> None:
         info = self._info()
         backend = "nccl" if info.device_kind == "cuda" else "gloo"
+        store, self.store = self.store, None  # rank 0 listens since open_rendezvous; the others connect to it
+        if store_file is None and store is None and info.world_size > 1:
+            import torch.distributed as dist
+
+            store = dist.TCPStore(master_addr, master_port, info.world_size, is_master=False,
+                                  timeout=timedelta(seconds=timeout_s))
         self.nccl_rules = engine_bridge.init_world(info.rank, info.world_size, master_addr, master_port, backend,
-                                                   timeout_s, store_file)
+                                                   timeout_s, store_file, store)
 
     def leave_world(self) -> None:
         self.engine, self.engine_key = None, None

@@ -14,14 +14,15 @@ from comfyui_xdit.parallel_config import ParallelConfig
 
 
 def init_world(rank: int, world_size: int, master_addr: str, master_port: int, backend: str,
-               timeout_s: float, store_file: Optional[str] = None) -> Any:
-    """Join the world of ``world_size`` ranks (nothing to do for one rank); ``store_file``: see init_distributed.
+               timeout_s: float, store_file: Optional[str] = None, store: Any = None) -> Any:
+    """Join the world of ``world_size`` ranks (nothing to do for one rank); ``store_file`` and ``store`` (rank
+    0's listening TCP store): see init_distributed.
     A gloo world obeys NCCL's rules when ``COMFYUI_XDIT_NCCL_SEMANTICS=1`` (the tests); the returned
     handle goes back to ``leave_world``."""
     if world_size == 1:
         return None
     init_distributed(rank, world_size, master_addr, master_port, backend=backend, timeout=timeout_s,
-                     store_file=store_file)
+                     store_file=store_file, store=store)
     return install(from_env(), timeout_s) if backend == "gloo" else None
 
 

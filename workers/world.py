@@ -169,7 +169,8 @@ class World:
             addr, port = "127.0.0.1", 0
             store_file: Optional[str] = os.path.join(tempfile.gettempdir(), f"xdit-world-{uuid.uuid4().hex}")
         else:
-            addr, port = self.call_one(0, "free_port", timeout_s=self.settings.timeouts.rpc_s)
+            addr, port = self.call_one(0, "open_rendezvous", self.settings.timeouts.rendezvous_s,
+                                       timeout_s=self.settings.timeouts.rpc_s)
             store_file = None
         self.call("join_world", addr, port, self.settings.timeouts.rendezvous_s, store_file,
                   timeout_s=self.settings.timeouts.rendezvous_s + self.settings.timeouts.rpc_s)

@@ -28,12 +28,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str = "gloo",
-                     timeout: float = DEFAULT_TIMEOUT_S, store_file: Optional[str] = None) -> None:
+                     timeout: float = DEFAULT_TIMEOUT_S, store_file: Optional[str] = None,
+                     store: Optional[dist.Store] = None) -> None:
     """Join the world as ``rank``; every collective then fails after ``timeout`` seconds, never hangs.
 
     The rendezvous is rank 0's TCP store at ``master_addr:master_port``, which listens on every
     interface (torch offers no bind address). When all ranks share one machine, pass ``store_file``
-    (a path that does not exist yet) to meet through a file instead and open no such socket.
+    (a path that does not exist yet) to meet through a file instead and open no such socket. ``store``: rank
+    0's TCP store, already listening at ``master_addr:master_port`` (the pool opens it first, on a port the
+    OS chose, so no other process can take the port between choosing and listening).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
@@ -42,8 +45,12 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised in this process; call shutdown_distributed first")
     init_method = f"file://{store_file}" if store_file is not None else f"tcp://{master_addr}:{master_port}"
-    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout))
+    if store is not None:
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout))
+    else:
+        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout))
     logger.info("rank %d/%d joined %s world at %s", rank, world_size, backend, init_method)
 
 
