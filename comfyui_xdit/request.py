@@ -130,10 +130,13 @@ class GenerationRequest:
     end_step: Optional[int] = None
     add_noise: bool = True
     leftover_noise: bool = False
-    # resume.py: ``checkpoints`` asks the sequence / CFG loop for a Checkpoint with every step event, ``resume``
+    # resume.py: ``checkpoints`` asks the loop for a Checkpoint with every step event, ``resume``
     # continues a run from one (the pool's retry after a lost worker), equal to the uninterrupted run
     checkpoints: bool = False
     resume: Optional[Checkpoint] = None
+    # PipeFusion: the checkpoints hold every rank's stale K/V (exact resume); False: they hold the tokens and the
+    # history only, and a resumed run re-warms (the pool's choice when the K/V is too big to keep)
+    checkpoint_kv: bool = True
 
     def __post_init__(self) -> None:
         if self.sigmas is not None:

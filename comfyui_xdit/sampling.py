@@ -77,6 +77,7 @@ class SamplingPlan:
     timestep_sigmas: Optional[torch.Tensor] = None  # (calls,) see model_sigmas; None: the call sigmas themselves
     checkpoints: bool = False  # emit a Checkpoint with every step event (resume.py)
     resume: Optional[Checkpoint] = None  # start after its calls, from its tokens, history and noise state
+    checkpoint_kv: bool = True  # PipeFusion's checkpoints hold its ranks' K/V (resume.py)
     batch_cfg: bool = True  # both CFG branches in one forward where ComfyUI batches them (cond_batch.py)
 
     def unpack(self, adapter: Adapter, tokens: torch.Tensor) -> torch.Tensor:
@@ -242,7 +243,8 @@ def prepare_plan(adapter: Adapter, request: GenerationRequest) -> SamplingPlan:
                         noise_seed=request.seed if request.sampler in NOISE_SAMPLERS | BROWNIAN_SAMPLERS else None,
                         latent_shape=tuple(latent.shape), brownian_span=sigmas if brownian else None,
                         brownian_on_device=request.sampler in DEVICE_TREE_SAMPLERS, prediction=prediction,
-                        checkpoints=request.checkpoints, resume=request.resume)
+                        checkpoints=request.checkpoints, resume=request.resume,
+                        checkpoint_kv=request.checkpoint_kv)
 
 
 def _negative_branch(request: GenerationRequest) -> Optional[Conditioning]:

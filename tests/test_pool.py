@@ -172,6 +172,25 @@ def test_killed_worker_is_retried_once_on_a_rebuilt_world_and_resumes(pool: XDiT
     assert job.checkpoint is not None and job.checkpoint.calls == 60
 
 
+def test_killed_pipefusion_stage_resumes_from_every_ranks_parts(pool: XDiTPool) -> None:
+    """A PipeFusion job whose last stage is SIGKILLed after warm-up resumes on the rebuilt world from the
+    checkpoint put together from both ranks' parts (the stale K/V included) and gives the uninterrupted
+    run's latent, bit for bit."""
+    parallel = ParallelConfig(pipefusion_degree=2, num_patches=2, warmup_steps=1)
+    req = dataclasses.replace(request(steps=40, seed=9, size=8, parallel=parallel), sampler="dpmpp_2m")
+    whole = pool.submit(req).result(timeout=180)
+    pid = rank_pids(pool)[1]
+    job = pool.submit(req)
+    events = job.events(timeout=120)
+    steps = [next(events).step for _ in range(3)]
+    os.kill(pid, signal.SIGKILL)
+    steps += [event.step for event in events]
+    assert torch.equal(job.result(timeout=180), whole)
+    assert job.attempts == 2 and rank_pids(pool)[1] != pid
+    assert steps.count(1) == 1 and steps[-1] == 40 and set(steps) == set(range(1, 41)), steps
+    assert job.checkpoint is not None and sorted(job.checkpoint.kv) == [0, 1]
+
+
 def test_killed_worker_without_retry_fails_naming_rank_and_host(pool: XDiTPool) -> None:
     no_retry = XDiTPool(PoolSettings(retry_once=False, timeouts=SETTINGS.timeouts))  # shares the runtime
     try:

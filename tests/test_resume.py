@@ -1,6 +1,7 @@
 """Resume (issue 14.1): a run continued from the checkpoint of any finished step gives the latent of the
 uninterrupted run, bit for bit, for one-call, multistep, ancestral (ordered noise), multi-call, SDE
-(Brownian tree) and UniPC samplers, serially and under sequence x CFG parallel; what cannot resume says so."""
+(Brownian tree) and UniPC samplers, serially and under sequence x CFG parallel; what cannot resume says so.
+PipeFusion's resume is in test_resume_pipefusion.py."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def _resume_on_ranks(rank: int, world_size: int, parallel: ParallelConfig) -> tu
 
 def _resume_from(rank: int, world_size: int, parallel: ParallelConfig, checkpoint: Checkpoint) -> torch.Tensor:
     engine = create_engine(load_model(MODEL), parallel, rank, Mesh.build(parallel, rank))
-    return engine.generate(request("euler", parallel, resume=checkpoint))
+    batch = torch.zeros(parallel.data_degree, 16, 8, 8)
+    return engine.generate(request("euler", parallel, latent=batch, resume=checkpoint))
 
 
 def test_sequence_and_cfg_parallel_resume_equal_serial(adapter) -> None:
@@ -91,9 +93,9 @@ def test_what_cannot_resume_says_so(adapter) -> None:
         engine.generate(replace(other, resume=events[0].checkpoint))
     with pytest.raises(ValueError, match="does not fit this run"):
         engine.generate(request("euler", resume=Checkpoint(STEPS, events[0].checkpoint.x, None)))
-    pipefusion = ParallelConfig(pipefusion_degree=2, warmup_steps=1)
+    data = ParallelConfig(data_degree=2)  # PipeFusion resumes (test_resume_pipefusion.py); data groups do not
     try:
-        with pytest.raises(Exception, match="resuming is available for the sequence / CFG parallel loop only"):
-            run_ranks(2, _resume_from, (pipefusion, events[0].checkpoint))
+        with pytest.raises(Exception, match="resuming is available without data parallel only"):
+            run_ranks(2, _resume_from, (data, events[0].checkpoint))
     finally:
         stop_helper_processes()

@@ -232,10 +232,16 @@ class RankWorker:
             self.step = step  # every rank's progress, for the driver's stall detection
             return first and bool(ray.get(channel.should_stop.remote(job, step), timeout=60.0))
 
+        def on_part(part: Any) -> None:  # PipeFusion: this rank's share of a step's checkpoint, fire and forget
+            channel.post.remote(job, part)
+
+        # every PipeFusion rank holds some of a step's state (resume.py); the other loops report it from rank 0
+        parts = {"on_part": on_part} if request.parallel.pipefusion_degree > 1 and request.checkpoints else {}
         self.busy, self.step = True, None
         try:
             # Rank 0 asks the channel; the engine makes every rank agree on the step (a tiny all-reduce).
-            latent = self.engine.generate(request, on_step=on_step if first else None, should_stop=should_stop)
+            latent = self.engine.generate(request, on_step=on_step if first else None, should_stop=should_stop,
+                                          **parts)
         except Exception:
             logger.exception("rank %d failed in generate", info.rank)
             raise

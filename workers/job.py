@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from comfyui_xdit.request import GenerationRequest
-from comfyui_xdit.resume import Checkpoint
+from comfyui_xdit.resume import Checkpoint, CheckpointPart, CheckpointParts
 from comfyui_xdit.sampling import GenerationCancelled, StepEvent
 
 _END = object()
@@ -32,9 +32,9 @@ class Job:
     ``events()`` yields ``StepEvent``s (step, total, preview latent or None) until the job ends;
     ``result()`` returns the LATENT (B, C, H, W) or raises the job's error (``WorkerError`` naming
     rank and host, ``GenerationCancelled``, ...); ``cancel()`` stops every rank at the same step.
-    When a rank dies and the pool retries the job once, a sequence / CFG parallel (or serial) job resumes
-    from the last step whose checkpoint arrived (``checkpoint``; the events go on from there, the latent is
-    the uninterrupted run's); a PipeFusion or data-parallel job starts again from step 1.
+    When a rank dies and the pool retries the job once, the job resumes from the last step whose checkpoint
+    arrived (``checkpoint``; PipeFusion's is put together from every rank's part; the events go on from
+    there, the latent is the uninterrupted run's); a data-parallel job starts again from step 1.
     """
 
     def __init__(self, job_id: str, request: GenerationRequest, default_timeout_s: float,
@@ -42,6 +42,7 @@ class Job:
         self.id = job_id
         self.request = request
         self.checkpoint: Optional[Checkpoint] = None  # the last finished step's state, for a resumed retry
+        self._parts = CheckpointParts()  # PipeFusion's checkpoints arrive in parts, one per rank
         self._default_timeout_s = default_timeout_s
         self._on_cancel = on_cancel
         self._lock = threading.Lock()
@@ -125,7 +126,12 @@ class Job:
             self.started_at = time.monotonic()
             return True
 
-    def _post(self, event: StepEvent) -> None:
+    def _post(self, event: "StepEvent | CheckpointPart") -> None:
+        if isinstance(event, CheckpointPart):  # a PipeFusion rank's share of a step's state
+            whole = self._parts.add(event)
+            if whole is not None:
+                self.checkpoint = whole
+            return
         if event.checkpoint is not None:  # kept for a retry; callers of events() get the step and preview
             self.checkpoint = event.checkpoint
             event = dataclasses.replace(event, checkpoint=None)

@@ -21,7 +21,9 @@ import torch
 from comfyui_xdit.models.fp8_weights import picklable
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.planning.hardware import Link
+from comfyui_xdit.model_loader import model_spec
 from comfyui_xdit.request import GenerationRequest
+from comfyui_xdit.resume import pipefusion_kv_bytes
 from comfyui_xdit.sampling import GenerationCancelled, OnStep
 
 from .channel import JobChannel
@@ -37,6 +39,8 @@ from .link_probe import LinkProbe, probe_hosts
 from .world import World, cluster_devices, node_addresses
 
 logger = logging.getLogger(__name__)
+
+KV_CHECKPOINT_LIMIT = 1 << 30  # bytes of PipeFusion K/V a job's checkpoints may carry to the driver each step
 
 
 HELD_MODELS = 2  # ComfyUI MODELs (and LoRA sets) whose weights a pool keeps for re-shipping
@@ -395,13 +399,23 @@ def _most_recent(resident: tuple, key: tuple, keep: int) -> tuple:
     return (tuple(k for k in resident if k != key) + (key,))[-keep:]
 
 
-def resumable(job: Job) -> GenerationRequest:
-    """The request an attempt runs: asking for a checkpoint with every step where the loop can resume (serial,
-    sequence / CFG parallel), and resumed from the job's last one on a retry (the same latent as one run)."""
+def resumable(job: Job, kv_limit_bytes: int = KV_CHECKPOINT_LIMIT) -> GenerationRequest:
+    """The request an attempt runs: asking for a checkpoint with every step where the loop can resume (all
+    but data parallel), and resumed from the job's last one on a retry (the same latent as one run).
+    PipeFusion's checkpoints carry its ranks' stale K/V up to ``kv_limit_bytes``; beyond, a resumed run
+    re-warms one step over the whole latent (resume.py)."""
     request = job.request
-    if request.parallel.pipefusion_degree > 1 or request.parallel.data_degree > 1:
-        return request  # their state is spread over stages / groups: a retry starts again
+    if request.parallel.data_degree > 1:
+        return request  # each group's rows are spread over its ranks: a retry starts again
     request = dataclasses.replace(request, checkpoints=True)
+    if request.parallel.pipefusion_degree > 1:
+        kv = pipefusion_kv_bytes(model_spec(request.model), tuple(request.latent.shape),
+                                 2 if request.negative is not None and request.cfg != 1.0 else 1,
+                                 request.model.torch_dtype.itemsize)
+        if kv > kv_limit_bytes:
+            logger.info("job %s: PipeFusion checkpoints without the %.1f GiB of stale K/V (over %.1f GiB): a retry "
+                        "re-warms one step", job.id, kv / 2**30, kv_limit_bytes / 2**30)
+            request = dataclasses.replace(request, checkpoint_kv=False)
     if job.checkpoint is not None:
         logger.warning("job %s: resuming after model call %d (the last step whose checkpoint arrived)", job.id,
                        job.checkpoint.calls)

@@ -31,7 +31,7 @@ from .cfg_parallel import branch_velocities
 from .comm import CommCounter, agree_any
 from .data_parallel import batch_rows, gather_rows
 from .mesh import SEQUENCE_AXES, Mesh
-from .pipefusion import PipeFusionLoop
+from .pipefusion import OnPart, PipeFusionLoop
 from .sequence_parallel import SequenceParallelVelocity, SequenceShard
 from .usp_attention import USPAttention
 
@@ -56,10 +56,11 @@ class ParallelEngine:
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest, on_step: Optional[OnStep] = None,
-                 should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
+                 should_stop: Optional[ShouldStop] = None, on_part: Optional[OnPart] = None) -> torch.Tensor:
         """Sample ``request``; returns a LATENT (B, C, H, W) float32 on CPU, identical on every rank.
 
-        ``should_stop`` may be given on any subset of ranks; all ranks stop at the same step.
+        ``should_stop`` may be given on any subset of ranks; all ranks stop at the same step. ``on_part``
+        (every rank's): PipeFusion's per-rank share of each step's checkpoint, when the request asks for them.
         """
         if request.parallel != self.parallel:
             raise ValueError(f"request asks for {request.parallel.describe()} but this engine runs "
@@ -70,33 +71,34 @@ class ParallelEngine:
                                    num_blocks=len(self.adapter.blocks), batch_size=batch)
         if plan.total_calls == 0:  # denoise == 0: ComfyUI hands the input back untouched
             return request.latent.clone()
-        if self.parallel.pipefusion_degree > 1 or self.parallel.data_degree > 1:
-            if plan.resume is not None:  # their state is spread over stages / groups (and PipeFusion's K/V buffers)
-                raise ValueError(f"resuming is available for the sequence / CFG parallel loop only, not for "
+        if self.parallel.data_degree > 1:
+            if plan.resume is not None:  # each group's rows are elsewhere
+                raise ValueError(f"resuming is available without data parallel only, not for "
                                  f"{self.parallel.describe()}; run the request again from its first step")
             plan = replace(plan, checkpoints=False)
         degree = self.parallel.data_degree
         mine = plan if degree == 1 else plan.rows(*batch_rows(batch, degree, self.mesh.coords.data))
-        x = self._run(mine, on_step, should_stop)  # (rows, N, C): this data group's images
+        x = self._run(mine, on_step, should_stop, on_part)  # (rows, N, C): this data group's images
         if self.counter is not None:
             self.counter.begin_step(-1)
         x = gather_rows(x, batch, self.mesh.group(("data",)), degree, self.counter)  # (B, N, C)
         return finish(self.adapter, plan, x)
 
     # ---- the loops ------------------------------------------------------------------------------
-    def _run(self, plan: SamplingPlan, on_step: Optional[OnStep], should_stop: Optional[ShouldStop]) -> torch.Tensor:
+    def _run(self, plan: SamplingPlan, on_step: Optional[OnStep], should_stop: Optional[ShouldStop],
+             on_part: Optional[OnPart] = None) -> torch.Tensor:
         """Dispatch point: one loop per parallel strategy; each installs its own attention backend in the
         adapter's seam (see ``_attention``) and returns the final tokens (B, N, C) on every rank."""
         if self.parallel.pipefusion_degree > 1:
-            return self._run_pipefusion(plan, on_step, should_stop)
+            return self._run_pipefusion(plan, on_step, should_stop, on_part)
         return self._run_sequence(plan, on_step, should_stop)
 
     def _run_pipefusion(self, plan: SamplingPlan, on_step: Optional[OnStep],
-                        should_stop: Optional[ShouldStop]) -> torch.Tensor:
+                        should_stop: Optional[ShouldStop], on_part: Optional[OnPart]) -> torch.Tensor:
         """Blocks in pipeline stages, the latent in patches, ring x ulysses inside each stage. The loop
         installs its stale-K/V backend per item and restores the seam when it returns."""
         loop = PipeFusionLoop(self.adapter, self.parallel, self.mesh, self.counter)
-        return loop.run(plan, on_step, should_stop)
+        return loop.run(plan, on_step, should_stop, on_part)
 
     def _run_sequence(self, plan: SamplingPlan, on_step: Optional[OnStep],
                       should_stop: Optional[ShouldStop]) -> torch.Tensor:

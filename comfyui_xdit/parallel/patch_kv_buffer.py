@@ -108,6 +108,20 @@ class StaleKVAttention:
             return out
         return self.ulysses.gather_heads(out, text_len)  # (B, L + n_local, H, D)
 
+    def snapshot(self) -> tuple[tuple[int, torch.Tensor, torch.Tensor], ...]:
+        """CPU copies of every filled layer's (layer, key, value): (B, N, H/U, D) each, for a checkpoint."""
+        return tuple((layer, b.key.detach().to("cpu", copy=True), b.value.detach().to("cpu", copy=True))
+                     for layer, b in sorted(self.buffers.items()) if b.key is not None and b.value is not None)
+
+    def load(self, saved: tuple[tuple[int, torch.Tensor, torch.Tensor], ...], device: torch.device) -> None:
+        """Refill the buffers from ``snapshot``'s result (a resumed run reads them as the uninterrupted one did)."""
+        for layer, key, value in saved:
+            if key.shape[1] != self.num_tokens:
+                raise ValueError(f"layer {layer}: saved K/V of {key.shape[1]} image tokens for a latent of "
+                                 f"{self.num_tokens}; resume the request the checkpoint came from")
+            buffer = self.buffer(layer)
+            buffer.key, buffer.value = key.to(device), value.to(device)
+
     def nbytes(self) -> int:
         """Memory the buffers hold (both K and V, all layers)."""
         return sum(b.key.numel() * b.key.element_size() * 2 for b in self.buffers.values() if b.key is not None)

@@ -28,7 +28,7 @@ every rank of the group, then sends stage 0 only the tokens its peer reads next 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -38,6 +38,7 @@ from ..inpaint import Inpaint
 from ..noise import AncestralNoise
 from ..models.adapter import Adapter
 from ..parallel_config import ParallelConfig
+from ..resume import Checkpoint, CheckpointPart, capture, restore
 from ..samplers import SamplerState, step_patch
 from ..sampling import (GenerationCancelled, OnStep, SamplingPlan, ShouldStop, StepEvent, apply_cfg, denoised_from,
                         preview_latent)
@@ -45,10 +46,13 @@ from .comm import CommCounter, all_gather_cat
 from .mesh import SEQUENCE_AXES, Mesh
 from .patch_kv_buffer import StaleKVAttention
 from .pipefusion_comm import LaggedStopVote, PipeLinks
-from .pipefusion_schedule import Work, patch_bounds, producer_of_input, spec_stages, split_stages, stage_work
+from .pipefusion_schedule import (Work, patch_bounds, producer_of_input, resumed_work, spec_stages, split_stages,
+                                  stage_work)
 from .sequence_parallel import SequenceShard
 
 logger = logging.getLogger(__name__)
+
+OnPart = Callable[[CheckpointPart], None]
 
 
 def check_pipefusion(parallel: ParallelConfig, num_blocks: int) -> None:
@@ -129,6 +133,8 @@ class PipeFusionLoop:
         self.sequence_group = mesh.group(SEQUENCE_AXES)
         self.shard = SequenceShard(mesh.index(SEQUENCE_AXES), mesh.size(SEQUENCE_AXES))
         self.sends_preview = self.shard.index == 0  # one preview per pipeline, to the rank that reports
+        # the tokens, history and noise of a checkpoint: one copy, from the first last-stage rank
+        self.reports_core = self.links.is_last and self.shard.index == 0 and mesh.coords.cfg == 0
 
     def _branches(self, plan: SamplingPlan) -> list[Conditioning]:
         """The CFG branches this rank's pipeline runs: both without CFG parallel, else its own."""
@@ -166,12 +172,24 @@ class PipeFusionLoop:
 
     @torch.no_grad()
     def run(self, plan: SamplingPlan, on_step: Optional[OnStep] = None,
-            should_stop: Optional[ShouldStop] = None) -> torch.Tensor:
+            should_stop: Optional[ShouldStop] = None, on_part: Optional[OnPart] = None) -> torch.Tensor:
+        """``on_part`` (on every rank) gets this rank's ``CheckpointPart`` after each step when the plan asks
+        for checkpoints; a plan that ``resume``s starts from one put together from them (``resume.py``)."""
         adapter, links, total = self.adapter, self.links, plan.total_calls
         num_tokens, patches = plan.x.shape[1], self.parallel.patches
         warmup = plan.program.calls_before_step(self.parallel.warmup_steps)  # warm-up steps counted in model calls
         bounds = patch_bounds(num_tokens, patches)
         items = list(stage_work(total, warmup, patches))
+        first, rewarm = 0, False
+        if plan.resume is not None:
+            plan.resume.check_fits(plan.x, total)
+            first = plan.resume.calls
+            rewarm = first >= warmup and len(plan.resume.kv or {}) < self.mesh.world_size
+            items = resumed_work(items, first, rewarm)
+            if rewarm:
+                logger.info("rank %d: resuming after call %d without the stale K/V: that step re-warms over the "
+                            "whole latent", self.mesh.rank, first)
+        whole_steps = frozenset(w.step for w in items if w.is_warmup)
         returned = {w: returned_range(w, warmup, bounds, num_tokens, self.shard) for w in items}
         # both branches as one forward of batch 2B where ComfyUI batches them, else one forward each
         forwards = branch_forwards(self._branches(plan), plan.x.shape[0], plan.batch_cfg)
@@ -182,6 +200,8 @@ class PipeFusionLoop:
         x, sampler_state = plan.begin(plan.x.to(adapter.device).clone())
         inpaint = plan.inpaint.to(adapter.device) if plan.inpaint is not None else None
         step_noise = plan.step_noise(adapter.device) if links.is_last else None  # the last stage steps
+        if plan.resume is not None:
+            x, sampler_state = self._restore(plan.resume, backends, step_noise, load_kv=first >= warmup and not rewarm)
         denoised_full = torch.zeros_like(x)
         preview_like = preview_latent(adapter, plan, plan.x).to(adapter.device) if self.sends_preview else None
         returns = _Returns(links, items, returned, patches, preview_like, on_step, total) if links.is_first else None
@@ -196,8 +216,8 @@ class PipeFusionLoop:
                 step = work.step
                 if self.counter is not None and (work.is_warmup or work.patch == 0):
                     self.counter.begin_step(step)
-                if returns is not None and step > 0:
-                    returns.until(producer_of_input(work, warmup), x)
+                if returns is not None and step > first:
+                    returns.until(producer_of_input(work, warmup, whole_steps), x)
                 vote.before_item(index, step, work.is_warmup)  # after the input arrived: see LaggedStopVote
                 start, stop = (0, num_tokens) if work.is_warmup else bounds[work.patch]
                 lo, hi = shard_range(self.shard, start, stop)
@@ -219,6 +239,9 @@ class PipeFusionLoop:
                 if links.is_last:
                     sampler_state = self._step(plan, work, forwards.branches(denoised), x, denoised_full,
                                                sampler_state, start, stop, returned[work], inpaint, step_noise)
+                if on_part is not None and plan.checkpoints and step + 1 < total and \
+                        (work.is_warmup or work.patch == patches - 1):
+                    self._post_part(on_part, plan, step + 1, warmup, backends, x, sampler_state, step_noise)
         except GenerationCancelled:
             if returns is not None:
                 returns.drain(x, work)
@@ -233,6 +256,37 @@ class PipeFusionLoop:
         if self.counter is not None:
             self.counter.begin_step(-1)
         return links.broadcast_from_last(x)
+
+    def _restore(self, checkpoint: Checkpoint, backends: list[StaleKVAttention], step_noise: Optional[Any],
+                 load_kv: bool) -> tuple[torch.Tensor, SamplerState]:
+        """Tokens (every rank: stage 0 reads them, the last stage steps them), the sampler's history and noise
+        (the last stage) and this rank's K/V buffers as they stood at the checkpoint; copies, which the run
+        updates in place."""
+        x, state = restore(checkpoint, self.adapter.device, step_noise)
+        x = x.clone()
+        state = None if state is None else tuple(t.clone() for t in state)
+        if load_kv:
+            assert checkpoint.kv is not None
+            saved = checkpoint.kv[self.mesh.rank]
+            if len(saved) != len(backends):
+                raise ValueError(f"the checkpoint holds K/V of {len(saved)} forwards a step, this run makes "
+                                 f"{len(backends)}; resume with the same CFG batching as the interrupted run")
+            for backend, layers in zip(backends, saved):
+                backend.load(layers, self.adapter.device)
+        return x, state
+
+    def _post_part(self, on_part: OnPart, plan: SamplingPlan, calls: int, warmup: int,
+                   backends: list[StaleKVAttention], x: torch.Tensor, sampler_state: SamplerState,
+                   step_noise: Optional[Any]) -> None:
+        """This rank's share of the state after ``calls`` model calls, right after its last item of that step:
+        its K/V (when the next step reads stale K/V and the plan keeps it), and the core from one rank."""
+        with_kv = plan.checkpoint_kv and calls >= warmup
+        core = capture(calls, x, sampler_state, step_noise) if self.reports_core else None
+        if core is None and not plan.checkpoint_kv:
+            return
+        kv = tuple(backend.snapshot() for backend in backends) if with_kv else None
+        needed = self.mesh.world_size if plan.checkpoint_kv else 1
+        on_part(CheckpointPart(calls=calls, rank=self.mesh.rank, needed=needed, kv=kv, core=core))
 
     def _step(self, plan: SamplingPlan, work: Work, denoised: list[torch.Tensor], x: torch.Tensor,
               denoised_full: torch.Tensor, sampler_state: SamplerState, start: int, stop: int,

@@ -128,15 +128,25 @@ def stage_work(steps: int, warmup_steps: int, num_patches: int) -> Iterator[Work
             yield Work(step, patch)
 
 
-def producer_of_input(work: Work, warmup_steps: int) -> Work:
+def resumed_work(items: Sequence[Work], first_step: int, rewarm: bool) -> list[Work]:
+    """The items of a run resumed before step ``first_step``: those from it on; with ``rewarm`` (the K/V of
+    the steps before is not at hand) that step runs once over the whole latent, refilling every buffer."""
+    later = [work for work in items if work.step >= first_step]
+    if not rewarm or not later or later[0].is_warmup:
+        return later
+    return [Work(first_step, None)] + [work for work in later if work.step > first_step]
+
+
+def producer_of_input(work: Work, warmup_steps: int, whole_steps: frozenset[int] = frozenset()) -> Work:
     """The last-stage item whose sampler update stage 0 needs before it can start ``work``.
 
     Patch ``p`` of step ``i`` starts from patch ``p`` after step ``i - 1``; the step after the warm-up
-    starts from the whole latent the last warm-up step wrote.
+    (or after a re-warm step of a resumed run, in ``whole_steps``) starts from the whole latent it wrote.
     """
     assert work.step > 0, "step 0 starts from the initial noise"
     previous = work.step - 1
-    return Work(previous, None if previous < warmup_steps else work.patch)
+    whole = previous < warmup_steps or previous in whole_steps
+    return Work(previous, None if whole else work.patch)
 
 
 def simulate(num_stages: int, steps: int, warmup_steps: int, num_patches: int,
