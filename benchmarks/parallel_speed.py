@@ -2,11 +2,13 @@
 
 Runs on local CPU ranks (gloo, one torch thread per rank) through ``comfyui_xdit.parallel.launch``, so
 one rank against two is one core against two. ``--model heavy-flux`` (the default) is a compute-heavy
-random Flux (1024 wide, 8 heads of 128, 2 double + 4 single blocks: Flux-dev's 1:2) at 1024-4096
+random Flux (1024 wide, 8 heads of 128, ``--blocks`` 4 double + 8 single: Flux-dev's 1:2) at 1024-4096
 tokens, where compute, not overhead, decides; ``tiny:flux`` shows overheads instead. Target on 2
-cores: >= 1.6x for CFG and PipeFusion.
+cores: >= 1.6x for CFG and PipeFusion. PipeFusion runs twice: stages cut by the blocks' FLOPs (the
+default) and by their times measured here first (``parallel/block_timing.py``; on CPU a double block
+takes ~1.5x a single one of the same FLOPs).
 
-    python benchmarks/parallel_speed.py [--model heavy-flux|tiny:NAME] [--size 512] [--steps 4]
+    python benchmarks/parallel_speed.py [--model heavy-flux|tiny:NAME] [--size 512] [--steps 4] [--blocks 4 8]
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from dataclasses import replace
 import torch
 
 from comfyui_xdit.conditioning import Conditioning
-from comfyui_xdit.model_loader import load_model, tiny_conditioning
+from comfyui_xdit.model_loader import load_model, model_spec, tiny_conditioning
+from comfyui_xdit.parallel.block_timing import block_seconds, measured_split
+from comfyui_xdit.parallel.pipefusion_schedule import spec_stages
 from comfyui_xdit.models.families import write_random_model
 from comfyui_xdit.models.flux_checkpoint import FluxSpec
 from comfyui_xdit.parallel.launch import run_ranks, stop_helper_processes
@@ -30,14 +34,18 @@ from comfyui_xdit.request import GenerationRequest, ModelRef
 
 from plots import bar_plot  # beside this script (python puts a script's folder first on the path)
 
-HEAVY_FLUX = FluxSpec(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=8,
-                      joint_attention_dim=512, pooled_projection_dim=128, guidance_embeds=True)
+def heavy_flux(double: int, single: int) -> FluxSpec:
+    return FluxSpec(num_layers=double, num_single_layers=single, attention_head_dim=128, num_attention_heads=8,
+                    joint_attention_dim=512, pooled_projection_dim=128, guidance_embeds=True)
+
+
+PIPEFUSION = ParallelConfig(pipefusion_degree=2, num_patches=4, warmup_steps=1)
 CONFIGS = {
     "serial": ParallelConfig(),
     "ulysses 2": ParallelConfig(ulysses_degree=2),
     "ring 2": ParallelConfig(ring_degree=2),
     "cfg 2": ParallelConfig(cfg_degree=2),
-    "pipefusion 2 (M=4)": ParallelConfig(pipefusion_degree=2, num_patches=4, warmup_steps=1),
+    "pipefusion 2 (M=4)": PIPEFUSION,
 }
 
 
@@ -72,15 +80,18 @@ def main() -> None:
     parser.add_argument("--model", default="heavy-flux")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--blocks", type=int, nargs=2, default=(4, 8), metavar=("DOUBLE", "SINGLE"),
+                        help="heavy-flux's double and single blocks")
     parser.add_argument("--json", default="parallel_speed.json")
     parser.add_argument("--plot", default="parallel_speed.png")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "heavy-flux":
             path = os.path.join(tmp, "heavy-flux.safetensors")
-            write_random_model(path, HEAVY_FLUX)
+            spec = heavy_flux(*args.blocks)
+            write_random_model(path, spec)
             ref = ModelRef(path)
-            positive, negative = random_conditioning(HEAVY_FLUX, 1), random_conditioning(HEAVY_FLUX, 2)
+            positive, negative = random_conditioning(spec, 1), random_conditioning(spec, 2)
         else:
             ref = ModelRef(args.model)
             positive, negative = tiny_conditioning(ref, seed=0)
@@ -90,9 +101,14 @@ def main() -> None:
 def run(args: argparse.Namespace, ref: ModelRef, positive: Conditioning, negative: Conditioning) -> None:
     base = GenerationRequest(model=ref, latent=torch.zeros(1, 16, args.size // 8, args.size // 8),
                              positive=positive, negative=negative, cfg=3.0, steps=args.steps)
+    torch.set_num_threads(1)  # as one rank
+    seconds = block_seconds(load_model(ref), base)
+    split = measured_split(seconds, PIPEFUSION.pipefusion_degree)
+    configs = {**CONFIGS, "pipefusion 2 timed cut": replace(PIPEFUSION, stage_split=split)}
+    flop_cut = spec_stages(model_spec(ref), PIPEFUSION.pipefusion_degree)
     rows = []
     try:
-        for name, parallel in CONFIGS.items():
+        for name, parallel in configs.items():
             request = replace(base, parallel=parallel)
             seconds, sent = run_ranks(parallel.world_size, timed_rank, (request,))
             rows.append((name, parallel.world_size, seconds, sent))
@@ -106,9 +122,14 @@ def run(args: argparse.Namespace, ref: ModelRef, positive: Conditioning, negativ
              [n for n, *_ in rows], {"speed-up": [serial / s for _, _, s, _ in rows]}, "x serial")
     print(f"{args.model}, {args.size}x{args.size} px ({(args.size // 16) ** 2} tokens), {args.steps} steps, cfg 3.0, "
           f"CPU gloo ranks, one torch thread each")
-    print(f"{'config':<22}{'ranks':>6}{'s/step':>10}{'speed-up':>10}{'rank0 KiB/step':>16}")
-    for name, world, seconds, sent in rows:
-        print(f"{name:<22}{world:>6}{seconds:>10.3f}{serial / seconds:>10.2f}{sent / 1024:>16.1f}")
+    print("block ms (one thread, whole latent): " + " ".join(f"{1000 * s:.0f}" for s in seconds))
+    for name, bounds in (("FLOP cut", flop_cut), ("timed cut", tuple(zip((0,) + split, split + (len(seconds),))))):
+        stage_s = [sum(seconds[a:b]) for a, b in bounds]
+        print(f"{name}: stages {bounds}, slowest stage {max(stage_s) / sum(seconds):.0%} of the block time "
+              f"(bound {sum(seconds) / max(stage_s):.2f}x)")
+    print(f"{'config':<26}{'ranks':>6}{'s/step':>10}{'speed-up':>10}{'rank0 KiB/step':>16}")
+    for name, world, seconds_per_step, sent in rows:
+        print(f"{name:<26}{world:>6}{seconds_per_step:>10.3f}{serial / seconds_per_step:>10.2f}{sent / 1024:>16.1f}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ COND_KEYS_DOC = ("--cond FILE.safetensors holds: 'positive_context' (1, L, width
                  "when cfg != 1), optional 'guidance' (Flux-dev: a 1-element tensor, default 3.5); HunyuanDiT: 'positive_context' "
                  "(1, >= 77, 1024) CLIP tokens and 'positive_second_context' (1, >= 256, 2048) mT5-XL tokens, with "
                  "optional masks 'positive_context_mask' / 'positive_second_context_mask' (1, L) (and the negative_* "
-                 "ones)")
+                 "ones); Wan image-to-video: optional 'positive_concat_latent' (1, 16, T, H, W) start-frame latent and "
+                 "'positive_concat_mask' (1, 1, T, H, W), as WanImageToVideo sets them, and 'positive_clip_vision' "
+                 "(1, 257, 1280) CLIP vision penultimate tokens (and the negative_* ones)")
 
 
 def default_dtype() -> str:
@@ -70,7 +72,8 @@ def read_cond_file(path: str) -> tuple[Conditioning, Optional[Conditioning]]:
 
 def _second_stream(tensors: dict[str, torch.Tensor], side: str) -> dict[str, Optional[torch.Tensor]]:
     """A --cond file's masks and second text stream (HunyuanDiT's mT5) for ``side`` (positive / negative)."""
-    return {name: tensors.get(f"{side}_{name}") for name in ("context_mask", "second_context", "second_context_mask")}
+    return {name: tensors.get(f"{side}_{name}") for name in ("context_mask", "second_context", "second_context_mask",
+                                                             "concat_latent", "concat_mask", "clip_vision")}
 
 
 def build_request(args: argparse.Namespace) -> GenerationRequest:
@@ -105,7 +108,7 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
     parallel = ParallelConfig(data_degree=args.data_degree, cfg_degree=2 if args.cfg_parallel else 1,
                               pipefusion_degree=args.pipefusion, ring_degree=args.ring, ulysses_degree=args.ulysses,
                               num_patches=args.patches, warmup_steps=args.warmup_steps,
-                              shard_weights=args.shard_weights)
+                              shard_weights=args.shard_weights, stage_split=tuple(args.stage_split or ()))
     return GenerationRequest(model=model, latent=latent, positive=positive,
                              negative=negative if args.cfg != 1.0 else None, seed=args.seed, steps=args.steps,
                              cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, denoise=args.denoise,
@@ -194,6 +197,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     par.add_argument("--cfg-parallel", action="store_true", help="run the two CFG branches on two rank groups")
     par.add_argument("--data-degree", type=int, default=1,
                      help="batch groups: the images of the batch split over this many rank groups")
+    par.add_argument("--stage-split", type=int, nargs="+", default=None, metavar="BLOCK",
+                     help="the first block of each PipeFusion stage after the first (default: stages balanced by "
+                          "the blocks' FLOPs); benchmarks/parallel_speed.py shows a cut by measured block times")
     par.add_argument("--shard-weights", action="store_true",
                      help="keep 1/N of every block's weights on each of the N ranks of a PipeFusion stage (FSDP2), "
                           "gathering a block's weights just before it runs; needs more than one rank per stage")

@@ -16,6 +16,9 @@ class ParallelConfig:
     ``shard_weights`` keeps 1/N of every transformer block on each of the N ranks that run it (FSDP2:
     a block's weights are gathered just before it runs, ``parallel/weight_sharding.py``); it needs N > 1,
     i.e. more than one rank per PipeFusion stage.
+    ``stage_split``: the first block of every PipeFusion stage after the first (e.g. ``(3,)``: blocks 0-2, then 3
+    on), to cut the stages by measured block times (``parallel/block_timing.py``); empty: by each block's
+    FLOPs (``models/block_sizes.py``).
     """
 
     data_degree: int = 1
@@ -26,6 +29,7 @@ class ParallelConfig:
     num_patches: int | None = None
     warmup_steps: int = 1
     shard_weights: bool = False
+    stage_split: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("data_degree", "cfg_degree", "pipefusion_degree", "ring_degree", "ulysses_degree"):
@@ -50,6 +54,15 @@ class ParallelConfig:
             raise ValueError(f"shard_weights must be True or False, got {self.shard_weights!r}")
         if self.shard_weights:
             self.check_shardable()
+        if self.stage_split:
+            self._check_split()
+
+    def _check_split(self) -> None:
+        split = tuple(self.stage_split)
+        if len(split) != self.pipefusion_degree - 1 or any(b <= a for a, b in zip((0,) + split, split)):
+            raise ValueError(f"stage_split {split} must give the first block of each of the {self.pipefusion_degree - 1} "
+                             f"PipeFusion stages after the first, increasing from 1 (e.g. (3,) for 2 stages); leave it "
+                             f"empty to cut the stages by the blocks' FLOPs")
 
     def check_shardable(self) -> None:
         """Weight sharding needs more than one rank per PipeFusion stage; ``ValueError`` names the fix."""
@@ -59,6 +72,13 @@ class ParallelConfig:
             raise ValueError(f"shard_weights needs more than one rank per PipeFusion stage (the ranks of a stage share "
                              f"its blocks' weights), but {self._degrees()}: {where}; add ranks on ulysses, ring, cfg "
                              f"or data (e.g. ulysses_degree 2), or turn shard_weights (--shard-weights) off")
+
+    def validate_split(self, num_blocks: int) -> None:
+        """``ValueError`` when ``stage_split`` starts a stage past the model's ``num_blocks`` blocks."""
+        if self.stage_split and self.stage_split[-1] >= num_blocks:
+            raise ValueError(f"stage_split {tuple(self.stage_split)} starts a stage at block {self.stage_split[-1]}, but "
+                             f"the model has {num_blocks} blocks (0-{num_blocks - 1}); start every stage below "
+                             f"{num_blocks}, or leave stage_split empty")
 
     @property
     def world_size(self) -> int:
@@ -90,7 +110,8 @@ class ParallelConfig:
 
     def describe(self) -> str:
         sharded = f", weights sharded over {self.shard_group_size} ranks" if self.shard_weights else ""
-        return self._degrees() + sharded
+        split = f", stages from blocks {', '.join(map(str, (0,) + tuple(self.stage_split)))}" if self.stage_split else ""
+        return self._degrees() + sharded + split
 
     def _degrees(self) -> str:
         data = f"data {self.data_degree} x " if self.data_degree > 1 else ""
@@ -118,6 +139,8 @@ class ParallelConfig:
             raise ValueError(f"pipefusion_degree {self.pipefusion_degree} exceeds the model's {num_blocks} transformer "
                              f"blocks (one stage needs at least one block); use pipefusion_degree <= {num_blocks} "
                              f"and give the other ranks to ulysses or ring")
+        if num_blocks is not None:
+            self.validate_split(num_blocks)
         split = self.sequence_degree * self.patches
         if image_tokens % split:
             fit = suggest(world_size, num_heads, image_tokens)

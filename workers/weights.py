@@ -84,13 +84,13 @@ def ship(state: Mapping[str, torch.Tensor], ref: ModelRef, parallel: Any,
 
     from comfyui_xdit.models.families import infer_spec, stage_state
     from comfyui_xdit.parallel.mesh import RankCoords
-    from comfyui_xdit.parallel.pipefusion_schedule import spec_stages
+    from comfyui_xdit.parallel.pipefusion_schedule import parallel_stages
 
     if parallel.pipefusion_degree == 1:
         whole = ray.put(dict(state))
         return [WeightSource(ref, local_path=p, shipped=None if p else whole) for p in local_paths]
     spec = infer_spec(state, ref.path)
-    bounds = spec_stages(spec, parallel.pipefusion_degree)
+    bounds = parallel_stages(parallel, spec)
     objects: dict[int, Any] = {}
     sources = []
     for rank, path in enumerate(local_paths):

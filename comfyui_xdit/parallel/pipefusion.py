@@ -46,8 +46,8 @@ from .comm import CommCounter, all_gather_cat
 from .mesh import SEQUENCE_AXES, Mesh
 from .patch_kv_buffer import StaleKVAttention
 from .pipefusion_comm import LaggedStopVote, PipeLinks
-from .pipefusion_schedule import (Work, patch_bounds, producer_of_input, resumed_work, spec_stages, split_stages,
-                                  stage_work)
+from .pipefusion_schedule import (Work, parallel_stages, patch_bounds, producer_of_input, resumed_work,
+                                  split_stages, stage_work)
 from .sequence_parallel import SequenceShard
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class PipeFusionLoop:
         check_pipefusion(parallel, len(adapter.blocks))
         self.adapter, self.parallel, self.mesh, self.counter = adapter, parallel, mesh, counter
         self.links = PipeLinks(mesh, counter)
-        self.blocks = spec_stages(adapter.spec, parallel.pipefusion_degree)[self.links.stage]  # balanced by cost
+        self.blocks = parallel_stages(parallel, adapter.spec)[self.links.stage]  # balanced by cost or as split
         self.cfg_group = mesh.group(("cfg",))
         self.sequence_group = mesh.group(SEQUENCE_AXES)
         self.shard = SequenceShard(mesh.index(SEQUENCE_AXES), mesh.size(SEQUENCE_AXES))

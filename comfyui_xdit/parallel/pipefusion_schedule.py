@@ -102,12 +102,22 @@ def spec_stages(spec: Any, degree: int) -> tuple[tuple[int, int], ...]:
     return split_stages(spec.num_blocks, degree, block_costs(spec))
 
 
+def parallel_stages(parallel: ParallelConfig, spec: Any) -> tuple[tuple[int, int], ...]:
+    """The stages ``parallel`` cuts ``spec``'s blocks into: at its ``stage_split`` (measured block times), else
+    balanced by cost. Every rank, the pool's weight shipping and the loaders ask this."""
+    if not parallel.stage_split:
+        return spec_stages(spec, parallel.pipefusion_degree)
+    parallel.validate_split(spec.num_blocks)
+    starts = (0,) + tuple(parallel.stage_split)
+    return tuple(zip(starts, starts[1:] + (spec.num_blocks,)))
+
+
 def stage_blocks(parallel: ParallelConfig, rank: int, spec: Any) -> Optional[tuple[int, int]]:
     """The blocks ``[start, stop)`` that ``rank``'s PipeFusion stage runs, which is all it needs to load;
     ``None`` without PipeFusion (every rank runs every block)."""
     if parallel.pipefusion_degree == 1:
         return None
-    return spec_stages(spec, parallel.pipefusion_degree)[RankCoords.of(rank, parallel).pipefusion]
+    return parallel_stages(parallel, spec)[RankCoords.of(rank, parallel).pipefusion]
 
 
 def patch_bounds(num_tokens: int, num_patches: int) -> tuple[tuple[int, int], ...]:
