@@ -73,5 +73,5 @@ def test_the_cli_passes_a_split() -> None:
     from comfyui_xdit.cli_commands import build_request, make_parser
 
     args = make_parser().parse_args(["generate", "--model", "tiny:flux", "--pipefusion", "2", "--stage-split", "3",
-                                     "--in-process"])
+                                     "--out", "x.safetensors", "--in-process"])
     assert build_request(args).parallel.stage_split == (3,)
