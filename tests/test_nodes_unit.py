@@ -201,3 +201,14 @@ def test_every_family_has_its_comfyui_latent_format_and_model_class() -> None:
         config = getattr(supported, comfy_model, None)
         expected = progress.COMFY_LATENT_FORMATS[family]
         assert config is not None and config.latent_format is getattr(latent_formats, expected), (comfy_model, family)
+
+
+def test_a_video_preview_shows_frames_from_first_to_last_side_by_side() -> None:
+    video_preview = nodes_module("video_preview")
+    x0 = torch.arange(9, dtype=torch.float32).view(1, 1, 9, 1, 1).expand(1, 2, 9, 3, 2)  # frame t holds t
+    strip = video_preview.frame_strip(x0)
+    assert strip.shape == (1, 2, 1, 3, 8)  # 4 frames of width 2
+    assert strip[0, 0, 0, 0].tolist() == [0, 0, 3, 3, 5, 5, 8, 8]  # frames 0, 3, 5, 8
+    assert torch.equal(video_preview.frame_strip(x0[:, :, :2]), torch.cat([x0[:, :, :1], x0[:, :, 1:2]], dim=4))
+    image = torch.zeros(1, 16, 8, 8)
+    assert video_preview.frame_strip(image) is image and video_preview.frame_strip(x0[:, :, :1]).shape == (1, 2, 1, 3, 2)
