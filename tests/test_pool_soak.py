@@ -154,6 +154,7 @@ def test_short_soak_with_a_killed_worker_and_a_stopped_rank(soak_cluster) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(5400)  # 100 prompts of up to 50 steps, a dozen of them retried: longer than one test's default
 def test_long_soak_with_every_kind_of_fault(soak_cluster) -> None:
     cluster, pool, hosts = soak_cluster
     rng = random.Random(7)
