@@ -7,6 +7,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .video_preview import frame_strip
+
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.1  # how often the node checks for step events and the Cancel button
@@ -42,6 +44,7 @@ class ComfyProgress:
             latent = event.preview.float()
             # an image (B, C, H, W) of a video VAE's format gets its frame axis; a video preview has its frames
             x0 = self.latent_format.process_in(latent.unsqueeze(2) if self.time_axis and latent.ndim == 4 else latent)
+            x0 = frame_strip(x0)  # a video: frames from first to last side by side
             preview = self.previewer.decode_latent_to_preview_image("JPEG", x0)
         self.bar.update_absolute(event.step, event.total, preview)
 
