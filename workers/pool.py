@@ -40,7 +40,7 @@ from .world import World, cluster_devices, node_addresses
 
 logger = logging.getLogger(__name__)
 
-KV_CHECKPOINT_LIMIT = 1 << 30  # bytes of PipeFusion K/V a job's checkpoints may carry to the driver each step
+KV_CHECKPOINT_LIMIT = 256 << 20  # bytes of PipeFusion K/V a job's checkpoints may carry to the driver each step
 
 
 HELD_MODELS = 2  # ComfyUI MODELs (and LoRA sets) whose weights a pool keeps for re-shipping
