@@ -26,7 +26,7 @@ from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit_workers import JobState, PoolError, PoolSettings, Timeouts, XDiTPool
 
-from local_cluster import token_cluster
+from local_cluster import TOLERANT_HEALTH, token_cluster
 
 TINY = ModelRef("tiny:flux")
 STALL_S = 15.0
@@ -87,7 +87,8 @@ def inject(fault: str, pool: XDiTPool, cluster, rng: random.Random, hosts: list)
 
 @pytest.fixture(scope="module")
 def soak_cluster():
-    with token_cluster(2) as (cluster, hosts):
+    with token_cluster(2, health=TOLERANT_HEALTH if os.environ.get("XDIT_SLOW_TESTS") == "1" else None) as \
+            (cluster, hosts):
         pool = XDiTPool(PoolSettings(address=cluster.address, timeouts=Timeouts(
             start_s=90, step_s=90, rpc_s=30, stall_s=STALL_S, heartbeat_s=1.0)))
         try:
@@ -112,7 +113,7 @@ def soak(cluster, pool: XDiTPool, hosts: list, count: int, faults: dict[int, str
                 expected_cache[key] = Engine(adapter).generate(dataclasses.replace(req, parallel=ParallelConfig()))
             job = pool.submit(req)
             if fault is not None:
-                next(iter(job.events(timeout=300)))
+                next(iter(job.events(timeout=300)), None)  # the first step (None: the job ended before one)
                 pid = inject(fault, pool, cluster, rng, hosts)
                 if pid is not None:
                     stopped.append(pid)
@@ -142,6 +143,9 @@ def soak(cluster, pool: XDiTPool, hosts: list, count: int, faults: dict[int, str
     assert len({o.job_id for o in outcomes}) == count  # none duplicated
     assert processes_after <= processes_before + 2, (processes_before, processes_after)
     assert rss_after - rss_before < 1024 * 2**20, (rss_before, rss_after)
+    # a fault costs at most its own prompt and the next one (a removed host's replacement joining): the rest are
+    # right, so a soak whose cluster died cannot pass on clear errors alone
+    assert sum(o.state == "right latent" for o in outcomes) >= count - 2 * len(faults), outcomes
     return outcomes
 
 
