@@ -164,5 +164,8 @@ def test_long_soak_with_every_kind_of_fault(soak_cluster) -> None:
     rng = random.Random(7)
     faults = {i: rng.choice(["kill", "stop", "remove"]) for i in rng.sample(range(100), 12)}
     outcomes = soak(cluster, pool, hosts, 100, faults, seed=2)
+    # a clear error: a rank that failed, was lost or stalled twice, or (right after a host was removed, before its
+    # replacement joined) too few devices, naming the fix
+    clear = ("failed", "lost", "stalled", "add hosts or lower the degrees")
     for o in outcomes:
-        assert o.state == "right latent" or "failed" in o.error or "lost" in o.error or "stalled" in o.error, o
+        assert o.state == "right latent" or any(words in o.error for words in clear), o
