@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 COND_KEYS_DOC = ("--cond FILE.safetensors holds: 'positive_context' (1, L, width) text tokens (Flux and SD3: 4096, "
                  "Qwen-Image: 3584, PixArt: 4096 T5), 'positive_pooled' (1, width) pooled vector where the family has "
                  "one (Flux: 768 CLIP-L, SD3: 2048 CLIP-L+G), optional 'negative_context' (+ 'negative_pooled'; needed "
-                 "when cfg != 1), optional 'guidance' (Flux-dev: a 1-element tensor, default 3.5); HunyuanDiT: 'positive_context' "
+                 "when cfg != 1), optional 'guidance' (Flux-dev: a 1-element tensor, default 3.5; HunyuanVideo: "
+                 "6.0); HunyuanDiT: 'positive_context' "
                  "(1, >= 77, 1024) CLIP tokens and 'positive_second_context' (1, >= 256, 2048) mT5-XL tokens, with "
                  "optional masks 'positive_context_mask' / 'positive_second_context_mask' (1, L) (and the negative_* "
                  "ones); Wan image-to-video: optional 'positive_concat_latent' (1, 16, T, H, W) start-frame latent and "
@@ -50,9 +51,11 @@ def read_tensors(path: str, what: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read the {what} file {path!r}: {exc}") from exc
 
 
-def read_cond_file(path: str) -> tuple[Conditioning, Optional[Conditioning]]:
+def read_cond_file(path: str, default_guidance: float = 3.5) -> tuple[Conditioning, Optional[Conditioning]]:
+    """The --cond file's conditioning; ``default_guidance`` where it has no 'guidance' (the family's: Flux's 3.5,
+    HunyuanVideo's 6.0)."""
     tensors = read_tensors(path, "--cond")
-    guidance = float(tensors["guidance"].reshape(-1)[0]) if "guidance" in tensors else 3.5
+    guidance = float(tensors["guidance"].reshape(-1)[0]) if "guidance" in tensors else default_guidance
     if "positive_context" not in tensors:
         raise ValueError(f"{path!r} lacks 'positive_context'. {COND_KEYS_DOC}")
     if "negative_pooled" in tensors and "negative_context" not in tensors:
@@ -77,7 +80,7 @@ def _second_stream(tensors: dict[str, torch.Tensor], side: str) -> dict[str, Opt
 
 
 def build_request(args: argparse.Namespace) -> GenerationRequest:
-    from .model_loader import tiny_conditioning
+    from .model_loader import model_spec, tiny_conditioning
 
     if args.height % 16 or args.width % 16:
         raise ValueError(f"--height and --width must be multiples of 16 for Flux, got {args.height}x{args.width}")
@@ -85,7 +88,7 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
     if model.is_tiny:
         positive, negative = tiny_conditioning(model, args.seed)
     elif args.cond:
-        positive, negative = read_cond_file(args.cond)
+        positive, negative = read_cond_file(args.cond, getattr(model_spec(model), "default_guidance", 3.5))
     else:
         raise ValueError(f"a model file needs --cond FILE.safetensors with the text conditioning. {COND_KEYS_DOC}")
     if args.init_latent:
@@ -99,10 +102,11 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
         if frames is None and _makes_video(model):
             raise ValueError(f"{args.model} makes video: pass --frames N (video frames, as EmptyHunyuanLatentVideo's "
                              f"length: 81 frames = 21 latent frames)")
-        size = (args.height // 8, args.width // 8)
-        # (B, 16, H, W), or a video's (B, 16, T, H, W)
-        latent = torch.zeros(args.batch_size, 16, *size) if frames is None else torch.zeros(args.batch_size, 16,
-                                                                                            frames, *size)
+        channels, scale = _latent_layout(model)  # 16 channels at 1/8 (Wan 2.2 TI2V 5B: 48 at 1/16)
+        size = (args.height // scale, args.width // scale)
+        # (B, C, H, W), or a video's (B, C, T, H, W)
+        latent = torch.zeros(args.batch_size, channels, *size) if frames is None else torch.zeros(
+            args.batch_size, channels, frames, *size)
     shift = SigmaShift(mode="resolution", max_shift=args.max_shift, base_shift=args.base_shift) \
         if args.resolution_shift else SigmaShift()
     parallel = ParallelConfig(data_degree=args.data_degree, cfg_degree=2 if args.cfg_parallel else 1,
@@ -121,6 +125,17 @@ def latent_frames(frames: int) -> int:
     if frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}")
     return (frames - 1) // 4 + 1
+
+
+def _latent_layout(model: ModelRef) -> tuple[int, int]:
+    """(channels, VAE downscale) of the empty LATENT for the model: 16 at 1/8 unless its spec says otherwise (Wan 2.2
+    TI2V 5B: 48 at 1/16, as Wan22ImageToVideoLatent); a file not on this machine gets the default."""
+    from .model_loader import model_spec
+
+    if not (model.is_tiny or os.path.isfile(model.path)):
+        return 16, 8
+    spec = model_spec(model)
+    return (spec.latent_channels if getattr(spec, "video", False) else 16), getattr(spec, "vae_scale", 8)
 
 
 def _makes_video(model: ModelRef) -> bool:

@@ -74,6 +74,19 @@ FAMILY_INPUTS = {
                                 "CLIP tokens (width 1024, >= 77) + 'positive_second_context' mT5-XL tokens (width "
                                 "2048, >= 256), their masks; no pooled vector", "the SDXL VAE (4 channels)"),
 }
+# CogVideoX: T5-XXL tokens, 226 of them as its pipeline pads a prompt (ComfyUI has no CogVideoX VAE: decode outside it)
+FAMILY_INPUTS["cogvideox"] = FamilyInputs(
+    "CogVideoX", "CLIPLoader (type sd3 or pixart, t5xxl) -> CLIPTextEncode", "T5-XXL tokens (width 4096, 226 as "
+    "CogVideoX's pipeline pads them); no pooled vector",
+    "the CogVideoX VAE (diffusers' vae/ folder; EmptyHunyuanLatentVideo for text-to-video)")
+FAMILY_INPUTS["hunyuan-video"] = FamilyInputs(
+    "HunyuanVideo", "DualCLIPLoader (type hunyuan_video, clip_l + llava_llama3) -> CLIPTextEncode (FluxGuidance for the "
+                    "distilled guidance)", "llava-llama-3 tokens (width 4096), CLIP-L pooled vector (width 768)",
+    "the HunyuanVideo VAE (hunyuan_video_vae_bf16.safetensors; EmptyHunyuanLatentVideo for text-to-video)")
+FAMILY_INPUTS["wan22-5b"] = FamilyInputs(
+    "Wan 2.2 TI2V 5B", "CLIPLoader (type wan, umt5_xxl) -> CLIPTextEncode", "umT5-XXL tokens (width 4096); no pooled "
+    "vector", "the Wan 2.2 VAE (wan2.2_vae.safetensors, 48 channels; Wan22ImageToVideoLatent, with or without a start "
+    "image)")
 
 
 NODE_INPUTS = InputNames(
@@ -119,6 +132,14 @@ def check_conditioning(cond: Conditioning, spec: ModelSpec, where: str, names: I
             found = "none" if tokens is None else f"width {tokens.shape[-1]}"
             raise ValueError(f"{where}: this {title} model takes a second stream of text tokens (mT5-XL, width "
                              f"{second}) besides the CLIP tokens; found {found}; {names.encoder_fix(spec.family)}")
+    image = [what for what, tensor in (("a start-frame latent (concat_latent_image)", cond.concat_latent),
+                                       ("its mask (concat_mask)", cond.concat_mask),
+                                       ("CLIP vision tokens (clip_vision_output)", cond.clip_vision))
+             if tensor is not None]
+    if image and not getattr(spec, "image_conditioning", False):
+        raise ValueError(f"{where}: the conditioning carries {', '.join(image)} for an image-to-video model, but this "
+                         f"{title} model takes no image inputs; connect the conditioning from before WanImageToVideo, "
+                         f"or load an image-to-video model")
     for tensor, what in ((cond.context, "text tokens"), (cond.pooled, "pooled vector")):
         if latent_batch % tensor.shape[0]:
             raise ValueError(f"{where}: the {what} have batch {tensor.shape[0]}, which does not divide the latent "
@@ -161,6 +182,12 @@ def check_inputs(spec: ModelSpec, latent: torch.Tensor, positive: Conditioning, 
                  names: InputNames) -> None:
     """Every input of one request against ``spec``; ``ValueError`` naming the first that does not fit."""
     check_latent(latent, names, spec)
+    for cond, where in ((positive, names.positive), (negative, names.negative)):
+        start = None if cond is None else cond.concat_latent
+        if start is not None and latent.ndim == 5 and start.shape[2] != latent.shape[2]:
+            raise ValueError(f"{where}: the start-frame latent (concat_latent_image) has {start.shape[2]} frames but "
+                             f"{names.latent} has {latent.shape[2]}; sample the latent WanImageToVideo gives with its "
+                             f"conditioning (the same length)")
     check_conditioning(positive, spec, names.positive, names, latent.shape[0])
     if negative is not None:
         check_conditioning(negative, spec, names.negative, names, latent.shape[0])

@@ -3,6 +3,7 @@ any family we run (detected from the file's keys, ``models/families.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -65,3 +66,19 @@ def tiny_conditioning(ref: ModelRef, seed: int, text_len: int = 8,
                             second_context_mask=mask(t5_len))
 
     return draw(), draw()
+
+
+def tiny_image_conditioning(ref: ModelRef, cond: Conditioning, latent_shape: tuple[int, ...], seed: int,
+                            clip_tokens: int = 5) -> Conditioning:
+    """``cond`` with image-to-video inputs drawn from ``seed`` for a tiny I2V model (as WanImageToVideo sets them:
+    a start-frame latent of ``latent_shape`` (B, C, T, H, W), its mask 0 on the first latent frame, and CLIP vision
+    tokens where the model embeds them); ``cond`` as it is for a model without image inputs."""
+    spec = tiny_spec(ref.path[len(TINY_PREFIX):])
+    if not getattr(spec, "image_conditioning", False):
+        return cond
+    generator = torch.Generator().manual_seed(seed + 2)
+    mask = torch.ones(1, 1, *latent_shape[2:])  # (1, 1, T, H, W)
+    mask[:, :, :1] = 0.0
+    clip = None if spec.image_dim is None else torch.randn(1, clip_tokens, spec.image_dim, generator=generator)
+    return dataclasses.replace(cond, concat_latent=torch.randn(1, *latent_shape[1:], generator=generator),
+                               concat_mask=mask, clip_vision=clip)

@@ -17,7 +17,7 @@ import torch
 
 from .cond_batch import branch_outputs
 from .conditioning import Conditioning
-from .inpaint import Inpaint, build_inpaint
+from .inpaint import Inpaint, build_inpaint, mask_to_latent
 from .models import packing
 from .models.adapter import Adapter
 from .noise import AncestralNoise, BatchRows, BrownianNoise, inpaint_noise, prepare_batch_noise
@@ -190,7 +190,7 @@ def prediction_for(adapter: Adapter, request: GenerationRequest) -> Prediction:
 
 def fix_empty_latent_channels(latent: torch.Tensor, channels: int) -> torch.Tensor:
     """ComfyUI widens an all-zero LATENT of the wrong channel count (EmptyLatentImage's 4) to the model's."""
-    if latent.ndim == 4 and latent.shape[1] != channels and torch.count_nonzero(latent) == 0:
+    if latent.ndim in (4, 5) and latent.shape[1] != channels and torch.count_nonzero(latent) == 0:  # 5: a video's
         return torch.zeros(latent.shape[0], channels, *latent.shape[2:], dtype=latent.dtype)
     return latent
 
@@ -199,7 +199,7 @@ def prepare_plan(adapter: Adapter, request: GenerationRequest) -> SamplingPlan:
     latent = fix_empty_latent_channels(request.latent.float(), adapter.latent_format.channels)
     adapter.check_latent(latent)
     frames = latent.shape[2] if latent.ndim == 5 else None  # a video family's (B, C, T, H, W)
-    if frames is not None and request.noise_mask is not None:
+    if frames is not None and request.noise_mask is not None and not getattr(adapter, "video_noise_mask", False):
         raise ValueError("a noise mask (SetLatentNoiseMask) on a video latent is not supported by the xDiT sampler "
                          "yet; use the stock KSampler for video inpainting")
     prediction = prediction_for(adapter, request)
@@ -221,7 +221,8 @@ def prepare_plan(adapter: Adapter, request: GenerationRequest) -> SamplingPlan:
     inpaint = None
     if request.noise_mask is not None:  # ddim re-noises the kept latent with its own draw, as ComfyUI's
         kept_noise = inpaint_noise(latent.shape, request.seed) if request.sampler == "ddim" else noise
-        inpaint = build_inpaint(request.noise_mask, latent, kept_noise, adapter.pack, prediction)
+        inpaint = build_inpaint(request.noise_mask, latent, kept_noise, adapter.pack, prediction,
+                                renoise=getattr(adapter, "inpaint_renoises", True))
     if len(sigmas) > 0:  # KSAMPLER's noise scaling, from the model's largest sigma or below it
         latent = prediction.noise_scaling(sigmas[0], noise, latent,
                                           max_denoise(float(model_sampling.table()[-1]), sigmas))
@@ -233,6 +234,8 @@ def prepare_plan(adapter: Adapter, request: GenerationRequest) -> SamplingPlan:
     if request.sampler in UNI_PC_VARIANTS:  # a final 0 becomes 0.001, which finish() then divides by as ComfyUI
         loop_sigmas = uni_pc_sigmas(loop_sigmas)
     image_ids = adapter.image_ids(h, w) if frames is None else adapter.image_ids(h, w, frames=frames)
+    if request.noise_mask is not None and hasattr(adapter, "with_denoise_mask"):  # Wan 2.2 5B: timestep per token
+        image_ids = adapter.with_denoise_mask(image_ids, mask_to_latent(request.noise_mask, tuple(latent.shape)))
     program = sampler_program(request.sampler, loop_sigmas, model_sampling, prediction)
     timestep_sigmas = _timestep_sigmas(adapter.default_sampling(), model_sampling, program.call_sigmas)
     return SamplingPlan(x=adapter.pack(latent), sigmas=loop_sigmas, image_ids=image_ids, height=h, width=w,

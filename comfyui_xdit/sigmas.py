@@ -126,11 +126,14 @@ class DiscreteSchedule:
     linear_end: float = 0.012
     timesteps: int = 1000
     zsnr: bool = False
+    snr_shift: float = 1.0  # CogVideoX's snr_shift_scale s: alpha-bar / (s + (1 - s) alpha-bar), i.e. sigma * sqrt(s)
 
     def _sigmas64(self) -> torch.Tensor:
         betas = beta_schedule(self.beta_schedule, self.timesteps, self.linear_start, self.linear_end)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # (timesteps,) float64
+        if self.snr_shift != 1.0:  # before the zero-SNR rescale, as CogVideoX's schedulers
+            sigmas = sigmas * self.snr_shift ** 0.5
         return zero_terminal_snr(sigmas) if self.zsnr else sigmas
 
     def table(self) -> torch.Tensor:

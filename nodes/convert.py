@@ -10,10 +10,11 @@ from comfyui_xdit.conditioning import DEFAULT_FLUX_GUIDANCE, Conditioning
 
 # Conditioning keys that only change what ComfyUI's sampler does in ways the engine does not do yet.
 UNSUPPORTED_COND_KEYS = ("area", "strength", "mask", "control", "gligen", "reference_latents",
-                         "start_percent", "end_percent", "hooks", "concat_latent_image")
+                         "start_percent", "end_percent", "hooks", "concat_mask_index", "time_dim_concat")
+UNSUPPORTED_COND_KEYS += ("guiding_frame_index", "ref_latent")  # HunyuanImageToVideo's v2 (replace) / custom
 
 
-def to_conditioning(value: Any, name: str) -> Conditioning:
+def to_conditioning(value: Any, name: str, default_guidance: Optional[float] = None) -> Conditioning:
     """ComfyUI's CONDITIONING ``[[context, {"pooled_output", "guidance", ...}]]`` -> ``Conditioning``.
 
     Only the single-entry Flux text conditioning is supported; anything else raises ``ValueError``
@@ -31,7 +32,8 @@ def to_conditioning(value: Any, name: str) -> Conditioning:
                          "use the stock KSampler for area/mask/ControlNet/reference conditioning")
     pooled = extras.get("pooled_output")  # None from text encoders without one (Qwen-Image's, PixArt's T5):
     # the family's input check then says whether the model needs one, naming its text encoder
-    guidance = extras.get("guidance", DEFAULT_FLUX_GUIDANCE)
+    # what the model uses where the conditioning carries no guidance: Flux's 3.5 unless the family says (HunyuanVideo 6)
+    guidance = extras.get("guidance", DEFAULT_FLUX_GUIDANCE if default_guidance is None else default_guidance)
     width, height = extras.get("width"), extras.get("height")  # CLIPTextEncodePixArtAlpha's micro-conditions
     resolution = (float(height), float(width)) if width is not None and height is not None else None
     ratio = extras.get("aspect_ratio")
@@ -46,11 +48,20 @@ def to_conditioning(value: Any, name: str) -> Conditioning:
                         context_mask=_cpu_float(extras.get("attention_mask")),
                         second_context=_cpu_float(extras.get("conditioning_mt5xl")),
                         second_context_mask=_cpu_float(extras.get("attention_mask_mt5xl")),
-                        target_resolution=target)
+                        target_resolution=target,
+                        # WanImageToVideo's start frames and CLIP vision output (image-to-video models only)
+                        concat_latent=_cpu_float(extras.get("concat_latent_image")),
+                        concat_mask=_cpu_float(extras.get("concat_mask")),
+                        clip_vision=_clip_vision_tokens(extras.get("clip_vision_output")))
 
 
 def _cpu_float(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if tensor is None else tensor.detach().float().cpu()
+
+
+def _clip_vision_tokens(output: Any) -> Optional[torch.Tensor]:
+    """A CLIP_VISION_OUTPUT's penultimate hidden states (what ComfyUI's WAN21 feeds its image embedder), or None."""
+    return None if output is None else _cpu_float(output.penultimate_hidden_states)
 
 
 def to_latent_tensor(latent: dict, video: bool = False) -> torch.Tensor:

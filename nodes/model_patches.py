@@ -16,23 +16,28 @@ PREFIX = "diffusion_model."
 # ComfyUI's model classes (comfy/model_base.py) whose weights we run, and our family for each.
 # PixArt: one model class for both, told apart by the model config (supported_models.PixArtAlpha / PixArtSigma).
 # HunyuanDiT: one model class for v1.0 (config HunyuanDiT1) and v1.1/v1.2 (config HunyuanDiT); the file says which.
-# PixArt and Wan 2.1: one model class for several configs, so the config names the one we run (WAN21_T2V, not
-# WAN21_I2V)
+# PixArt and Wan 2.1: one model class for several configs, so the config names the ones we run (WAN21_T2V and
+# WAN21_I2V, not VACE, camera or Fun control)
 COMFY_MODEL_FAMILIES = {"Flux": "flux", "SD3": "sd3", "QwenImage": "qwen-image", "PixArtAlpha": "pixart-alpha",
                         "PixArtSigma": "pixart-sigma", "HunyuanDiT": "hunyuan-dit", "HunyuanDiT1": "hunyuan-dit",
-                        "WAN21_T2V": "wan21"}
+                        "WAN21_T2V": "wan21", "WAN21_I2V": "wan21"}  # WAN21_T2V: Wan 2.2 I2V A14B too (36 channels)
+# Families ComfyUI has no model class for (only xDiT Load DiT loads their files): no stock MODEL is one of them.
+LOADER_ONLY_FAMILIES = frozenset({"cogvideox"})
+COMFY_MODEL_FAMILIES["HunyuanVideo"] = "hunyuan-video"  # T2V only: the I2V classes (HunyuanVideoI2V, ...) are refused
+COMFY_MODEL_FAMILIES["WAN22_T2V"] = "wan22-5b"  # model class WAN22: Wan 2.2 TI2V 5B (text- and image-to-video)
 
 
 def check_family(model: Any) -> str:
     """The family id of a MODEL we run; ValueError naming what it is otherwise."""
     kind = type(getattr(model, "model", None)).__name__
-    if kind in ("PixArt", "WAN21"):  # one model class for several configs: the config says which
+    if kind in ("PixArt", "WAN21", "WAN22"):  # one model class for several configs: the config says which
         kind = type(getattr(model.model, "model_config", None)).__name__
     if kind not in COMFY_MODEL_FAMILIES:
         raise ValueError(f"xDiT Parallelize Model takes a Flux, SD3/SD3.5, Qwen-Image, PixArt, HunyuanDiT or Wan 2.1 "
-                         f"text-to-video MODEL "
+                         f"text- or image-to-video MODEL "
                          f"(UNETLoader or CheckpointLoaderSimple, optionally through LoRA loaders and the family's "
-                         f"ModelSampling node); this MODEL is {kind}")
+                         f"ModelSampling node); this MODEL is {kind}. (CogVideoX, which ComfyUI cannot load as a MODEL: "
+                         f"use xDiT Load DiT on its diffusers transformer file instead)")
     options = getattr(model, "model_options", {}) or {}
     transformer = options.get("transformer_options", {}) or {}
     extras = [name for name in ("model_function_wrapper", "sampler_cfg_function", "sampler_post_cfg_function")

@@ -47,8 +47,11 @@ def build_request(model: ModelHandle, positive, negative, latent_image: dict, se
     latent = to_latent_tensor(latent_image, video=bool(getattr(model.spec, "video", False)))
     if sigmas is not None:
         sigmas = sigmas.detach().to("cpu", torch.float32).contiguous()
-    request = GenerationRequest(model=model.model, latent=latent, positive=to_conditioning(positive, "positive"),
-                                negative=to_conditioning(negative, "negative"), seed=int(seed), steps=int(steps),
+    guidance = getattr(model.spec, "default_guidance", None)  # the family's, where the conditioning has none
+    request = GenerationRequest(model=model.model, latent=latent,
+                                positive=to_conditioning(positive, "positive", guidance),
+                                negative=to_conditioning(negative, "negative", guidance), seed=int(seed),
+                                steps=int(steps),
                                 cfg=float(cfg), sampler=sampler_name, scheduler=scheduler, denoise=float(denoise),
                                 shift=model.shift or shift, parallel=model.parallel, sigmas=sigmas,
                                 noise_mask=latent_noise_mask(latent_image), batch_index=latent_batch_index(latent_image),

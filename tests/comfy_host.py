@@ -78,6 +78,11 @@ FAMILY_FILES = {"sd3-tiny.safetensors": ("sd3", "float32"),
                 "pixart-alpha-tiny.safetensors": ("pixart-alpha", "float32")}
 FAMILY_FILES["hunyuan-dit-tiny.safetensors"] = ("hunyuan-dit", "float32")  # v1.1/1.2 (ComfyUI's HunyuanDiT)
 FAMILY_FILES["wan21-tiny.safetensors"] = ("wan21", "float32")  # Wan 2.1 T2V (ComfyUI's WAN21)
+FAMILY_FILES["wan21-i2v-tiny.safetensors"] = ("wan21-i2v", "float32")  # Wan 2.1 I2V (ComfyUI's WAN21_I2V)
+FAMILY_FILES["hunyuan-video-tiny.safetensors"] = ("hunyuan-video", "float32")  # HunyuanVideo T2V (ComfyUI's)
+FAMILY_FILES["wan22-5b-tiny.safetensors"] = ("wan22-5b", "float32")  # Wan 2.2 TI2V 5B (ComfyUI's WAN22_T2V)
+# Tiny files of families stock ComfyUI cannot load (only XDiTLoadModel does): same layout, written beside them
+LOADER_ONLY_FILES = {"cogvideox-tiny.safetensors": ("cogvideox", "float32")}  # CogVideoX (diffusers' layout)
 
 
 def write_model(models_dir: Path) -> Path:
@@ -92,7 +97,7 @@ def write_model(models_dir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, spec, dtype in [(MODEL_NAME, COMFY_MIN_FLUX, torch.bfloat16),
                               *((file, TINY_SPECS[tiny], getattr(torch, dtype))
-                                for file, (tiny, dtype) in FAMILY_FILES.items())]:
+                                for file, (tiny, dtype) in {**FAMILY_FILES, **LOADER_ONLY_FILES}.items())]:
         target = folder / name
         if not target.exists():
             partial = target.with_suffix(".partial")

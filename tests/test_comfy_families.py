@@ -30,6 +30,7 @@ class FamilyCase:
     tokens: int = 8  # text tokens (HunyuanDiT: its CLIP pads to 77)
     second_tokens: int = 0  # HunyuanDiT: mT5 tokens (padded to 256) and both masks, as its CLIP gives them
     frames: int = 0  # a video family's length (EmptyHunyuanLatentVideo); 0: an image (EmptySD3LatentImage)
+    image_to_video: bool = False  # the conditioning and latent from the stock WanImageToVideo (start image, CLIP vision)
 
 
 FAMILIES = {
@@ -41,6 +42,15 @@ FAMILIES = {
 FAMILIES["hunyuan-dit-tiny.safetensors"] = FamilyCase((1024, 1), None, True, tokens=77, second_tokens=256)
 # Wan 2.1 T2V: 9 video frames = 3 latent frames of 8x8; ModelSamplingSD3 is what Wan workflows use
 FAMILIES["wan21-tiny.safetensors"] = FamilyCase((4096, 1), ("ModelSamplingSD3", {"shift": 3.0}), True, frames=9)
+# Wan 2.1 I2V: stock WanImageToVideo sets concat_latent_image, concat_mask and clip_vision_output (a stand-in VAE)
+FAMILIES["wan21-i2v-tiny.safetensors"] = FamilyCase((4096, 1), ("ModelSamplingSD3", {"shift": 3.0}), True, frames=9,
+                                                    image_to_video=True)
+# HunyuanVideo T2V: llama tokens + CLIP-L pooled, the conditioning's guidance (0.0 here) embedded by both;
+# 9 video frames = 3 latent frames of 16x16; ModelSamplingSD3 is what HunyuanVideo workflows use
+FAMILIES["hunyuan-video-tiny.safetensors"] = FamilyCase((4096, 768), ("ModelSamplingSD3", {"shift": 5.0}), True,
+                                                        frames=9)
+# Wan 2.2 TI2V 5B text-to-video: EmptyHunyuanLatentVideo's empty 16-channel latent widened to 48 (as ComfyUI does)
+FAMILIES["wan22-5b-tiny.safetensors"] = FamilyCase((4096, 1), ("ModelSamplingSD3", {"shift": 5.0}), True, frames=9)
 assert set(FAMILIES) == set(FAMILY_FILES)  # every stock-loadable family file is tested here
 
 
@@ -63,6 +73,15 @@ def family_prompt(file: str) -> dict:
                                       "ulysses_degree": 1, "ring_degree": 1, "pipefusion_degree": 1,
                                       "num_patches": 0, "warmup_steps": 1, "cfg_parallel": False}},
     }
+    sources = {"positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0]}
+    if case.image_to_video:
+        prompt["image_inputs"] = {"class_type": "XDiTTestWanImageInputs",
+                                  "inputs": {"seed": 3, "width": size, "height": size, "clip_tokens": 9}}
+        prompt["i2v"] = {"class_type": "WanImageToVideo", "inputs": {
+            "positive": ["pos", 0], "negative": ["neg", 0], "vae": ["image_inputs", 0], "width": size,
+            "height": size, "length": case.frames, "batch_size": 1, "start_image": ["image_inputs", 1],
+            "clip_vision_output": ["image_inputs", 2]}}
+        sources = {"positive": ["i2v", 0], "negative": ["i2v", 1], "latent_image": ["i2v", 2]}
     if case.sampling is not None:
         node, inputs = case.sampling
         prompt["sampling"] = {"class_type": node, "inputs": {"model": ["unet", 0], **inputs}}
@@ -74,7 +93,7 @@ def family_prompt(file: str) -> dict:
     def settings(pair: str) -> dict:
         sampler, scheduler, cfg = PAIRS[pair]
         return {"seed": 42, "steps": STEPS, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
-                "denoise": 1.0, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0]}
+                "denoise": 1.0, **sources}
 
     def xdit(model: str, pair: str) -> dict:
         return {"class_type": "XDiTSampler", "inputs": {
@@ -93,6 +112,11 @@ def family_prompt(file: str) -> dict:
     if case.ulysses:
         prompt["xs_ulysses2"] = xdit("load_ulysses2", "euler-simple")
         prompt["save_xdit_ulysses2"] = save("xs_ulysses2", "xdit_ulysses2")
+    if case.image_to_video:  # stock without WanImageToVideo: so the parity tells the image inputs apart
+        plain = {**settings("euler-simple"), "positive": ["pos", 0], "negative": ["neg", 0],
+                 "latent_image": ["latent", 0]}
+        prompt["ks_no_image"] = {"class_type": "KSampler", "inputs": {"model": ["unet", 0], **plain}}
+        prompt["save_stock_no_image"] = save("ks_no_image", "stock_no_image")
     prompt["xs_parallel_model"] = xdit("parallel_model", "euler-simple")
     prompt["save_xdit_parallel_model"] = save("xs_parallel_model", "xdit_parallel_model")
     return prompt
@@ -128,6 +152,9 @@ def test_xdit_nodes_equal_stock_ksampler(family_run) -> None:
         errors[check] = relative_error(latent, reference)
     print(f"{file}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     assert all(error < 1e-3 for error in errors.values()), errors
+    if case.image_to_video:
+        plain = saved_latent(host, executed, "save_stock_no_image")
+        assert relative_error(plain, saved_latent(host, executed, "save_stock_euler-simple")) > 1e-2
     if case.sampling is not None:  # so the ModelSampling parity really tells the shifts apart
         plain = saved_latent(host, executed, "save_stock_euler-simple")
         assert relative_error(plain, saved_latent(host, executed, "save_stock_sampling")) > 1e-2

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from comfyui_xdit.engine import Engine
-from comfyui_xdit.model_loader import load_model, model_spec, tiny_conditioning
+from comfyui_xdit.model_loader import load_model, model_spec, tiny_conditioning, tiny_image_conditioning
 from comfyui_xdit.parallel.launch import generate_local_many, stop_helper_processes
 from comfyui_xdit.parallel.pipefusion_reference import pipefusion_reference
 from comfyui_xdit.parallel_config import ParallelConfig
@@ -37,6 +37,21 @@ LATENTS = {"tiny:pixart-sigma-narrow": (32, 40)}
 # shards and PipeFusion patches (6 tokens each at 4) cut across frame boundaries
 FAMILY_MODELS += ["tiny:wan21"]
 LATENTS["tiny:wan21"] = (3, 4, 8)
+# Wan 2.1 I2V: the same video with a start-frame latent, its mask (c_concat, cut with the tokens) and CLIP vision
+# tokens (image cross-attention, carried whole to every stage)
+FAMILY_MODELS += ["tiny:wan21-i2v"]
+LATENTS["tiny:wan21-i2v"] = (3, 4, 8)
+# HunyuanVideo (4 heads of 128, 2 double + 2 single blocks): joint text + video attention, the same 3 x 4x8 latent
+FAMILY_MODELS += ["tiny:hunyuan-video"]
+LATENTS["tiny:hunyuan-video"] = (3, 4, 8)
+# CogVideoX (4 heads of 32, 4 blocks): T5 tokens joint with the video in every block, v-prediction, the same 3 x 4x8
+# latent; the 5B's rotary positions and the 2B's sin-cos table, both computed per token and cut with the shards
+FAMILY_MODELS += ["tiny:cogvideox", "tiny:cogvideox-2b"]
+LATENTS["tiny:cogvideox"] = LATENTS["tiny:cogvideox-2b"] = (3, 4, 8)
+# Wan 2.2 TI2V 5B (4 heads of 128, 4 blocks, 48 channels): text-to-video on the same 3 x 4x8 latent (its
+# image-to-video, a noise mask keeping the first frame and a per-token timestep, in test_wan22_5b.py)
+FAMILY_MODELS += ["tiny:wan22-5b"]
+LATENTS["tiny:wan22-5b"] = (3, 4, 8)
 STEPS = 3
 P = ParallelConfig
 
@@ -61,7 +76,9 @@ def latent_size(model: str) -> tuple[int, ...]:
 def request(model: str, parallel: ParallelConfig, sampler: str) -> GenerationRequest:
     ref = ModelRef(model)
     positive, negative = tiny_conditioning(ref, seed=3)
-    return GenerationRequest(model=ref, latent=torch.zeros(1, 16, *latent_size(model)), positive=positive,
+    shape = (1, model_spec(ref).latent_channels, *latent_size(model))  # 48 channels for Wan 2.2 TI2V 5B
+    positive, negative = (tiny_image_conditioning(ref, cond, shape, seed=3) for cond in (positive, negative))
+    return GenerationRequest(model=ref, latent=torch.zeros(shape), positive=positive,
                              negative=negative, seed=7, steps=STEPS, cfg=2.5, sampler=sampler, parallel=parallel)
 
 

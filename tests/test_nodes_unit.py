@@ -195,7 +195,8 @@ def test_every_family_has_its_comfyui_latent_format_and_model_class() -> None:
 
     ids = {family.id for family in FAMILIES}
     assert set(progress.COMFY_LATENT_FORMATS) == ids
-    assert set(nodes_module("model_patches").COMFY_MODEL_FAMILIES.values()) == ids
+    model_patches = nodes_module("model_patches")
+    assert set(model_patches.COMFY_MODEL_FAMILIES.values()) | model_patches.LOADER_ONLY_FAMILIES == ids
     latent_formats, supported = import_comfy("comfy.latent_formats"), import_comfy("comfy.supported_models")
     for comfy_model, family in nodes_module("model_patches").COMFY_MODEL_FAMILIES.items():
         config = getattr(supported, comfy_model, None)

@@ -80,7 +80,7 @@ def test_rotary_positions_equal_comfyui_and_cut_with_the_tokens() -> None:
     frames, height, width = 3, 10, 6
     # (1, S, 1, D/2, 2, 2) -> (S, D/2, 2, 2): [[cos, -sin], [sin, cos]] per pair
     freqs = comfy_model.rope_encode(frames, height, width, device="cpu", dtype=torch.float32)[0, :, 0]
-    image_ids = WanAdapter.image_ids(height, width, frames=frames)
+    image_ids = WanAdapter.image_ids(height, width, frames=frames)[:, :3]  # (frame, row, column); then the grid
     cos, sin = rotary(image_ids, TINY_WAN21.axes_dims_rope)
     assert torch.equal(cos, freqs[..., 0, 0]) and torch.equal(sin, freqs[..., 1, 0])
     lo, hi = 7, 40  # any contiguous shard (across a frame boundary): its own rows
@@ -107,10 +107,10 @@ def test_spec_read_from_the_header_and_detected(tmp_path) -> None:
 
 
 def test_variants_we_do_not_run_are_refused_naming_them() -> None:
-    i2v = random_wan_state(TWO_BLOCKS, 0)
-    i2v["img_emb.proj.0.bias"] = torch.zeros(1280)
-    with pytest.raises(ValueError, match="image-to-video"):
-        infer_wan_spec(i2v)
+    camera = random_wan_state(TWO_BLOCKS, 0)  # image-to-video runs (test_wan_i2v.py); camera control does not
+    camera["control_adapter.conv.weight"] = torch.zeros(512, 1024, 2, 2)
+    with pytest.raises(ValueError, match="Wan camera control"):
+        infer_wan_spec(camera)
     ti2v = random_wan_state(TWO_BLOCKS, 0)
     ti2v["patch_embedding.weight"] = torch.zeros(512, 48, 1, 2, 2)
     with pytest.raises(ValueError, match="48 latent channels.*Wan 2.2 TI2V 5B"):
@@ -136,7 +136,7 @@ def test_previews_keep_every_frame_and_pool_only_rows_and_columns() -> None:
     positive, negative = tiny_conditioning(ModelRef("tiny:wan21"), seed=0)
     plan = prepare_plan(adapter, GenerationRequest(model=ModelRef("tiny:wan21"), latent=torch.zeros(1, 16, 2, 132, 68),
                                                    positive=positive, seed=1, steps=2))
-    assert (plan.frames, plan.height, plan.width) == (2, 132, 68) and plan.image_ids.shape == (2 * 66 * 34, 3)
+    assert (plan.frames, plan.height, plan.width) == (2, 132, 68) and plan.image_ids.shape == (2 * 66 * 34, 6)
     denoised = torch.randn(plan.x.shape, generator=torch.Generator().manual_seed(0))
     preview = preview_latent(adapter, plan, denoised)  # 132 a side > 64: pooled by 3
     latent = adapter.latent_format.process_out(packing.unpack(denoised, 132, 68, frames=2))

@@ -33,12 +33,38 @@ def _check_exists(path: str) -> None:
         raise ValueError(f"model file not found: {path!r}")
 
 
+_SHARD = re.compile(r"^(.*)-(\d+)-of-(\d+)\.safetensors$")  # diffusers' name-00001-of-00002.safetensors
+
+
+def shard_paths(path: str) -> list[str]:
+    """Every shard of a sharded diffusers file (``...-00001-of-00002.safetensors``, any one of them named), in
+    order, all beside it; any other file: itself alone. ``ValueError`` naming the shards that are not there."""
+    match = _SHARD.match(path)
+    if not match:
+        return [path]
+    stem, total = match.group(1), match.group(3)
+    paths = [f"{stem}-{i:0{len(total)}d}-of-{total}.safetensors" for i in range(1, int(total) + 1)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"{path!r} is one shard of a model in {int(total)} files, but {', '.join(map(repr, missing[:3]))} "
+                         f"is not beside it; keep every shard of the model in the same folder")
+    return paths
+
+
 def read_checkpoint(path: str | os.PathLike, keep: Optional[Callable[[str], bool]] = None) -> dict[str, torch.Tensor]:
     """Load a safetensors file, with ComfyUI's ``model.diffusion_model.`` prefix stripped; with ``keep``
     only the tensors whose (stripped) name it accepts are read (one PipeFusion stage's blocks). A full
-    checkpoint's text encoders and VAE (other prefixes) are not read."""
+    checkpoint's text encoders and VAE (other prefixes) are not read. A sharded diffusers file is read
+    whole, from all its shards."""
     path = os.fspath(path)
     _check_exists(path)
+    shards = shard_paths(path)
+    if len(shards) > 1:
+        return {k: v for shard in shards for k, v in _read_one(shard, keep).items()}
+    return _read_one(path, keep)
+
+
+def _read_one(path: str, keep: Optional[Callable[[str], bool]]) -> dict[str, torch.Tensor]:
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             keys = list(handle.keys())
@@ -77,6 +103,10 @@ def read_shapes(path: str | os.PathLike) -> dict[str, TensorShape]:
     """Every diffusion-model tensor's (prefix-stripped) name and shape, from the header alone."""
     path = os.fspath(path)
     _check_exists(path)
+    return {k: v for shard in shard_paths(path) for k, v in _shapes_one(shard).items()}
+
+
+def _shapes_one(path: str) -> dict[str, TensorShape]:
     try:
         with safe_open(path, framework="pt") as handle:
             keys = list(handle.keys())

@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from safetensors.torch import save_file
 
-from . import (flux_checkpoint, hunyuan_dit_checkpoint, pixart_checkpoint, qwen_image_checkpoint, sd3_checkpoint,
-               wan_checkpoint)
+from . import (cogvideox_checkpoint, flux_checkpoint, hunyuan_dit_checkpoint, hunyuan_video_checkpoint,
+               pixart_checkpoint, qwen_image_checkpoint, sd3_checkpoint, wan_checkpoint)
 from .checkpoint_file import read_shapes
 from .fp8_weights import refuse_scaled_fp8, stored_state
 
@@ -37,6 +37,9 @@ class Family:
     adapter: Callable[[], type]  # the adapter class (imported lazily: diffusers loads slowly)
     latent_dimensions: int = 2  # 3: ComfyUI's LATENT has a time axis (B, C, T, H, W) for this family
     joint_text: bool = True  # prompt tokens attend jointly with the image tokens (False: by cross-attention)
+    unless_key: Optional[str] = None  # a key whose presence means another family's file despite the marker key
+    # where two families' files have the same keys (Wan 2.1 / Wan 2.2 TI2V 5B), a check of the shapes: True = ours
+    accepts: Optional[Callable[[Mapping[str, Any]], bool]] = None
 
 
 def _flux_adapter() -> type:
@@ -69,10 +72,21 @@ def _wan_adapter() -> type:
     return WanAdapter
 
 
+def _cogvideox_adapter() -> type:
+    from .cogvideox import CogVideoXAdapter
+    return CogVideoXAdapter
+
+
+def _hunyuan_video_adapter() -> type:
+    from .hunyuan_video import HunyuanVideoAdapter
+    return HunyuanVideoAdapter
+
+
 FLUX = Family(id="flux", title="Flux", marker_key="double_blocks.0.img_attn.qkv.weight",
               infer_spec=flux_checkpoint.infer_flux_spec,
               block_index=lambda key, spec: flux_checkpoint.block_index(key, spec.num_layers),
-              random_state=flux_checkpoint.random_bfl_state, adapter=_flux_adapter)
+              random_state=flux_checkpoint.random_bfl_state, adapter=_flux_adapter,
+              unless_key=hunyuan_video_checkpoint.MARKER_KEY)  # HunyuanVideo's double blocks are named as Flux's
 SD3 = Family(id="sd3", title="SD3/SD3.5", marker_key=sd3_checkpoint.MARKER_KEY,
              infer_spec=sd3_checkpoint.infer_sd3_spec, block_index=sd3_checkpoint.block_index,
              random_state=sd3_checkpoint.random_mmdit_state, adapter=_sd3_adapter)
@@ -91,32 +105,52 @@ PIXART_SIGMA = Family(id="pixart-sigma", title="PixArt-sigma", marker_key=pixart
                       infer_spec=pixart_checkpoint.infer_pixart_spec, block_index=pixart_checkpoint.block_index,
                       random_state=pixart_checkpoint.random_pixart_state, adapter=_pixart_adapter,
                       joint_text=False)
-# Wan 2.1 text-to-video: a video LATENT (B, 16, T, H, W); its variants (I2V, VACE, ...) are refused by infer_spec
+# Wan 2.1 / 2.2 text- and image-to-video (the spec says which): a video LATENT (B, 16, T, H, W); the other variants
+# (VACE, camera, Fun, ...) are refused by infer_spec
 WAN21 = Family(id="wan21", title="Wan 2.1", marker_key=wan_checkpoint.MARKER_KEY,
                infer_spec=wan_checkpoint.infer_wan_spec, block_index=wan_checkpoint.block_index,
                random_state=wan_checkpoint.random_wan_state, adapter=_wan_adapter, latent_dimensions=3,
-               joint_text=False)
+               joint_text=False, accepts=lambda keys: not wan_checkpoint.is_ti2v(keys))
+# Wan 2.2 TI2V 5B: Wan 2.1's keys and blocks, 48 channels in and out (shapes tell it apart), its own latent format
+WAN22_5B = Family(id=wan_checkpoint.TI2V_FAMILY, title="Wan 2.2 TI2V 5B", marker_key=wan_checkpoint.MARKER_KEY,
+                  infer_spec=wan_checkpoint.infer_wan_spec, block_index=wan_checkpoint.block_index,
+                  random_state=wan_checkpoint.random_wan_state, adapter=_wan_adapter, latent_dimensions=3,
+                  joint_text=False, accepts=wan_checkpoint.is_ti2v)
 # HunyuanDiT v1.0 / v1.1 / v1.2 (one spec type; v1.0's size + style conditions read from the file)
 HUNYUAN_DIT = Family(id="hunyuan-dit", title="HunyuanDiT", marker_key=hunyuan_dit_checkpoint.MARKER_KEY,
                      infer_spec=hunyuan_dit_checkpoint.infer_hunyuan_dit_spec,
                      block_index=hunyuan_dit_checkpoint.block_index,
                      random_state=hunyuan_dit_checkpoint.random_hunyuan_dit_state, adapter=_hunyuan_dit_adapter,
                      joint_text=False)
-FAMILIES: tuple[Family, ...] = (FLUX, SD3, QWEN_IMAGE, PIXART_ALPHA, PIXART_SIGMA, HUNYUAN_DIT, WAN21)
+# HunyuanVideo T2V: a video LATENT, Flux-like blocks (its files have Flux's marker key too: Flux's unless_key)
+HUNYUAN_VIDEO = Family(id="hunyuan-video", title="HunyuanVideo", marker_key=hunyuan_video_checkpoint.MARKER_KEY,
+                       infer_spec=hunyuan_video_checkpoint.infer_hunyuan_video_spec,
+                       block_index=hunyuan_video_checkpoint.block_index,
+                       random_state=hunyuan_video_checkpoint.random_hunyuan_video_state,
+                       adapter=_hunyuan_video_adapter, latent_dimensions=3)
+# CogVideoX 1.0 T2V in diffusers' layout (ComfyUI has no CogVideoX loader): a video LATENT, T5 tokens joint with the
+# video in every block, v-prediction; 2B (sin-cos positions) and 5B (rotary) told apart by cogvideox_checkpoint
+COGVIDEOX = Family(id="cogvideox", title="CogVideoX", marker_key=cogvideox_checkpoint.MARKER_KEY,
+                   infer_spec=cogvideox_checkpoint.infer_cogvideox_spec, block_index=cogvideox_checkpoint.block_index,
+                   random_state=cogvideox_checkpoint.random_cogvideox_state, adapter=_cogvideox_adapter,
+                   latent_dimensions=3)
+FAMILIES: tuple[Family, ...] = (FLUX, SD3, QWEN_IMAGE, PIXART_ALPHA, PIXART_SIGMA, HUNYUAN_DIT, WAN21, HUNYUAN_VIDEO,
+                                COGVIDEOX, WAN22_5B)
 
 # Built-in random-weight models: name -> spec (``spec.family`` says whose).
 TINY_SPECS: Mapping[str, ModelSpec] = {**flux_checkpoint.NAMED_SPECS, **sd3_checkpoint.NAMED_SD3_SPECS,
                                        **qwen_image_checkpoint.NAMED_QWEN_IMAGE_SPECS,
                                        **pixart_checkpoint.NAMED_PIXART_SPECS,
                                        **hunyuan_dit_checkpoint.NAMED_HUNYUAN_DIT_SPECS,
-                                       **wan_checkpoint.NAMED_WAN_SPECS}
+                                       **wan_checkpoint.NAMED_WAN_SPECS,
+                                       **hunyuan_video_checkpoint.NAMED_HUNYUAN_VIDEO_SPECS,
+                                       **cogvideox_checkpoint.NAMED_COGVIDEOX_SPECS}
 
 # Families ComfyUI runs that we do not yet, by a key their files have: for the refusal message.
 _NOT_YET = {"adaln_single.linear.weight": "PixArt (diffusers layout)", "t_block.1.weight": "PixArt",
             "time_extra_emb.pooler.q_proj.weight": "HunyuanDiT (diffusers layout)",
-            "img_in.weight": "another DiT (HunyuanVideo, Chroma, HiDream, ...)",
-            "patch_embedding.weight": "a Wan variant", "input_blocks.0.0.weight": "an SD1.5/SDXL UNet",
-            "txt_in.individual_token_refiner.blocks.0.norm1.weight": "HunyuanVideo"}
+            "img_in.weight": "another DiT (Chroma, HiDream, ...)",
+            "patch_embedding.weight": "a Wan variant", "input_blocks.0.0.weight": "an SD1.5/SDXL UNet"}
 
 
 def family(family_id: str) -> Family:
@@ -133,7 +167,8 @@ def family_of(spec: ModelSpec) -> Family:
 def detect_family(keys: Mapping[str, Any], source: str = "checkpoint") -> Family:
     """The family whose marker key ``keys`` holds; ``ValueError`` naming what the file looks like otherwise."""
     for fam in FAMILIES:
-        if fam.marker_key in keys:
+        if (fam.marker_key in keys and (fam.unless_key is None or fam.unless_key not in keys)
+                and (fam.accepts is None or fam.accepts(keys))):
             return fam
     looks = next((name for key, name in _NOT_YET.items() if key in keys), None)
     shown = ", ".join(sorted(keys)[:5])

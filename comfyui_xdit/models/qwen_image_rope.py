@@ -38,12 +38,14 @@ def joint_positions(image_ids: torch.Tensor, text_len: int) -> torch.Tensor:
     return torch.cat([text, image_ids[:, :TEXT_START].float()], dim=0)
 
 
-def rotary(positions: torch.Tensor, axes_dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (S, head_dim / 2) float32 of ``positions`` (S, 3), with ComfyUI's float64 frequencies."""
+def rotary(positions: torch.Tensor, axes_dims: tuple[int, ...],
+           theta: float = THETA) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (S, head_dim / 2) float32 of ``positions`` (S, 3), with ComfyUI's float64 frequencies
+    (``theta``: 10000 unless the family says otherwise, HunyuanVideo 256)."""
     angles = []
     for axis, dim in enumerate(axes_dims):
         scale = torch.linspace(0, (dim - 2) / dim, steps=dim // 2, dtype=torch.float64, device=positions.device)
-        omega = 1.0 / (THETA ** scale)  # (dim / 2,)
+        omega = 1.0 / (theta ** scale)  # (dim / 2,)
         # (S,) x (dim / 2,) -> (S, dim / 2)
         angles.append(positions[:, axis].to(torch.float32).to(torch.float64)[:, None] * omega[None, :])
     joint = torch.cat(angles, dim=1)  # (S, head_dim / 2)

@@ -24,3 +24,15 @@ FULL_SIZE: Mapping[str, tuple[Any, int]] = {
 }
 FULL_SIZE = {**FULL_SIZE, "wan2.1-t2v-1.3b": (WAN21_T2V_1_3B, 512),  # umT5-XXL at 512 tokens (ComfyUI pads to it)
              "wan2.1-t2v-14b": (WAN21_T2V_14B, 512)}
+# CogVideoX 1.0 (diffusers' transformer files): T5-XXL at the 226 tokens its pipeline pads to
+from ..models.cogvideox_checkpoint import COGVIDEOX_2B, COGVIDEOX_5B  # noqa: E402
+
+FULL_SIZE = {**FULL_SIZE, "cogvideox-2b": (COGVIDEOX_2B, 226), "cogvideox-5b": (COGVIDEOX_5B, 226)}
+# HunyuanVideo T2V (20 double + 40 single blocks): ComfyUI keeps the prompt's llama tokens, 256 at most by default
+from ..models.hunyuan_video_checkpoint import HUNYUAN_VIDEO_T2V  # noqa: E402
+
+FULL_SIZE = {**FULL_SIZE, "hunyuan-video-t2v": (HUNYUAN_VIDEO_T2V, 256)}
+# Wan 2.2 TI2V 5B (24 heads of 128, 30 blocks, 48 channels): umT5-XXL at 512 tokens, as Wan 2.1
+from ..models.wan_checkpoint import WAN22_TI2V_5B  # noqa: E402
+
+FULL_SIZE = {**FULL_SIZE, "wan2.2-ti2v-5b": (WAN22_TI2V_5B, 512)}

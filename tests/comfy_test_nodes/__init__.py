@@ -52,6 +52,53 @@ class XDiTTestPoolProbe:
         return ()
 
 
+class _WanTestVAE:
+    """Stands in for the Wan VAE in WanImageToVideo (the real one is 500 MB): ``encode`` of (T, H, W, 3) pixels is
+    (1, 16, (T - 1) // 4 + 1, H / 8, W / 8), a fixed random map of 8x8-pooled pixels, the first frame alone then
+    groups of 4 (the Wan VAE's time stride)."""
+
+    def __init__(self, seed):
+        generator = torch.Generator().manual_seed(seed)
+        self.weight = torch.randn(16, 3, generator=generator)
+        self.bias = torch.randn(16, generator=generator)
+
+    def encode(self, pixels):
+        x = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1).float(), 8)  # (T, 3, H/8, W/8)
+        frames = [x[:1].mean(0)] + [x[i:i + 4].mean(0) for i in range(1, x.shape[0], 4)]
+        x = torch.stack(frames, dim=1)  # (3, T', h, w)
+        return (torch.einsum("oc,cthw->othw", self.weight, x) + self.bias[:, None, None, None])[None]
+
+
+class _ClipVisionOutput:
+    """What ComfyUI's WAN21 reads of a CLIP_VISION_OUTPUT: its penultimate hidden states."""
+
+    def __init__(self, penultimate_hidden_states):
+        self.penultimate_hidden_states = penultimate_hidden_states
+
+
+class XDiTTestWanImageInputs:
+    """A stand-in Wan VAE, a random start image and a random CLIP vision output, for the stock WanImageToVideo."""
+
+    CATEGORY = "testing/xdit"
+    RETURN_TYPES = ("VAE", "IMAGE", "CLIP_VISION_OUTPUT")
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "width": ("INT", {"default": 64, "min": 8, "max": 4096}),
+                             "height": ("INT", {"default": 64, "min": 8, "max": 4096}),
+                             "clip_tokens": ("INT", {"default": 9, "min": 1, "max": 1024})}}
+
+    def make(self, seed, width, height, clip_tokens):
+        generator = torch.Generator().manual_seed(seed)
+        image = torch.rand(1, height, width, 3, generator=generator)
+        clip = _ClipVisionOutput(torch.randn(1, clip_tokens, 1280, generator=generator))
+        return (_WanTestVAE(seed), image, clip)
+
+
 NODE_CLASS_MAPPINGS = {"XDiTTestConditioning": XDiTTestConditioning, "XDiTTestPoolProbe": XDiTTestPoolProbe}
 NODE_DISPLAY_NAME_MAPPINGS = {"XDiTTestConditioning": "xDiT Test Conditioning (tests only)",
                               "XDiTTestPoolProbe": "xDiT Test Pool Probe (tests only)"}
+NODE_CLASS_MAPPINGS["XDiTTestWanImageInputs"] = XDiTTestWanImageInputs
+NODE_DISPLAY_NAME_MAPPINGS["XDiTTestWanImageInputs"] = "xDiT Test Wan Image Inputs (tests only)"
