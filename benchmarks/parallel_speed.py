@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--model", default="heavy-flux")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--only", nargs="+", default=None, help="run only these configs (and serial)")
     parser.add_argument("--blocks", type=int, nargs=2, default=(4, 8), metavar=("DOUBLE", "SINGLE"),
                         help="heavy-flux's double and single blocks")
     parser.add_argument("--json", default="parallel_speed.json")
@@ -102,13 +103,15 @@ def run(args: argparse.Namespace, ref: ModelRef, positive: Conditioning, negativ
     base = GenerationRequest(model=ref, latent=torch.zeros(1, 16, args.size // 8, args.size // 8),
                              positive=positive, negative=negative, cfg=3.0, steps=args.steps)
     torch.set_num_threads(1)  # as one rank
-    seconds = block_seconds(load_model(ref), base)
-    split = measured_split(seconds, PIPEFUSION.pipefusion_degree)
+    block_s = block_seconds(load_model(ref), base, patches=PIPEFUSION.patches)
+    split = measured_split(block_s, PIPEFUSION.pipefusion_degree)
     configs = {**CONFIGS, "pipefusion 2 timed cut": replace(PIPEFUSION, stage_split=split)}
     flop_cut = spec_stages(model_spec(ref), PIPEFUSION.pipefusion_degree)
     rows = []
     try:
         for name, parallel in configs.items():
+            if args.only and name != "serial" and not any(word in name for word in args.only):
+                continue
             request = replace(base, parallel=parallel)
             seconds, sent = run_ranks(parallel.world_size, timed_rank, (request,))
             rows.append((name, parallel.world_size, seconds, sent))
@@ -122,11 +125,11 @@ def run(args: argparse.Namespace, ref: ModelRef, positive: Conditioning, negativ
              [n for n, *_ in rows], {"speed-up": [serial / s for _, _, s, _ in rows]}, "x serial")
     print(f"{args.model}, {args.size}x{args.size} px ({(args.size // 16) ** 2} tokens), {args.steps} steps, cfg 3.0, "
           f"CPU gloo ranks, one torch thread each")
-    print("block ms (one thread, whole latent): " + " ".join(f"{1000 * s:.0f}" for s in seconds))
-    for name, bounds in (("FLOP cut", flop_cut), ("timed cut", tuple(zip((0,) + split, split + (len(seconds),))))):
-        stage_s = [sum(seconds[a:b]) for a, b in bounds]
-        print(f"{name}: stages {bounds}, slowest stage {max(stage_s) / sum(seconds):.0%} of the block time "
-              f"(bound {sum(seconds) / max(stage_s):.2f}x)")
+    print(f"block ms (one thread, a patch of 1/{PIPEFUSION.patches} of the latent): " + " ".join(f"{1000 * s:.0f}" for s in block_s))
+    for name, bounds in (("FLOP cut", flop_cut), ("timed cut", tuple(zip((0,) + split, split + (len(block_s),))))):
+        stage_s = [sum(block_s[a:b]) for a, b in bounds]
+        print(f"{name}: stages {bounds}, slowest stage {max(stage_s) / sum(block_s):.0%} of the block time "
+              f"(bound {sum(block_s) / max(stage_s):.2f}x)")
     print(f"{'config':<26}{'ranks':>6}{'s/step':>10}{'speed-up':>10}{'rank0 KiB/step':>16}")
     for name, world, seconds_per_step, sent in rows:
         print(f"{name:<26}{world:>6}{seconds_per_step:>10.3f}{serial / seconds_per_step:>10.2f}{sent / 1024:>16.1f}")
