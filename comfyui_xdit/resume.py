@@ -102,5 +102,5 @@ def pipefusion_kv_bytes(spec: Any, latent_shape: tuple[int, ...], cfg_forwards: 
     (a 2x2-patch token per 2x2 latent pixels, per frame of a video) for every block, per CFG forward."""
     batch, frames = latent_shape[0], (latent_shape[2] if len(latent_shape) == 5 else 1)
     tokens = frames * (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
-    width = spec.num_attention_heads * spec.attention_head_dim
+    width = spec.hidden_size  # heads x head width: K and V are as wide as the hidden state in every family
     return 2 * spec.num_blocks * batch * tokens * width * element_size * cfg_forwards

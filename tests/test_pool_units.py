@@ -169,3 +169,27 @@ def test_pool_lets_older_models_weights_go() -> None:
     assert list(pool._held_patches) == [f"d{i}" for i in range(1, HELD_MODELS + 1)]
     pool.hold_model("comfyui-model:1", {"w": torch.ones(1)})  # used again: kept longest
     assert list(pool._held)[-1] == "comfyui-model:1"
+
+
+def test_pipefusion_checkpoints_keep_the_kv_only_when_the_model_is_known_and_small() -> None:
+    """The pool asks PipeFusion jobs for checkpoints; with the K/V when it can read the model's architecture and
+    the K/V fits the limit, else without (a retry re-warms): a ComfyUI MODEL's weights or a file only the hosts
+    hold must not fail the job (the host tests of XDiTParallelModel with PipeFusion caught that)."""
+    from comfyui_xdit_workers.pool import resumable
+
+    positive, _ = tiny_conditioning(ModelRef("tiny:flux"), 0)
+
+    def job(model: str) -> Job:
+        request = GenerationRequest(model=ModelRef(model), latent=torch.zeros(1, 16, 8, 8), positive=positive,
+                                    parallel=ParallelConfig(pipefusion_degree=2))
+        return Job("j", request, 5.0, lambda _: None)
+
+    small = resumable(job("tiny:flux"))
+    assert small.checkpoints and small.checkpoint_kv
+    assert not resumable(job("tiny:flux"), kv_limit_bytes=1).checkpoint_kv
+    unknown = resumable(job("comfyui-model:abc"), spec_of=lambda ref: None)
+    assert unknown.checkpoints and not unknown.checkpoint_kv
+    from comfyui_xdit.models.families import TINY_SPECS
+    from comfyui_xdit.resume import pipefusion_kv_bytes
+    for name, spec in TINY_SPECS.items():  # every family's spec gives its K/V size
+        assert pipefusion_kv_bytes(spec, (1, 16, 8, 8), 1, 4) > 0, name

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -22,7 +22,7 @@ from comfyui_xdit.models.fp8_weights import picklable
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.planning.hardware import Link
 from comfyui_xdit.model_loader import model_spec
-from comfyui_xdit.request import GenerationRequest
+from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit.resume import pipefusion_kv_bytes
 from comfyui_xdit.sampling import GenerationCancelled, OnStep
 
@@ -213,7 +213,7 @@ class XDiTPool:
     def _attempt(self, job: Job) -> torch.Tensor:
         import ray
 
-        request = resumable(job)
+        request = resumable(job, self._spec_of)
         world = self._world_for(request.parallel)
         self._load(world, request)
         channel, timeouts = self._channel, self.settings.timeouts
@@ -252,6 +252,18 @@ class XDiTPool:
                 time.sleep(0.2)
         except Exception as exc:  # noqa: BLE001 - a failed look at the cluster must not stop the job thread
             logger.warning("pool %s: could not read the cluster's device leases: %s", self.client, exc)
+
+    def _spec_of(self, ref: ModelRef) -> Any:
+        """The architecture of ``ref`` as this process can read it (None when it cannot: a file only the
+        hosts hold)."""
+        from comfyui_xdit.models.families import infer_spec
+
+        try:
+            if ref.is_in_memory:
+                return infer_spec(self._held[ref.path], ref.path) if ref.path in self._held else None
+            return model_spec(ref)
+        except Exception:  # noqa: BLE001 - unknown here only means no K/V in the checkpoints
+            return None
 
     # ---- world and model -----------------------------------------------------------------------
     def _world_for(self, parallel: ParallelConfig) -> World:
@@ -399,21 +411,24 @@ def _most_recent(resident: tuple, key: tuple, keep: int) -> tuple:
     return (tuple(k for k in resident if k != key) + (key,))[-keep:]
 
 
-def resumable(job: Job, kv_limit_bytes: int = KV_CHECKPOINT_LIMIT) -> GenerationRequest:
+def resumable(job: Job, spec_of: Callable[[ModelRef], Any] = model_spec,
+              kv_limit_bytes: int = KV_CHECKPOINT_LIMIT) -> GenerationRequest:
     """The request an attempt runs: asking for a checkpoint with every step where the loop can resume (all
     but data parallel), and resumed from the job's last one on a retry (the same latent as one run).
-    PipeFusion's checkpoints carry its ranks' stale K/V up to ``kv_limit_bytes``; beyond, a resumed run
-    re-warms one step over the whole latent (resume.py)."""
+    PipeFusion's checkpoints carry its ranks' stale K/V up to ``kv_limit_bytes`` (``spec_of``: the model's
+    architecture; None when unknown here, then no K/V); beyond, a resumed run re-warms one step over the
+    whole latent (resume.py)."""
     request = job.request
     if request.parallel.data_degree > 1:
         return request  # each group's rows are spread over its ranks: a retry starts again
     request = dataclasses.replace(request, checkpoints=True)
     if request.parallel.pipefusion_degree > 1:
-        kv = pipefusion_kv_bytes(model_spec(request.model), tuple(request.latent.shape),
-                                 2 if request.negative is not None and request.cfg != 1.0 else 1,
-                                 request.model.torch_dtype.itemsize)
+        spec = spec_of(request.model)
+        kv = float("inf") if spec is None else pipefusion_kv_bytes(
+            spec, tuple(request.latent.shape), 2 if request.negative is not None and request.cfg != 1.0 else 1,
+            request.model.torch_dtype.itemsize)
         if kv > kv_limit_bytes:
-            logger.info("job %s: PipeFusion checkpoints without the %.1f GiB of stale K/V (over %.1f GiB): a retry "
+            logger.info("job %s: PipeFusion checkpoints without the %.1f GiB of stale K/V (limit %.2f GiB): a retry "
                         "re-warms one step", job.id, kv / 2**30, kv_limit_bytes / 2**30)
             request = dataclasses.replace(request, checkpoint_kv=False)
     if job.checkpoint is not None:
