@@ -43,6 +43,7 @@ class Job:
         self.request = request
         self.checkpoint: Optional[Checkpoint] = None  # the last finished step's state, for a resumed retry
         self._parts = CheckpointParts()  # PipeFusion's checkpoints arrive in parts, one per rank
+        self.last_step, self.last_total = 0, 0  # the newest step event posted, for a resumed retry's catch-up
         self._default_timeout_s = default_timeout_s
         self._on_cancel = on_cancel
         self._lock = threading.Lock()
@@ -132,10 +133,17 @@ class Job:
             if whole is not None:
                 self.checkpoint = whole
             return
+        self.last_step, self.last_total = max(self.last_step, event.step), event.total
         if event.checkpoint is not None:  # kept for a retry; callers of events() get the step and preview
             self.checkpoint = event.checkpoint
             event = dataclasses.replace(event, checkpoint=None)
         self._events.put(event)
+
+    def _catch_up(self, calls: int) -> None:
+        """Step events (without previews) for the steps a retry resumes after but whose events were lost with
+        the world (PipeFusion's parts can be ahead of rank 0's events), so progress stays continuous."""
+        for step in range(self.last_step + 1, calls + 1):
+            self._post(StepEvent(step, self.last_total, None))
 
     def _finish(self, latent: torch.Tensor) -> None:
         with self._lock:

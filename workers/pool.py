@@ -214,6 +214,8 @@ class XDiTPool:
         import ray
 
         request = resumable(job, self._spec_of)
+        if request.resume is not None:
+            job._catch_up(request.resume.calls)
         world = self._world_for(request.parallel)
         self._load(world, request)
         channel, timeouts = self._channel, self.settings.timeouts
