@@ -86,15 +86,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def expected_stage_bytes(req: GenerationRequest, stage: int, step: int) -> int:
-    """PipeFusion bytes a stage sends in one step (fp32): one patch of activations (image + the patch's
-    own text stream) per patch per branch forward; from the last stage, the updated patches and the
-    step's preview back to stage 0."""
+    """PipeFusion bytes a stage sends in one step (fp32): one patch of activations per patch per branch
+    forward, and Flux's text stream once a step (with the step's first patch, ``pipefusion_text.py``); from
+    the last stage, the updated patches and the step's preview back to stage 0."""
     par = req.parallel
     batch, tokens = req.latent.shape[0], (LATENT[2] // 2) * (LATENT[3] // 2)
     branches = 2 if req.uses_cfg and par.cfg_degree == 1 else 1
-    items = 1 if step < par.warmup_steps else par.patches
     if stage < par.pipefusion_degree - 1:
-        return branches * 4 * batch * HIDDEN * (tokens + items * TEXT_LEN)
+        return branches * 4 * batch * HIDDEN * (tokens + TEXT_LEN)
     sent = 4 * batch * LATENT_CHANNELS * tokens if step < req.steps - 1 else 0
     return sent + 4 * LATENT[1] * LATENT[2] * LATENT[3]  # preview: first image, small enough not to be pooled
 

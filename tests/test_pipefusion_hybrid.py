@@ -113,13 +113,14 @@ def expected_bytes(req: GenerationRequest, rank: int, step: int) -> dict[str, in
     per_item = (stop - start) * branches  # attention layers this rank runs per item
     is_last = coords.pipefusion == par.pipefusion_degree - 1
     out = {"control": FP32 * items}  # the stop vote, one per work item
-    if u > 1:  # q, k, v, out all-to-all (keeping 1/u) + the text output all-gathered over heads
+    texts = 1  # Flux's prompt rides with a step's first item only (pipefusion_text.py)
+    if u > 1:  # q, k, v, out all-to-all (keeping 1/u) + the text output all-gathered over heads (items with text)
         all_to_all = 4 * local * HEADS * HEAD_DIM * FP32 * (u - 1) // u
-        out["ulysses"] = items * per_item * (all_to_all + (u - 1) * TEXT * (HEADS // u) * HEAD_DIM * FP32)
+        out["ulysses"] = per_item * (items * all_to_all + texts * (u - 1) * TEXT * (HEADS // u) * HEAD_DIM * FP32)
     if r > 1:  # image k and v after Ulysses (u shards, h/u heads) all-gathered over the ring
         out["ring"] = items * per_item * 2 * (r - 1) * local * u * (HEADS // u) * HEAD_DIM * FP32
-    if not is_last:  # one shard of activations (image + the item's own text stream) per item per branch
-        out["pipefusion"] = items * branches * HIDDEN * FP32 * (local + TEXT)
+    if not is_last:  # one shard of activations per item per branch, + the text stream of the items with it
+        out["pipefusion"] = branches * HIDDEN * FP32 * (items * local + texts * TEXT)
         return out
     if p > 1:  # the item's x0 prediction all-gathered over ring x ulysses
         out["sequence"] = items * branches * (p - 1) * local * CHANNELS * FP32

@@ -37,6 +37,9 @@ class Family:
     adapter: Callable[[], type]  # the adapter class (imported lazily: diffusers loads slowly)
     latent_dimensions: int = 2  # 3: ComfyUI's LATENT has a time axis (B, C, T, H, W) for this family
     joint_text: bool = True  # prompt tokens attend jointly with the image tokens (False: by cross-attention)
+    # PipeFusion runs the prompt tokens once a step, not once a patch: the adapter's blocks run on an empty text
+    # stream ((B, 0, width) context, rotary for the image alone); see parallel/pipefusion_text.py
+    text_once: bool = False
     unless_key: Optional[str] = None  # a key whose presence means another family's file despite the marker key
     # where two families' files have the same keys (Wan 2.1 / Wan 2.2 TI2V 5B), a check of the shapes: True = ours
     accepts: Optional[Callable[[Mapping[str, Any]], bool]] = None
@@ -86,7 +89,8 @@ FLUX = Family(id="flux", title="Flux", marker_key="double_blocks.0.img_attn.qkv.
               infer_spec=flux_checkpoint.infer_flux_spec,
               block_index=lambda key, spec: flux_checkpoint.block_index(key, spec.num_layers),
               random_state=flux_checkpoint.random_bfl_state, adapter=_flux_adapter,
-              unless_key=hunyuan_video_checkpoint.MARKER_KEY)  # HunyuanVideo's double blocks are named as Flux's
+              unless_key=hunyuan_video_checkpoint.MARKER_KEY,  # HunyuanVideo's double blocks are named as Flux's
+              text_once=True)
 SD3 = Family(id="sd3", title="SD3/SD3.5", marker_key=sd3_checkpoint.MARKER_KEY,
              infer_spec=sd3_checkpoint.infer_sd3_spec, block_index=sd3_checkpoint.block_index,
              random_state=sd3_checkpoint.random_mmdit_state, adapter=_sd3_adapter)

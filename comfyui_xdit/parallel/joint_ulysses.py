@@ -40,5 +40,7 @@ class JointUlysses:
     def gather_heads(self, out: torch.Tensor, text_len: int) -> torch.Tensor:
         """(B, L + N_local * U, H/U, D) -> (B, L + N_local, H, D), text first."""
         image_out = heads_to_seq(out[:, text_len:], self.group, self.counter)  # (B, N_local, H, D)
+        if text_len == 0:  # an item without text (PipeFusion's text once a step): every rank of the group agrees
+            return image_out
         text_out = all_gather_cat(out[:, :text_len], 2, self.group, self.counter, "ulysses")  # (B, L, H, D)
         return torch.cat([text_out, image_out], dim=1)

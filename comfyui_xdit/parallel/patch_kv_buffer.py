@@ -5,6 +5,10 @@ they last passed through this layer (this step for earlier patches, the previous
 ``StaleKVAttention`` is an ``AttentionBackend``: the loop points it at the image-token range it is
 about to run (``at(start, stop)``), and every layer's call refreshes that slice and attends over
 text + the full buffered image K/V. Over the whole latent it is exactly serial attention.
+
+With ``text_once`` (joint-text families whose blocks run on zero text tokens, see ``pipefusion_text.py``)
+it also keeps each layer's text K/V from the last item that carried the prompt, and an item without
+text attends over that cached text + the image buffer.
 """
 
 from __future__ import annotations
@@ -67,9 +71,12 @@ class StaleKVAttention:
     """
 
     def __init__(self, num_tokens: int, ulysses_group: Optional[dist.ProcessGroup] = None,
-                 ring_group: Optional[dist.ProcessGroup] = None, counter: Optional[CommCounter] = None) -> None:
+                 ring_group: Optional[dist.ProcessGroup] = None, counter: Optional[CommCounter] = None,
+                 text_once: bool = False) -> None:
         self.num_tokens = num_tokens
         self.buffers: dict[int, PatchKVBuffer] = {}
+        self.text_once = text_once
+        self.text_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (B, L, H/U, D) text k, v
         self.start, self.stop = 0, num_tokens
         self.ring_group, self.counter = ring_group, counter
         self.ulysses = JointUlysses(ulysses_group, counter)
@@ -97,6 +104,7 @@ class StaleKVAttention:
         if patch_k.shape[1] != self.stop - self.start:
             raise RuntimeError(f"layer {layer}: got {patch_k.shape[1]} image tokens for patch "
                                f"[{self.start}, {self.stop})")
+        text_k, text_v = self._text_kv(layer, text_len, text_k, text_v)
         buffer = self.buffer(layer)
         buffer.refresh(self.start, patch_k, patch_v)
         assert buffer.key is not None and buffer.value is not None
@@ -107,6 +115,20 @@ class StaleKVAttention:
         if self.ulysses.size == 1:
             return out
         return self.ulysses.gather_heads(out, text_len)  # (B, L + n_local, H, D)
+
+    def _text_kv(self, layer: int, text_len: int, text_k: torch.Tensor,
+                 text_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text K/V this layer attends to: the item's own (kept when ``text_once``), or, for an item
+        without text, the cached ones of the last item that carried the prompt through this layer."""
+        if not self.text_once:
+            return text_k, text_v
+        if text_len:
+            self.text_kv[layer] = (text_k, text_v)
+            return text_k, text_v
+        if layer not in self.text_kv:
+            raise RuntimeError(f"layer {layer}: an item without text tokens ran before one with the prompt; "
+                               f"the first patch of every step must carry the text")
+        return self.text_kv[layer]
 
     def snapshot(self) -> tuple[tuple[int, torch.Tensor, torch.Tensor], ...]:
         """CPU copies of every filled layer's (layer, key, value): (B, N, H/U, D) each, for a checkpoint."""

@@ -8,12 +8,14 @@ the activations on; the last stage runs the head, applies CFG and the sampler st
 sends the updated patch back to stage 0, which needs it one step later. Warm-up items cover the
 whole latent (synchronous, equal to serial) and fill the K/V buffers.
 
-The text stream is carried *per patch*: stage 0 embeds the prompt for every patch and each patch's
-text hidden state travels with its image hidden state through all stages. In a double block the text
-attends to this patch's fresh image tokens and the other patches' stale ones, so its output differs
+The text stream is carried *per patch* by default: stage 0 embeds the prompt for every patch and each
+patch's text hidden state travels with its image hidden state through all stages. In a double block the
+text attends to this patch's fresh image tokens and the other patches' stale ones, so its output differs
 per patch; keeping it per patch makes each item an ordinary forward of the model on (text + patch)
 with a different attention context, makes M = 1 exactly serial, and costs one (B, L, C) text tensor
-per patch per stage boundary. ``pipefusion_reference`` computes the same numbers in one process.
+per patch per stage boundary. Adapters that allow it (Flux) run the prompt once a step instead: only a
+step's first patch carries it, the others attend over its cached text K/V (``pipefusion_text.py``).
+``pipefusion_reference`` computes the same numbers in one process.
 
 Sampler state (DPM++ 2M's previous x0) lives on the last stage, full size, updated patch by patch:
 the steps are elementwise, so a patch's update equals the same slice of a whole-latent update.
@@ -48,6 +50,7 @@ from .patch_kv_buffer import StaleKVAttention
 from .pipefusion_comm import LaggedStopVote, PipeLinks
 from .pipefusion_schedule import (Work, parallel_stages, patch_bounds, producer_of_input, resumed_work,
                                   split_stages, stage_work)
+from .pipefusion_text import carries_text, item_conds, uses_text_once
 from .sequence_parallel import SequenceShard
 
 logger = logging.getLogger(__name__)
@@ -195,7 +198,9 @@ class PipeFusionLoop:
         forwards = branch_forwards(self._branches(plan), plan.x.shape[0], plan.batch_cfg)
         ulysses, ring = self.mesh.group(("ulysses",)), self.mesh.group(("ring",))
         # one K/V buffer set per forward (a stacked one holds each branch's own rows: the same stale K/V)
-        backends = [StaleKVAttention(num_tokens, ulysses, ring, self.counter) for _ in forwards.conds]
+        text_once = uses_text_once(adapter)
+        backends = [StaleKVAttention(num_tokens, ulysses, ring, self.counter, text_once) for _ in forwards.conds]
+        with_text, textless = item_conds(forwards.conds, text_once)  # the prompt once a step where allowed
         # stage 0: inputs as they come back; last stage: the truth (and the sampler state)
         x, sampler_state = plan.begin(plan.x.to(adapter.device).clone())
         inpaint = plan.inpaint.to(adapter.device) if plan.inpaint is not None else None
@@ -227,7 +232,7 @@ class PipeFusionLoop:
                 model_in = plan.prediction.model_input(seen, sigma)  # what the model sees
                 sigma_batch = plan.model_sigmas[step] * part.new_ones(part.shape[0])  # what the adapter is told
                 denoised = []
-                for backend, cond in zip(backends, forwards.conds):
+                for backend, cond in zip(backends, with_text if carries_text(work) else textless):
                     adapter.seam.backend = backend.at(start, stop)
                     # (B, n_local, C) -> (2B, n_local, C) when the branches are stacked
                     state = self._forward(forwards.rows(model_in), plan.image_ids[lo:hi], cond,

@@ -4,7 +4,7 @@ No stages and no messages: for each (step, patch) of the schedule, every block r
 the stale-K/V attention backend, then the sampler step updates the patch. That is the same arithmetic
 the pipeline does, because a stage sees its own layers' buffers refreshed in the same (step, patch)
 order, each patch starts from its own state after the previous step, and the text stream is carried
-per patch in both (see ``pipefusion.py``).
+per patch in both, or once a step in both where the adapter allows it (``pipefusion_text.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from ..models.adapter import Adapter
 from ..samplers import step_patch
 from ..sampling import SamplingPlan, apply_cfg, denoised_from
 from .patch_kv_buffer import StaleKVAttention
+from .pipefusion_text import carries_text, item_conds, uses_text_once
 from .pipefusion_schedule import patch_bounds, stage_work
 
 
@@ -29,7 +30,9 @@ def pipefusion_reference(adapter: Adapter, plan: SamplingPlan, num_patches: int,
     bounds = patch_bounds(num_tokens, num_patches)
     branches = [plan.positive] + ([plan.negative] if plan.negative is not None else [])
     forwards = branch_forwards(branches, plan.x.shape[0], plan.batch_cfg)  # one of both, or one per branch
-    backends = [StaleKVAttention(num_tokens) for _ in forwards.conds]  # one set of K/V buffers per forward
+    text_once = uses_text_once(adapter)
+    backends = [StaleKVAttention(num_tokens, text_once=text_once) for _ in forwards.conds]  # K/V buffers per forward
+    with_text, textless = item_conds(forwards.conds, text_once)
     x, state = plan.begin(plan.x.clone())  # tokens (B, N, 64) and the sampler state
     step_noise = plan.step_noise(x.device)
     saved = adapter.seam.backend
@@ -42,7 +45,7 @@ def pipefusion_reference(adapter: Adapter, plan: SamplingPlan, num_patches: int,
             seen = plan.inpaint.model_input(part, sigma, start) if plan.inpaint is not None else part
             model_in = plan.prediction.model_input(seen, sigma)
             outputs = []
-            for backend, cond in zip(backends, forwards.conds):
+            for backend, cond in zip(backends, with_text if carries_text(work) else textless):
                 adapter.seam.backend = backend.at(start, stop)
                 # (B, n, 64) -> (2B, n, 64) when the branches are stacked
                 outputs.append(adapter.velocity(forwards.rows(model_in), plan.image_ids[start:stop], cond,

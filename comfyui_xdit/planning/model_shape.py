@@ -27,6 +27,7 @@ class ModelShape:
     joint_text: bool  # prompt tokens attend with the image tokens (Flux, SD3, Qwen-Image)
     token_channels: int  # latent channels of one packed token (C * 2 * 2)
     stage_costs: tuple[float, ...]  # what PipeFusion balances its stages by (``models.block_sizes``)
+    text_once: bool = False  # PipeFusion carries the prompt with a step's first patch only (``Family.text_once``)
 
     @property
     def blocks(self) -> int:
@@ -77,4 +78,4 @@ def shape_of(spec: Any, name: str = "", text_tokens: int = 256) -> ModelShape:
                       block_parameters=sizes.total, block_token_parameters=sizes.per_token,
                       block_text_parameters=sizes.per_text_token,
                       shared_parameters=sizes.shared, stage_costs=sizes.costs(), text_tokens=text_tokens,
-                      joint_text=fam.joint_text, token_channels=spec.latent_channels * 4)
+                      joint_text=fam.joint_text, token_channels=spec.latent_channels * 4, text_once=fam.text_once)

@@ -38,15 +38,18 @@ def forwards_per_rank(layout: ParallelConfig, call: CallShape) -> int:
     return 1 if call.batch_cfg else branches_per_rank(layout, call)
 
 
-def attention_bytes(shape: ModelShape, layout: ParallelConfig, call: CallShape, local: int) -> dict[str, int]:
+def attention_bytes(shape: ModelShape, layout: ParallelConfig, call: CallShape, local: int,
+                    with_text: bool = True) -> dict[str, int]:
     """One attention layer of one forward on ``local`` image tokens per rank: Ulysses' four all-to-alls
-    (keeping 1/u) and its all-gather of the text's output over heads; Ring's image K/V passed r - 1 times."""
+    (keeping 1/u) and its all-gather of the text's output over heads (not for a PipeFusion item without the
+    prompt, ``with_text=False``); Ring's image K/V passed r - 1 times."""
     u, r = layout.ulysses_degree, layout.ring_degree
     act, b, heads, head_dim = call.activation_bytes, call.batch, shape.heads, shape.head_dim
     out: dict[str, int] = {}
     if u > 1:
         all_to_all = 4 * b * local * heads * head_dim * act * (u - 1) // u
-        text = (u - 1) * b * shape.text_tokens * (heads // u) * head_dim * act if shape.joint_text else 0
+        joint = shape.joint_text and with_text
+        text = (u - 1) * b * shape.text_tokens * (heads // u) * head_dim * act if joint else 0
         out["ulysses"] = all_to_all + text
     if r > 1:  # after Ulysses a rank holds u shards with heads / u heads each
         out["ring"] = (r - 1) * 2 * b * local * u * (heads // u) * head_dim * act
@@ -83,9 +86,12 @@ def pipefusion_call_bytes(shape: ModelShape, layout: ParallelConfig, call: CallS
     branches = branches_per_rank(layout, call)
     start, stop = shape.stages(layout.pipefusion_degree)[stage]
     out = {"control": FP32 * items}  # the stop vote, one per work item
-    _add(out, attention_bytes(shape, layout, call, local), items * (stop - start) * branches)
-    if stage < layout.pipefusion_degree - 1:  # image shard + the item's own text stream, per item per branch
-        out["pipefusion"] = items * branches * shape.hidden * act * (local + shape.text_tokens)
+    texts = 1 if shape.text_once else items  # items that carry the prompt (``pipefusion_text.py``)
+    layers = (stop - start) * branches
+    _add(out, attention_bytes(shape, layout, call, local), texts * layers)
+    _add(out, attention_bytes(shape, layout, call, local, with_text=False), (items - texts) * layers)
+    if stage < layout.pipefusion_degree - 1:  # image shard per item per branch, + the text stream of those with it
+        out["pipefusion"] = branches * shape.hidden * act * (items * local + texts * shape.text_tokens)
         return out
     if p > 1:
         out["sequence"] = items * branches * (p - 1) * local * channels * FP32
