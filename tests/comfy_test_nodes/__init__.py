@@ -102,3 +102,43 @@ NODE_DISPLAY_NAME_MAPPINGS = {"XDiTTestConditioning": "xDiT Test Conditioning (t
                               "XDiTTestPoolProbe": "xDiT Test Pool Probe (tests only)"}
 NODE_CLASS_MAPPINGS["XDiTTestWanImageInputs"] = XDiTTestWanImageInputs
 NODE_DISPLAY_NAME_MAPPINGS["XDiTTestWanImageInputs"] = "xDiT Test Wan Image Inputs (tests only)"
+
+
+class _Wan22TestVAE:
+    """Stands in for the Wan 2.2 VAE in Wan22ImageToVideoLatent: ``encode`` of (T, H, W, 3) pixels is
+    (1, 48, (T - 1) // 4 + 1, H / 16, W / 16), a fixed random map of 16x16-pooled pixels, the first frame alone then
+    groups of 4 (the Wan 2.2 VAE's 16x space and 4x time strides)."""
+
+    def __init__(self, seed):
+        generator = torch.Generator().manual_seed(seed)
+        self.weight = torch.randn(48, 3, generator=generator)
+        self.bias = torch.randn(48, generator=generator)
+
+    def encode(self, pixels):
+        x = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1).float(), 16)  # (T, 3, H/16, W/16)
+        frames = [x[:1].mean(0)] + [x[i:i + 4].mean(0) for i in range(1, x.shape[0], 4)]
+        x = torch.stack(frames, dim=1)  # (3, T', h, w)
+        return (torch.einsum("oc,cthw->othw", self.weight, x) + self.bias[:, None, None, None])[None]
+
+
+class XDiTTestWan22ImageInputs:
+    """A stand-in Wan 2.2 VAE and a random start image, for the stock Wan22ImageToVideoLatent."""
+
+    CATEGORY = "testing/xdit"
+    RETURN_TYPES = ("VAE", "IMAGE")
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "width": ("INT", {"default": 64, "min": 16, "max": 4096}),
+                             "height": ("INT", {"default": 64, "min": 16, "max": 4096})}}
+
+    def make(self, seed, width, height):
+        generator = torch.Generator().manual_seed(seed)
+        image = torch.rand(1, height, width, 3, generator=generator)
+        return (_Wan22TestVAE(seed), image)
+
+
+NODE_CLASS_MAPPINGS["XDiTTestWan22ImageInputs"] = XDiTTestWan22ImageInputs
+NODE_DISPLAY_NAME_MAPPINGS["XDiTTestWan22ImageInputs"] = "xDiT Test Wan 2.2 Image Inputs (tests only)"
