@@ -93,12 +93,12 @@ FLUX = Family(id="flux", title="Flux", marker_key="double_blocks.0.img_attn.qkv.
               text_once=True)
 SD3 = Family(id="sd3", title="SD3/SD3.5", marker_key=sd3_checkpoint.MARKER_KEY,
              infer_spec=sd3_checkpoint.infer_sd3_spec, block_index=sd3_checkpoint.block_index,
-             random_state=sd3_checkpoint.random_mmdit_state, adapter=_sd3_adapter)
+             random_state=sd3_checkpoint.random_mmdit_state, adapter=_sd3_adapter, text_once=True)
 QWEN_IMAGE = Family(id="qwen-image", title="Qwen-Image", marker_key=qwen_image_checkpoint.MARKER_KEY,
                     infer_spec=qwen_image_checkpoint.infer_qwen_image_spec,
                     block_index=qwen_image_checkpoint.block_index,
                     random_state=qwen_image_checkpoint.random_qwen_image_state, adapter=_qwen_image_adapter,
-                    latent_dimensions=3)  # ComfyUI's Wan21 latent format
+                    latent_dimensions=3, text_once=True)  # ComfyUI's Wan21 latent format
 # PixArt: both have t_block; alpha's files also the micro-condition embedders (as ComfyUI tells them apart),
 # so alpha is asked first
 PIXART_ALPHA = Family(id="pixart-alpha", title="PixArt-alpha", marker_key=pixart_checkpoint.ALPHA_MARKER_KEY,
