@@ -175,7 +175,7 @@ def test_pipefusion_checkpoints_keep_the_kv_only_when_the_model_is_known_and_sma
     """The pool asks PipeFusion jobs for checkpoints; with the K/V when it can read the model's architecture and
     the K/V fits the limit, else without (a retry re-warms): a ComfyUI MODEL's weights or a file only the hosts
     hold must not fail the job (the host tests of XDiTParallelModel with PipeFusion caught that)."""
-    from comfyui_xdit_workers.pool import resumable
+    from comfyui_xdit_workers.resume_policy import resumable
 
     positive, _ = tiny_conditioning(ModelRef("tiny:flux"), 0)
 

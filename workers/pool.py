@@ -8,13 +8,12 @@ changes or a rank dies). A model loads once per (file, dtype, parallel config) a
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import itertools
 import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -23,24 +22,23 @@ from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.planning.hardware import Link
 from comfyui_xdit.model_loader import model_spec
 from comfyui_xdit.request import GenerationRequest, ModelRef
-from comfyui_xdit.resume import pipefusion_kv_bytes
 from comfyui_xdit.sampling import GenerationCancelled, OnStep
 
 from .channel import JobChannel
-from .errors import ModelMissing, PoolError, WorkerError, WorkerLost, WorkerTimeout
+from .errors import PoolError, WorkerError, WorkerLost, WorkerTimeout
 from .job import Job
 from .leases import new_client_id, others_waiting, read_leases
 from .runtime import RayRuntime, start_or_join
 from .security import auth_mode
 from .settings import PoolSettings
-from .status import PoolStatus, RankStatus, host_statuses
-from .weights import WeightSource, read_for_shipping, ship
+from .status import PoolStatus, host_statuses, rank_statuses
+from .weights import weight_sources
 from .link_probe import LinkProbe, probe_hosts
+from .resume_policy import resumable
 from .world import World, cluster_devices, node_addresses
 
 logger = logging.getLogger(__name__)
 
-KV_CHECKPOINT_LIMIT = 256 << 20  # bytes of PipeFusion K/V a job's checkpoints may carry to the driver each step
 
 
 HELD_MODELS = 2  # ComfyUI MODELs (and LoRA sets) whose weights a pool keeps for re-shipping
@@ -304,35 +302,8 @@ class XDiTPool:
             world.loaded, world.resident = key, _most_recent(world.resident, key, self.settings.models_per_rank)
             logger.info("running %s, kept loaded on %d ranks", ref.path, world.world_size)
             return
-        sources = [WeightSource(ref)] * world.world_size
-        if ref.is_in_memory:
-            import ray
-
-            if ref.path not in self._held or (ref.patches and ref.patches not in self._held_patches):
-                raise PoolError(f"the weights of {ref.path} are no longer held by this pool; run the xDiT "
-                                f"Parallelize Model node again")
-            sources = ship(self._held[ref.path], ref, request.parallel, [None] * world.world_size)
-            if ref.patches:
-                lora = ray.put(self._held_patches[ref.patches])
-                sources = [dataclasses.replace(source, lora=lora) for source in sources]
-        elif not ref.is_tiny:
-            local = world.call("has_file", ref, folder, timeout_s=timeouts.rpc_s)
-            lacking = [r for r, path in enumerate(local) if path is None]
-            if lacking:
-                hosts = sorted({world.ranks[r].host for r in lacking})
-                try:
-                    state = picklable(read_for_shipping(ref, folder))  # an fp8 file's tensors as bytes
-                except FileNotFoundError:
-                    raise ModelMissing(
-                        f"model file {ref.path!r} is missing on host(s) {', '.join(hosts)} (ranks {lacking}) "
-                        f"and on this machine; put it at that path or into the models folder "
-                        f"({folder or 'set $COMFYUI_XDIT_MODELS_FOLDER on the host'})") from None
-                logger.info("ranks %s on %s have no copy of %s: sending it through the object store",
-                            lacking, ", ".join(hosts), ref.path)
-                sources = ship(state, ref, request.parallel, local)
-                del state
-            else:
-                sources = [WeightSource(ref, local_path=path) for path in local]
+        sources = weight_sources(world, ref, request.parallel, self._held, self._held_patches, folder,
+                                 timeouts.rpc_s)
         world.loaded = None
         logger.info("loading %s (%s) on %d ranks", ref.path, ref.dtype, world.world_size)
         hows = world.call_each("load", [(s, request.parallel) for s in sources], timeout_s=timeouts.load_s)
@@ -362,22 +333,8 @@ class XDiTPool:
 
         if self._runtime is None:
             self.start()
-        ranks = []
         world = self._world
-        if world is not None:
-            heartbeats = world.heartbeats  # a job runs: its heartbeats answer, nobody waits on a busy rank
-            answers = heartbeats.answers() if heartbeats is not None else _ping_all(world.actors, STATUS_PING_S)
-            for info, (answer, age, dead) in zip(world.ranks, answers):
-                state, model, weights, loads, step = "no answer", None, None, 0, None
-                if dead:
-                    state = "dead"
-                elif answer is None and heartbeats is not None:
-                    state = "busy"  # in the job, no heartbeat answered yet (the stall watch bounds this)
-                elif answer is not None:
-                    state, model, weights = ("busy" if answer["busy"] else "idle"), answer["model"], answer["weights"]
-                    loads, step = answer.get("loads", 0), answer.get("step")
-                ranks.append(RankStatus(info.rank, info.host, info.pid, info.device, state, model, weights,
-                                        info.node_id, loads, step, round(age, 1) if age is not None else None))
+        ranks = rank_statuses(world, STATUS_PING_S) if world is not None else []
         running = self._running
         layout = world.loaded[1].describe() if world is not None and world.loaded else None
         leases = read_leases()
@@ -390,54 +347,9 @@ class XDiTPool:
                           "chosen on each host (cluster)" if not self.settings.embedded else "as Ray was started")
 
 
-def _ping_all(actors: list[Any], timeout_s: float) -> list[tuple[Optional[dict], Optional[float], bool]]:
-    """(answer or None, None, dead) per actor, waiting at most ``timeout_s`` for all of them together."""
-    import ray
-
-    refs = [a.ping.remote() for a in actors]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    out: list[tuple[Optional[dict], Optional[float], bool]] = []
-    for ref in refs:
-        if ref not in ready:
-            out.append((None, None, False))
-            continue
-        try:
-            out.append((ray.get(ref, timeout=0), None, False))
-        except Exception:  # noqa: BLE001 - a dead actor is a status, not an error
-            out.append((None, None, True))
-    return out
-
-
 def _most_recent(resident: tuple, key: tuple, keep: int) -> tuple:
     """The models every rank keeps after ``key`` ran, oldest first: the actors' own LRU rule."""
     return (tuple(k for k in resident if k != key) + (key,))[-keep:]
-
-
-def resumable(job: Job, spec_of: Callable[[ModelRef], Any] = model_spec,
-              kv_limit_bytes: int = KV_CHECKPOINT_LIMIT) -> GenerationRequest:
-    """The request an attempt runs: asking for a checkpoint with every step where the loop can resume (all
-    but data parallel), and resumed from the job's last one on a retry (the same latent as one run).
-    PipeFusion's checkpoints carry its ranks' stale K/V up to ``kv_limit_bytes`` (``spec_of``: the model's
-    architecture; None when unknown here, then no K/V); beyond, a resumed run re-warms one step over the
-    whole latent (resume.py)."""
-    request = job.request
-    if request.parallel.data_degree > 1:
-        return request  # each group's rows are spread over its ranks: a retry starts again
-    request = dataclasses.replace(request, checkpoints=True)
-    if request.parallel.pipefusion_degree > 1:
-        spec = spec_of(request.model)
-        kv = float("inf") if spec is None else pipefusion_kv_bytes(
-            spec, tuple(request.latent.shape), 2 if request.negative is not None and request.cfg != 1.0 else 1,
-            request.model.torch_dtype.itemsize)
-        if kv > kv_limit_bytes:
-            logger.info("job %s: PipeFusion checkpoints without the %.1f GiB of stale K/V (limit %.2f GiB): a retry "
-                        "re-warms one step", job.id, kv / 2**30, kv_limit_bytes / 2**30)
-            request = dataclasses.replace(request, checkpoint_kv=False)
-    if job.checkpoint is not None:
-        logger.warning("job %s: resuming after model call %d (the last step whose checkpoint arrived)", job.id,
-                       job.checkpoint.calls)
-        request = dataclasses.replace(request, resume=job.checkpoint)
-    return request
 
 
 WorkerPool = XDiTPool

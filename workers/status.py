@@ -76,3 +76,41 @@ def host_statuses(nodes: Sequence[dict[str, Any]]) -> tuple[HostStatus, ...]:
                             gpus=float(n.get("Resources", {}).get("GPU", 0)),
                             is_head=any(k.startswith("node:__internal_head__") for k in n.get("Resources", {})))
                  for n in nodes)
+
+
+def rank_statuses(world: Any, ping_s: float) -> list[RankStatus]:
+    """Each rank of ``world`` (a ``World``) as the status shows it: from the running job's heartbeats, else
+    from a ping answered within ``ping_s`` (an idle rank that does not answer is "no answer")."""
+    heartbeats = world.heartbeats  # a job runs: its heartbeats answer, nobody waits on a busy rank
+    answers = heartbeats.answers() if heartbeats is not None else _ping_all(world.actors, ping_s)
+    ranks = []
+    for info, (answer, age, dead) in zip(world.ranks, answers):
+        state, model, weights, loads, step = "no answer", None, None, 0, None
+        if dead:
+            state = "dead"
+        elif answer is None and heartbeats is not None:
+            state = "busy"  # in the job, no heartbeat answered yet (the stall watch bounds this)
+        elif answer is not None:
+            state, model, weights = ("busy" if answer["busy"] else "idle"), answer["model"], answer["weights"]
+            loads, step = answer.get("loads", 0), answer.get("step")
+        ranks.append(RankStatus(info.rank, info.host, info.pid, info.device, state, model, weights,
+                                info.node_id, loads, step, round(age, 1) if age is not None else None))
+    return ranks
+
+
+def _ping_all(actors: list[Any], timeout_s: float) -> list[tuple[Optional[dict], Optional[float], bool]]:
+    """(answer or None, None, dead) per actor, waiting at most ``timeout_s`` for all of them together."""
+    import ray
+
+    refs = [a.ping.remote() for a in actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    out: list[tuple[Optional[dict], Optional[float], bool]] = []
+    for ref in refs:
+        if ref not in ready:
+            out.append((None, None, False))
+            continue
+        try:
+            out.append((ray.get(ref, timeout=0), None, False))
+        except Exception:  # noqa: BLE001 - a dead actor is a status, not an error
+            out.append((None, None, True))
+    return out

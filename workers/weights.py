@@ -11,15 +11,21 @@ rank's memory carry only those.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
 
+from comfyui_xdit.models.fp8_weights import picklable
 from comfyui_xdit.request import ModelRef
 
+from .errors import ModelMissing, PoolError
 from .settings import HOST_MODELS_FOLDER_ENV, HOST_NO_LOCAL_WEIGHTS_ENV
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,4 +107,41 @@ def ship(state: Mapping[str, torch.Tensor], ref: ModelRef, parallel: Any,
         if stage not in objects:
             objects[stage] = ray.put(stage_state(state, spec, bounds[stage]))
         sources.append(WeightSource(ref, shipped=objects[stage], spec=spec, blocks=tuple(bounds[stage])))
+    return sources
+
+
+def weight_sources(world: Any, ref: ModelRef, parallel: Any, held: Mapping[str, Any],
+                   held_patches: Mapping[str, Any], folder: Optional[str], rpc_s: float) -> list[WeightSource]:
+    """Where each rank of ``world`` (a ``World``) gets ``ref``'s weights: built in (tiny), its own disk, or
+    tensors shipped through the object store (a ComfyUI MODEL's ``held`` weights and ``held_patches`` LoRAs,
+    or the file read here for hosts that lack it); ``ModelMissing`` / ``PoolError`` name what to do."""
+    sources = [WeightSource(ref)] * world.world_size
+    if ref.is_in_memory:
+        import ray
+
+        if ref.path not in held or (ref.patches and ref.patches not in held_patches):
+            raise PoolError(f"the weights of {ref.path} are no longer held by this pool; run the xDiT "
+                            f"Parallelize Model node again")
+        sources = ship(held[ref.path], ref, parallel, [None] * world.world_size)
+        if ref.patches:
+            lora = ray.put(held_patches[ref.patches])
+            sources = [dataclasses.replace(source, lora=lora) for source in sources]
+    elif not ref.is_tiny:
+        local = world.call("has_file", ref, folder, timeout_s=rpc_s)
+        lacking = [r for r, path in enumerate(local) if path is None]
+        if lacking:
+            hosts = sorted({world.ranks[r].host for r in lacking})
+            try:
+                state = picklable(read_for_shipping(ref, folder))  # an fp8 file's tensors as bytes
+            except FileNotFoundError:
+                raise ModelMissing(
+                    f"model file {ref.path!r} is missing on host(s) {', '.join(hosts)} (ranks {lacking}) "
+                    f"and on this machine; put it at that path or into the models folder "
+                    f"({folder or 'set $COMFYUI_XDIT_MODELS_FOLDER on the host'})") from None
+            logger.info("ranks %s on %s have no copy of %s: sending it through the object store",
+                        lacking, ", ".join(hosts), ref.path)
+            sources = ship(state, ref, parallel, local)
+            del state
+        else:
+            sources = [WeightSource(ref, local_path=path) for path in local]
     return sources
