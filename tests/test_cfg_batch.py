@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 from typing import Iterator
 
-import psutil
 import pytest
 import torch
 
@@ -31,7 +29,7 @@ from comfyui_xdit.models.families import write_random_model
 from comfyui_xdit.models.sd3_checkpoint import TINY_SD3
 from comfyui_xdit.parallel import create_engine
 from comfyui_xdit.parallel.comm import CommCounter
-from comfyui_xdit.parallel.launch import run_ranks, stop_helper_processes
+from comfyui_xdit.parallel.launch import run_ranks
 from comfyui_xdit.parallel.mesh import Mesh
 from comfyui_xdit.parallel.pipefusion_reference import pipefusion_reference
 from comfyui_xdit.parallel_config import ParallelConfig
@@ -39,6 +37,7 @@ from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit.sampling import prepare_plan
 
 from comfy_reference import SKIP_REASON, comfy_path, import_comfy
+from process_check import no_process_left
 
 STEPS = 3
 # latent (H, W), or (T, H, W) for video, per tiny family: PixArt's smallest ComfyUI size is larger
@@ -245,17 +244,10 @@ def both_ways(rank: int, world_size: int, reqs: list[GenerationRequest]) -> list
     return out
 
 
-def live_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process(os.getpid()).children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-
 @pytest.fixture
 def _no_process_left() -> Iterator[None]:
-    before = {p.pid for p in live_children()}
-    yield
-    stop_helper_processes()
-    assert [p.cmdline() for p in live_children() if p.pid not in before] == [], "processes left behind"
+    with no_process_left():
+        yield
 
 
 def test_ulysses_and_pipefusion_batched_equal_two_forwards_with_the_same_bytes(_no_process_left) -> None:

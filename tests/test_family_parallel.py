@@ -9,20 +9,20 @@ the other axes. Flux has the same matrix in test_parallel_engine.py / test_pipef
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Iterator
 
-import psutil
 import pytest
 import torch
 
 from comfyui_xdit.engine import Engine
 from comfyui_xdit.model_loader import load_model, model_spec, tiny_conditioning, tiny_image_conditioning
-from comfyui_xdit.parallel.launch import generate_local_many, stop_helper_processes
+from comfyui_xdit.parallel.launch import generate_local_many
 from comfyui_xdit.parallel.pipefusion_reference import pipefusion_reference
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit.sampling import finish, prepare_plan
+
+from process_check import no_process_left
 
 FAMILY_MODELS = ["tiny:sd3", "tiny:qwen-image"]  # each 4 heads, 4 blocks: every layout below fits
 FAMILY_MODELS += ["tiny:pixart-sigma-narrow"]  # 16 heads (of 16), 4 blocks; EPS, text by cross-attention
@@ -82,17 +82,10 @@ def request(model: str, parallel: ParallelConfig, sampler: str) -> GenerationReq
                              negative=negative, seed=7, steps=STEPS, cfg=2.5, sampler=sampler, parallel=parallel)
 
 
-def live_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process(os.getpid()).children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _no_process_left() -> Iterator[None]:
-    before = {p.pid for p in live_children()}
-    yield
-    stop_helper_processes()
-    assert [p.cmdline() for p in live_children() if p.pid not in before] == [], "processes left behind"
+    with no_process_left():
+        yield
 
 
 def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:

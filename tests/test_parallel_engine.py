@@ -7,10 +7,8 @@ local gloo ranks, each world spawned once for all its configs.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Iterator
 
-import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,10 +16,12 @@ import torch.distributed as dist
 from comfyui_xdit.engine import Engine
 from comfyui_xdit.model_loader import load_model, tiny_conditioning
 from comfyui_xdit.parallel import create_engine
-from comfyui_xdit.parallel.launch import RankFailed, generate_local_many, run_ranks, stop_helper_processes
+from comfyui_xdit.parallel.launch import RankFailed, generate_local_many, run_ranks
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit.sampling import GenerationCancelled
+
+from process_check import live_children, no_process_left
 
 MODEL = ModelRef("tiny:flux")
 HEADS, HEAD_DIM, LAYERS, TEXT, CHANNELS = 8, 32, 4, 8, 64  # tiny:flux: 2 double + 2 single blocks
@@ -74,10 +74,8 @@ def serial() -> dict[tuple[str, int], torch.Tensor]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _stop_forkserver() -> Iterator[None]:
-    before = {p.pid for p in live_children()}  # other suites' processes are not ours to judge
-    yield
-    stop_helper_processes()
-    assert [p.cmdline() for p in live_children() if p.pid not in before] == [], "processes left behind"
+    with no_process_left():
+        yield
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])
@@ -115,14 +113,6 @@ def fail_on_rank_one(rank: int, world_size: int) -> None:
     if rank == 1:
         raise RuntimeError("boom on purpose")
     dist.barrier()
-
-
-def live_children(keep_helpers: bool = False) -> list[psutil.Process]:
-    """Processes still running under this test process; ``keep_helpers`` ignores multiprocessing's own."""
-    helpers = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
-    return [p for p in psutil.Process(os.getpid()).children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-            and not (keep_helpers and any(h in " ".join(p.cmdline()) for h in helpers))]
 
 
 def test_cancel_stops_all_ranks_at_the_same_step() -> None:

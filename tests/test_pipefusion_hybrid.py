@@ -15,10 +15,8 @@ spawned once for all its requests.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Iterator
 
-import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -26,13 +24,15 @@ import torch.distributed as dist
 from comfyui_xdit.engine import Engine
 from comfyui_xdit.model_loader import load_model, tiny_conditioning
 from comfyui_xdit.models.families import TINY_SPECS
-from comfyui_xdit.parallel.launch import run_ranks, stop_helper_processes
+from comfyui_xdit.parallel.launch import run_ranks
 from comfyui_xdit.parallel.mesh import SEQUENCE_AXES, RankCoords
 from comfyui_xdit.parallel.pipefusion_reference import pipefusion_reference
 from comfyui_xdit.parallel.pipefusion_schedule import spec_stages
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit.sampling import finish, prepare_plan
+
+from process_check import no_process_left
 
 MODEL = ModelRef("tiny:flux")
 HEADS, HEAD_DIM, BLOCKS, TEXT, HIDDEN, CHANNELS = 8, 32, 4, 8, 256, 64  # tiny:flux: 2 double + 2 single
@@ -138,17 +138,10 @@ def expected_bytes(req: GenerationRequest, rank: int, step: int) -> dict[str, in
     return out
 
 
-def live_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process(os.getpid()).children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _no_process_left() -> Iterator[None]:
-    before = {p.pid for p in live_children()}  # other suites' processes are not ours to judge
-    yield
-    stop_helper_processes()
-    assert [p.cmdline() for p in live_children() if p.pid not in before] == [], "processes left behind"
+    with no_process_left():
+        yield
 
 
 @pytest.fixture(scope="module")

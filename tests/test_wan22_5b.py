@@ -12,10 +12,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Iterator
 
-import psutil
 import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
@@ -30,13 +28,14 @@ from comfyui_xdit.models.families import detect_family, family_of, read_spec, wr
 from comfyui_xdit.models.wan import WanAdapter
 from comfyui_xdit.models.wan_checkpoint import (TINY_WAN21, TINY_WAN22_5B, WAN22_TI2V_5B, infer_wan_spec,
                                                 random_wan_state, wan_shapes)
-from comfyui_xdit.parallel.launch import generate_local_many, stop_helper_processes
+from comfyui_xdit.parallel.launch import generate_local_many
 from comfyui_xdit.parallel.pipefusion_reference import pipefusion_reference
 from comfyui_xdit.parallel_config import ParallelConfig
 from comfyui_xdit.request import GenerationRequest, ModelRef
 from comfyui_xdit.sampling import finish, prepare_plan
 
 from comfy_reference import SKIP_REASON, comfy_path, import_comfy
+from process_check import no_process_left
 
 TEXT_LEN = 7
 TWO_BLOCKS = dataclasses.replace(TINY_WAN22_5B, num_layers=2)
@@ -217,17 +216,10 @@ def test_serial_engine_equals_stock_comfyui(case, wan_file, comfy_model) -> None
 
 # ---- every parallel layout, image-to-video -----------------------------------------------------------
 
-def live_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process(os.getpid()).children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _no_process_left() -> Iterator[None]:
-    before = {p.pid for p in live_children()}
-    yield
-    stop_helper_processes()
-    assert [p.cmdline() for p in live_children() if p.pid not in before] == [], "processes left behind"
+    with no_process_left():
+        yield
 
 
 STEPS = 3

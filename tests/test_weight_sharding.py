@@ -10,22 +10,21 @@ refusal of one rank per stage, the CLI flag, and the node widget in a real Comfy
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 from typing import Iterator
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from comfy_host import comfy_host  # noqa: F401  (fixture)
+from process_check import no_process_left
 from comfyui_xdit.engine import Engine
 from comfyui_xdit.model_loader import load_model, model_spec, tiny_conditioning
 from comfyui_xdit.models.absent_block import AbsentBlock
 from comfyui_xdit.parallel import create_engine
-from comfyui_xdit.parallel.launch import RankFailed, generate_requests, run_ranks, stop_helper_processes
+from comfyui_xdit.parallel.launch import RankFailed, generate_requests, run_ranks
 from comfyui_xdit.parallel.pipefusion_schedule import stage_blocks
 from comfyui_xdit.parallel.weight_sharding import full_bytes, is_gathered, resident_bytes, shard_ranks, shard_weights
 from comfyui_xdit.parallel_config import ParallelConfig
@@ -130,20 +129,10 @@ def rank_body(rank: int, world_size: int, requests: list[GenerationRequest], pro
     return [r.latent for r in results], measured, as_pool_rank(rank, world_size, worker_layouts)
 
 
-def live_children() -> list[psutil.Process]:
-    """Processes under this test process but the session's ComfyUI host (``comfy_host.py``) and what it runs."""
-    ours = psutil.Process(os.getpid()).children(recursive=True)
-    hosts = [p for p in ours if "main.py" in " ".join(p.cmdline()) and "--listen" in p.cmdline()]
-    host_side = {p.pid for h in hosts for p in [h, *h.children(recursive=True)]}
-    return [p for p in ours if p.pid not in host_side and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _no_process_left() -> Iterator[None]:
-    before = {p.pid for p in live_children()}
-    yield
-    stop_helper_processes()
-    assert [p.cmdline() for p in live_children() if p.pid not in before] == [], "processes left behind"
+    with no_process_left(skip_comfy_host=True):
+        yield
 
 
 @pytest.mark.parametrize("world", [2, 4])
