@@ -5,8 +5,8 @@ one rank against two is one core against two. ``--model heavy-flux`` (the defaul
 random Flux (1024 wide, 8 heads of 128, ``--blocks`` 4 double + 8 single: Flux-dev's 1:2) at 1024-4096
 tokens, where compute, not overhead, decides; ``tiny:flux`` shows overheads instead. Target on 2
 cores: >= 1.6x for CFG and PipeFusion. PipeFusion runs twice: stages cut by the blocks' FLOPs (the
-default) and by their times measured here first (``parallel/block_timing.py``; on CPU a double block
-takes ~1.5x a single one of the same FLOPs).
+default) and by their times measured here first (``parallel/block_timing.py``), and with M = 4 and
+M = 2 patches. Flux's prompt runs once a step under PipeFusion (``parallel/pipefusion_text.py``).
 
     python benchmarks/parallel_speed.py [--model heavy-flux|tiny:NAME] [--size 512] [--steps 4] [--blocks 4 8]
 """
@@ -46,6 +46,7 @@ CONFIGS = {
     "ring 2": ParallelConfig(ring_degree=2),
     "cfg 2": ParallelConfig(cfg_degree=2),
     "pipefusion 2 (M=4)": PIPEFUSION,
+    "pipefusion 2 (M=2)": replace(PIPEFUSION, num_patches=2),  # M = stages: larger matmuls, no slack in the pipe
 }
 
 

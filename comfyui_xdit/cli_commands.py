@@ -35,7 +35,8 @@ COND_KEYS_DOC = ("--cond FILE.safetensors holds: 'positive_context' (1, L, width
                  "6.0); HunyuanDiT: 'positive_context' "
                  "(1, >= 77, 1024) CLIP tokens and 'positive_second_context' (1, >= 256, 2048) mT5-XL tokens, with "
                  "optional masks 'positive_context_mask' / 'positive_second_context_mask' (1, L) (and the negative_* "
-                 "ones); Wan image-to-video: optional 'positive_concat_latent' (1, 16, T, H, W) start-frame latent and "
+                 "ones); Wan / CogVideoX image-to-video: optional 'positive_concat_latent' (1, 16, T, H, W) "
+                 "start-frame latent and "
                  "'positive_concat_mask' (1, 1, T, H, W), as WanImageToVideo sets them, and 'positive_clip_vision' "
                  "(1, 257, 1280) CLIP vision penultimate tokens (and the negative_* ones)")
 
@@ -160,6 +161,7 @@ def check_request_fits(request: GenerationRequest) -> None:
     if request.parallel.is_serial:
         return
     frames = request.latent.shape[2] if request.latent.ndim == 5 else 1  # (B, C, [T,] H, W)
+    frames //= getattr(spec, "patch_t", 1)  # CogVideoX 1.5: 2 latent frames per token
     tokens = frames * (request.latent.shape[-2] // 2) * (request.latent.shape[-1] // 2)
     request.parallel.validate_for(request.parallel.world_size, spec.num_attention_heads, tokens, request.cfg,
                                   num_blocks=spec.num_blocks,

@@ -34,6 +34,8 @@ class Conditioning:
     ``c_concat`` from them (``models/wan_concat.py``). None: not given (the model's zeros).
     ``clip_vision``: (1 or B, N, 1280) the CLIP vision encoder's penultimate hidden states (ComfyUI's
     ``clip_vision_output.penultimate_hidden_states``: Wan 2.1 I2V's image tokens); None: not given.
+    ``guiding_frame_index``: HunyuanImageToVideo's "v2 (replace)" (ComfyUI's ``guiding_frame_index``, 0 from the
+    node): HunyuanVideo modulates latent frame 0's tokens by this value's timestep embedding; None: not given.
     """
 
     context: torch.Tensor
@@ -48,6 +50,7 @@ class Conditioning:
     concat_latent: Optional[torch.Tensor] = None  # (1 or B, C, T, H, W)
     concat_mask: Optional[torch.Tensor] = None  # (1 or B, 1 or 4, T, H, W)
     clip_vision: Optional[torch.Tensor] = None  # (1 or B, N, 1280)
+    guiding_frame_index: Optional[float] = None  # HunyuanVideo's token replace
 
     def __post_init__(self) -> None:
         if self.pooled is None:

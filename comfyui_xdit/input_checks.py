@@ -83,6 +83,12 @@ FAMILY_INPUTS["hunyuan-video"] = FamilyInputs(
     "HunyuanVideo", "DualCLIPLoader (type hunyuan_video, clip_l + llava_llama3) -> CLIPTextEncode (FluxGuidance for the "
                     "distilled guidance)", "llava-llama-3 tokens (width 4096), CLIP-L pooled vector (width 768)",
     "the HunyuanVideo VAE (hunyuan_video_vae_bf16.safetensors; EmptyHunyuanLatentVideo for text-to-video)")
+FAMILY_INPUTS["hunyuan-video-i2v"] = FamilyInputs(
+    "HunyuanVideo I2V", "DualCLIPLoader (type hunyuan_video, clip_l + llava_llama3) -> "
+                        "TextEncodeHunyuanVideo_ImageToVideo (or CLIPTextEncode) -> HunyuanImageToVideo (guidance_type "
+                        "v1 (concat))",
+    "llava-llama-3 tokens (width 4096), CLIP-L pooled vector (width 768), 'positive_concat_latent' start frames",
+    "the HunyuanVideo VAE (hunyuan_video_vae_bf16.safetensors; HunyuanImageToVideo's latent)")
 FAMILY_INPUTS["wan22-5b"] = FamilyInputs(
     "Wan 2.2 TI2V 5B", "CLIPLoader (type wan, umt5_xxl) -> CLIPTextEncode", "umT5-XXL tokens (width 4096); no pooled "
     "vector", "the Wan 2.2 VAE (wan2.2_vae.safetensors, 48 channels; Wan22ImageToVideoLatent, with or without a start "
@@ -136,6 +142,11 @@ def check_conditioning(cond: Conditioning, spec: ModelSpec, where: str, names: I
                                        ("its mask (concat_mask)", cond.concat_mask),
                                        ("CLIP vision tokens (clip_vision_output)", cond.clip_vision))
              if tensor is not None]
+    if cond.guiding_frame_index is not None and not getattr(spec, "token_replace", False):
+        raise ValueError(f"{where}: the conditioning carries guiding_frame_index (HunyuanImageToVideo's v2 (replace)), "
+                         f"which only the 16-channel HunyuanVideo model takes (its v2 replace image-to-video file); "
+                         f"this is {title}: use guidance_type v1 (concat) for a 33-channel I2V file, or the stock "
+                         f"KSampler")
     if image and not getattr(spec, "image_conditioning", False):
         raise ValueError(f"{where}: the conditioning carries {', '.join(image)} for an image-to-video model, but this "
                          f"{title} model takes no image inputs; connect the conditioning from before WanImageToVideo, "
@@ -184,10 +195,20 @@ def check_inputs(spec: ModelSpec, latent: torch.Tensor, positive: Conditioning, 
     check_latent(latent, names, spec)
     for cond, where in ((positive, names.positive), (negative, names.negative)):
         start = None if cond is None else cond.concat_latent
-        if start is not None and latent.ndim == 5 and start.shape[2] != latent.shape[2]:
+        # HunyuanVideo I2V pads a shorter start latent with zero frames (ComfyUI's concat_cond): its spec says so
+        if (start is not None and latent.ndim == 5 and start.shape[2] != latent.shape[2]
+                and not getattr(spec, "pads_start_frames", False)):
             raise ValueError(f"{where}: the start-frame latent (concat_latent_image) has {start.shape[2]} frames but "
                              f"{names.latent} has {latent.shape[2]}; sample the latent WanImageToVideo gives with its "
                              f"conditioning (the same length)")
+    if getattr(spec, "family", None) == "hunyuan-video-i2v" and torch.count_nonzero(latent) > 0:
+        # ComfyUI's HunyuanVideoI2V concatenates the sampled latent itself where a side has no start latent
+        for cond, where in ((positive, names.positive), (negative, names.negative)):
+            if cond is not None and cond.concat_latent is None:
+                raise ValueError(f"{where}: no start-frame latent (concat_latent_image) for a non-empty "
+                                 f"{names.latent}, which HunyuanVideo I2V then takes as its start frames; the xDiT "
+                                 f"sampler does not run that yet: sample HunyuanImageToVideo's empty latent, or use "
+                                 f"the stock KSampler")
     check_conditioning(positive, spec, names.positive, names, latent.shape[0])
     if negative is not None:
         check_conditioning(negative, spec, names.negative, names, latent.shape[0])

@@ -79,6 +79,8 @@ class SamplingPlan:
     resume: Optional[Checkpoint] = None  # start after its calls, from its tokens, history and noise state
     checkpoint_kv: bool = True  # PipeFusion's checkpoints hold its ranks' K/V (resume.py)
     batch_cfg: bool = True  # both CFG branches in one forward where ComfyUI batches them (cond_batch.py)
+    # packs a LATENT-shaped noise draw like the tokens (an adapter's ``noise_pack()``: CogVideoX 1.5's 2-frame tokens)
+    noise_pack: Callable[[torch.Tensor], torch.Tensor] = packing.pack
 
     def unpack(self, adapter: Adapter, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, C*2*2) back into this plan's latent layout: (B, C, H, W) or (B, C, T, H, W)."""
@@ -92,10 +94,10 @@ class SamplingPlan:
         if self.noise_seed is None:
             return None
         if self.brownian_span is not None:
-            noise = BrownianNoise(self.noise_seed, self.latent_shape, packing.pack, device, self.brownian_span,
+            noise = BrownianNoise(self.noise_seed, self.latent_shape, self.noise_pack, device, self.brownian_span,
                                   self.program.noise_spans, tree_on_device=self.brownian_on_device)
         else:
-            noise = AncestralNoise(self.noise_seed, self.latent_shape, packing.pack, device)
+            noise = AncestralNoise(self.noise_seed, self.latent_shape, self.noise_pack, device)
         return noise if self.batch_rows is None else BatchRows(noise, *self.batch_rows)
 
     def rows(self, start: int, stop: int) -> "SamplingPlan":
@@ -247,7 +249,8 @@ def prepare_plan(adapter: Adapter, request: GenerationRequest) -> SamplingPlan:
                         latent_shape=tuple(latent.shape), brownian_span=sigmas if brownian else None,
                         brownian_on_device=request.sampler in DEVICE_TREE_SAMPLERS, prediction=prediction,
                         checkpoints=request.checkpoints, resume=request.resume,
-                        checkpoint_kv=request.checkpoint_kv)
+                        checkpoint_kv=request.checkpoint_kv,
+                        noise_pack=adapter.noise_pack() if hasattr(adapter, "noise_pack") else packing.pack)
 
 
 def _negative_branch(request: GenerationRequest) -> Optional[Conditioning]:

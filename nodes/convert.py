@@ -11,7 +11,7 @@ from comfyui_xdit.conditioning import DEFAULT_FLUX_GUIDANCE, Conditioning
 # Conditioning keys that only change what ComfyUI's sampler does in ways the engine does not do yet.
 UNSUPPORTED_COND_KEYS = ("area", "strength", "mask", "control", "gligen", "reference_latents",
                          "start_percent", "end_percent", "hooks", "concat_mask_index", "time_dim_concat")
-UNSUPPORTED_COND_KEYS += ("guiding_frame_index", "ref_latent")  # HunyuanImageToVideo's v2 (replace) / custom
+UNSUPPORTED_COND_KEYS += ("ref_latent",)  # HunyuanImageToVideo's custom guidance type
 
 
 def to_conditioning(value: Any, name: str, default_guidance: Optional[float] = None) -> Conditioning:
@@ -52,7 +52,13 @@ def to_conditioning(value: Any, name: str, default_guidance: Optional[float] = N
                         # WanImageToVideo's start frames and CLIP vision output (image-to-video models only)
                         concat_latent=_cpu_float(extras.get("concat_latent_image")),
                         concat_mask=_cpu_float(extras.get("concat_mask")),
-                        clip_vision=_clip_vision_tokens(extras.get("clip_vision_output")))
+                        clip_vision=_clip_vision_tokens(extras.get("clip_vision_output")),
+                        # HunyuanImageToVideo's v2 (replace): HunyuanVideo's token replace
+                        guiding_frame_index=_float_or_none(extras.get("guiding_frame_index")))
+
+
+def _float_or_none(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
 
 
 def _cpu_float(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

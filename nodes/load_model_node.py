@@ -42,7 +42,7 @@ class XDiTLoadModel(io.ComfyNode):
             node_id="XDiTLoadModel",
             display_name="xDiT Load Diffusion Model",
             category=CATEGORY,
-            description="Loads a diffusion transformer (Flux, SD3/SD3.5, Qwen-Image, PixArt, HunyuanDiT, Wan 2.1 T2V, CogVideoX 1.0 T2V as diffusers' transformer file; detected from the file) once onto every rank of the pool. The product of the "
+            description="Loads a diffusion transformer (Flux, SD3/SD3.5, Qwen-Image, PixArt, HunyuanDiT, Wan 2.1 T2V, CogVideoX 1.0 / 1.5 T2V and I2V as diffusers' transformer file; detected from the file) once onto every rank of the pool. The product of the "
                         "degrees (x2 with cfg_parallel, x data_degree) is the number of GPUs used.",
             inputs=[
                 XDiTPoolType.Input("pool"),

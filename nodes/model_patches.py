@@ -23,7 +23,9 @@ COMFY_MODEL_FAMILIES = {"Flux": "flux", "SD3": "sd3", "QwenImage": "qwen-image",
                         "WAN21_T2V": "wan21", "WAN21_I2V": "wan21"}  # WAN21_T2V: Wan 2.2 I2V A14B too (36 channels)
 # Families ComfyUI has no model class for (only xDiT Load DiT loads their files): no stock MODEL is one of them.
 LOADER_ONLY_FAMILIES = frozenset({"cogvideox"})
-COMFY_MODEL_FAMILIES["HunyuanVideo"] = "hunyuan-video"  # T2V only: the I2V classes (HunyuanVideoI2V, ...) are refused
+COMFY_MODEL_FAMILIES["HunyuanVideo"] = "hunyuan-video"  # T2V (and the v2 replace I2V file: 16 channels)
+COMFY_MODEL_FAMILIES["HunyuanVideoI2V"] = "hunyuan-video-i2v"  # I2V v1 (33 channels)
+COMFY_MODEL_FAMILIES["HunyuanVideoSkyreelsI2V"] = "hunyuan-video-i2v"  # SkyReels I2V (32 channels)
 COMFY_MODEL_FAMILIES["WAN22_T2V"] = "wan22-5b"  # model class WAN22: Wan 2.2 TI2V 5B (text- and image-to-video)
 
 

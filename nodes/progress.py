@@ -21,6 +21,7 @@ COMFY_LATENT_FORMATS = {"flux": "Flux", "sd3": "SD3", "qwen-image": "Wan21", "pi
 COMFY_LATENT_FORMATS["hunyuan-dit"] = "SDXL"  # HunyuanDiT / HunyuanDiT1 (comfy/supported_models.py)
 COMFY_LATENT_FORMATS["wan21"] = "Wan21"  # WAN21_T2V
 COMFY_LATENT_FORMATS["hunyuan-video"] = "HunyuanVideo"  # HunyuanVideo (T2V)
+COMFY_LATENT_FORMATS["hunyuan-video-i2v"] = "HunyuanVideo"  # HunyuanVideoI2V
 COMFY_LATENT_FORMATS["cogvideox"] = "Wan21"  # ComfyUI has no CogVideoX format: a 16-channel video one, colours approximate
 COMFY_LATENT_FORMATS["wan22-5b"] = "Wan22"  # WAN22_T2V (Wan 2.2 TI2V 5B: 48 channels)
 

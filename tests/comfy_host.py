@@ -81,6 +81,8 @@ FAMILY_FILES["wan21-tiny.safetensors"] = ("wan21", "float32")  # Wan 2.1 T2V (Co
 FAMILY_FILES["wan21-i2v-tiny.safetensors"] = ("wan21-i2v", "float32")  # Wan 2.1 I2V (ComfyUI's WAN21_I2V)
 FAMILY_FILES["hunyuan-video-tiny.safetensors"] = ("hunyuan-video", "float32")  # HunyuanVideo T2V (ComfyUI's)
 FAMILY_FILES["wan22-5b-tiny.safetensors"] = ("wan22-5b", "float32")  # Wan 2.2 TI2V 5B (ComfyUI's WAN22_T2V)
+FAMILY_FILES["hunyuan-video-i2v-tiny.safetensors"] = ("hunyuan-video-i2v", "float32")  # ComfyUI's HunyuanVideoI2V
+FAMILY_FILES["hunyuan-video-v2-tiny.safetensors"] = ("hunyuan-video", "float32")  # its v2 (replace) I2V use
 # Tiny files of families stock ComfyUI cannot load (only XDiTLoadModel does): same layout, written beside them
 LOADER_ONLY_FILES = {"cogvideox-tiny.safetensors": ("cogvideox", "float32")}  # CogVideoX (diffusers' layout)
 

@@ -198,10 +198,12 @@ def _shapes(spec, **changes) -> dict[str, TensorShape]:
 
 def test_variants_we_do_not_run_are_refused_naming_them() -> None:
     spec = TINY_COGVIDEOX
-    with pytest.raises(ValueError, match="CogVideoX 1.5"):
-        infer_cogvideox_spec(_shapes(spec, **{"patch_embed.proj.weight": (128, 128)}))
-    with pytest.raises(ValueError, match="image-to-video.*32 latent channels"):
-        infer_cogvideox_spec(_shapes(spec, **{"patch_embed.proj.weight": (128, 32, 2, 2)}))
+    # CogVideoX 1.5 and the image-to-video models are read (test_cogvideox_variants.py); channels in that are neither
+    # the output's nor twice them are not CogVideoX
+    with pytest.raises(ValueError, match="take 24 channels in and give 16 out"):
+        infer_cogvideox_spec(_shapes(spec, **{"patch_embed.proj.weight": (128, 24, 2, 2)}))
+    with pytest.raises(ValueError, match="take 12 channels in and give 8 out"):  # 1.5's patching, 1.0's output
+        infer_cogvideox_spec(_shapes(spec, **{"patch_embed.proj.weight": (128, 96)}))
     with pytest.raises(ValueError, match="CogView"):
         infer_cogvideox_spec(_shapes(spec, **{"time_embedding.linear_1.weight": None}))
     with pytest.raises(ValueError, match="only part of one"):  # a shard of a sharded 5B, renamed

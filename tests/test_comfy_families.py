@@ -31,6 +31,11 @@ class FamilyCase:
     second_tokens: int = 0  # HunyuanDiT: mT5 tokens (padded to 256) and both masks, as its CLIP gives them
     frames: int = 0  # a video family's length (EmptyHunyuanLatentVideo); 0: an image (EmptySD3LatentImage)
     image_to_video: bool = False  # the conditioning and latent from the stock WanImageToVideo (start image, CLIP vision)
+    hunyuan_guidance: str = ""  # the positive and latent from the stock HunyuanImageToVideo of this guidance_type
+
+    @property
+    def start_image(self) -> bool:
+        return self.image_to_video or bool(self.hunyuan_guidance)
 
 
 FAMILIES = {
@@ -51,6 +56,14 @@ FAMILIES["hunyuan-video-tiny.safetensors"] = FamilyCase((4096, 768), ("ModelSamp
                                                         frames=9)
 # Wan 2.2 TI2V 5B text-to-video: EmptyHunyuanLatentVideo's empty 16-channel latent widened to 48 (as ComfyUI does)
 FAMILIES["wan22-5b-tiny.safetensors"] = FamilyCase((4096, 1), ("ModelSamplingSD3", {"shift": 5.0}), True, frames=9)
+# HunyuanVideo I2V v1 (33 channels): stock HunyuanImageToVideo's "v1 (concat)" sets the positive's
+# concat_latent_image + concat_mask (the stand-in VAE), the negative has none (stock: the empty latent)
+FAMILIES["hunyuan-video-i2v-tiny.safetensors"] = FamilyCase((4096, 768), ("ModelSamplingSD3", {"shift": 5.0}), True,
+                                                            frames=9, hunyuan_guidance="v1 (concat)")
+# HunyuanVideo v2 (replace) on the 16-channel model: the start latent written into the LATENT's frame 0, kept by its
+# noise_mask, and guiding_frame_index 0 on the positive (token replace)
+FAMILIES["hunyuan-video-v2-tiny.safetensors"] = FamilyCase((4096, 768), ("ModelSamplingSD3", {"shift": 5.0}), True,
+                                                           frames=9, hunyuan_guidance="v2 (replace)")
 assert set(FAMILIES) == set(FAMILY_FILES)  # every stock-loadable family file is tested here
 
 
@@ -82,6 +95,14 @@ def family_prompt(file: str) -> dict:
             "height": size, "length": case.frames, "batch_size": 1, "start_image": ["image_inputs", 1],
             "clip_vision_output": ["image_inputs", 2]}}
         sources = {"positive": ["i2v", 0], "negative": ["i2v", 1], "latent_image": ["i2v", 2]}
+    if case.hunyuan_guidance:
+        prompt["image_inputs"] = {"class_type": "XDiTTestWanImageInputs",
+                                  "inputs": {"seed": 3, "width": size, "height": size, "clip_tokens": 1}}
+        prompt["i2v"] = {"class_type": "HunyuanImageToVideo", "inputs": {
+            "positive": ["pos", 0], "vae": ["image_inputs", 0], "width": size, "height": size,
+            "length": case.frames, "batch_size": 1, "guidance_type": case.hunyuan_guidance,
+            "start_image": ["image_inputs", 1]}}
+        sources = {"positive": ["i2v", 0], "negative": ["neg", 0], "latent_image": ["i2v", 1]}
     if case.sampling is not None:
         node, inputs = case.sampling
         prompt["sampling"] = {"class_type": node, "inputs": {"model": ["unet", 0], **inputs}}
@@ -112,7 +133,7 @@ def family_prompt(file: str) -> dict:
     if case.ulysses:
         prompt["xs_ulysses2"] = xdit("load_ulysses2", "euler-simple")
         prompt["save_xdit_ulysses2"] = save("xs_ulysses2", "xdit_ulysses2")
-    if case.image_to_video:  # stock without WanImageToVideo: so the parity tells the image inputs apart
+    if case.start_image:  # stock without WanImageToVideo: so the parity tells the image inputs apart
         plain = {**settings("euler-simple"), "positive": ["pos", 0], "negative": ["neg", 0],
                  "latent_image": ["latent", 0]}
         prompt["ks_no_image"] = {"class_type": "KSampler", "inputs": {"model": ["unet", 0], **plain}}
@@ -152,7 +173,7 @@ def test_xdit_nodes_equal_stock_ksampler(family_run) -> None:
         errors[check] = relative_error(latent, reference)
     print(f"{file}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     assert all(error < 1e-3 for error in errors.values()), errors
-    if case.image_to_video:
+    if case.start_image:
         plain = saved_latent(host, executed, "save_stock_no_image")
         assert relative_error(plain, saved_latent(host, executed, "save_stock_euler-simple")) > 1e-2
     if case.sampling is not None:  # so the ModelSampling parity really tells the shifts apart

@@ -52,6 +52,17 @@ LATENTS["tiny:cogvideox"] = LATENTS["tiny:cogvideox-2b"] = (3, 4, 8)
 # image-to-video, a noise mask keeping the first frame and a per-token timestep, in test_wan22_5b.py)
 FAMILY_MODELS += ["tiny:wan22-5b"]
 LATENTS["tiny:wan22-5b"] = (3, 4, 8)
+# HunyuanVideo I2V v1 (33 channels in): the T2V blocks with a start-frame latent + inverted mask (c_concat, cut with
+# the tokens), the same 3 x 4x8 latent; a variant (VARIANTS below): world 2 in the default suite
+FAMILY_MODELS += ["tiny:hunyuan-video-i2v"]
+LATENTS["tiny:hunyuan-video-i2v"] = (3, 4, 8)
+# CogVideoX 1.5 (a token: 2 latent frames x 2x2) T2V and I2V (32 channels in, ofs): 4 x 4x12 latent frames -> 24 tokens
+# (12 a frame pair; 4 PipeFusion patches of 6 and 8 pieces of 3 cut inside a pair); CogVideoX-5B-I2V-like (learned
+# positions, only its sample grid): 13 x 8x12 -> 312 tokens (shards of 156 cut a frame). The start latent is cut
+# with the tokens
+FAMILY_MODELS += ["tiny:cogvideox15", "tiny:cogvideox15-i2v", "tiny:cogvideox-i2v"]
+LATENTS["tiny:cogvideox15"] = LATENTS["tiny:cogvideox15-i2v"] = (4, 4, 12)
+LATENTS["tiny:cogvideox-i2v"] = (13, 8, 12)
 STEPS = 3
 P = ParallelConfig
 

@@ -75,6 +75,11 @@ def _wan_adapter() -> type:
     return WanAdapter
 
 
+def _hunyuan_video_i2v_adapter() -> type:
+    from .hunyuan_video import HunyuanVideoI2VAdapter
+    return HunyuanVideoI2VAdapter
+
+
 def _cogvideox_adapter() -> type:
     from .cogvideox import CogVideoXAdapter
     return CogVideoXAdapter
@@ -131,15 +136,25 @@ HUNYUAN_VIDEO = Family(id="hunyuan-video", title="HunyuanVideo", marker_key=huny
                        infer_spec=hunyuan_video_checkpoint.infer_hunyuan_video_spec,
                        block_index=hunyuan_video_checkpoint.block_index,
                        random_state=hunyuan_video_checkpoint.random_hunyuan_video_state,
-                       adapter=_hunyuan_video_adapter, latent_dimensions=3)
-# CogVideoX 1.0 T2V in diffusers' layout (ComfyUI has no CogVideoX loader): a video LATENT, T5 tokens joint with the
-# video in every block, v-prediction; 2B (sin-cos positions) and 5B (rotary) told apart by cogvideox_checkpoint
+                       adapter=_hunyuan_video_adapter, latent_dimensions=3,
+                       accepts=lambda keys: not hunyuan_video_checkpoint.is_image_to_video(keys))
+# HunyuanVideo I2V v1 (33 channels in: ComfyUI's HunyuanVideoI2V): T2V's keys and blocks, the shape tells it apart
+HUNYUAN_VIDEO_I2V = Family(id=hunyuan_video_checkpoint.I2V_FAMILY, title="HunyuanVideo I2V",
+                           marker_key=hunyuan_video_checkpoint.MARKER_KEY,
+                           infer_spec=hunyuan_video_checkpoint.infer_hunyuan_video_spec,
+                           block_index=hunyuan_video_checkpoint.block_index,
+                           random_state=hunyuan_video_checkpoint.random_hunyuan_video_state,
+                           adapter=_hunyuan_video_i2v_adapter, latent_dimensions=3,
+                           accepts=hunyuan_video_checkpoint.is_image_to_video)
+# CogVideoX in diffusers' layout (ComfyUI has no CogVideoX loader): a video LATENT, T5 tokens joint with the
+# video in every block, v-prediction; 2B (sin-cos positions) and 5B (rotary) told apart by cogvideox_checkpoint, and
+# 1.5 (2-frame tokens) and the I2V models (cogvideox15, cogvideox15-i2v, cogvideox-i2v in its NAMED_COGVIDEOX_SPECS)
 COGVIDEOX = Family(id="cogvideox", title="CogVideoX", marker_key=cogvideox_checkpoint.MARKER_KEY,
                    infer_spec=cogvideox_checkpoint.infer_cogvideox_spec, block_index=cogvideox_checkpoint.block_index,
                    random_state=cogvideox_checkpoint.random_cogvideox_state, adapter=_cogvideox_adapter,
                    latent_dimensions=3)
 FAMILIES: tuple[Family, ...] = (FLUX, SD3, QWEN_IMAGE, PIXART_ALPHA, PIXART_SIGMA, HUNYUAN_DIT, WAN21, HUNYUAN_VIDEO,
-                                COGVIDEOX, WAN22_5B)
+                                COGVIDEOX, WAN22_5B, HUNYUAN_VIDEO_I2V)
 
 # Built-in random-weight models: name -> spec (``spec.family`` says whose).
 TINY_SPECS: Mapping[str, ModelSpec] = {**flux_checkpoint.NAMED_SPECS, **sd3_checkpoint.NAMED_SD3_SPECS,

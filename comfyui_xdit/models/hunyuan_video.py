@@ -14,7 +14,14 @@ all kept inside here:
 - a video latent in 1x2x2 patches, frame-major (``packing.pack``), 3-D rotary positions (frame, row, column
   from 0, axes (16, 56, 56), theta 256) per token from ``image_ids`` (the text is not rotated);
 - timestep = sigma * 1000 (ComfyUI's ModelSamplingDiscreteFlow, shift 7), distilled guidance embedded as
-  guidance * 1000 (``Conditioning.guidance``, FluxGuidance's), the pooled CLIP-L vector added to the timestep's.
+  guidance * 1000 (``Conditioning.guidance``, FluxGuidance's), the pooled CLIP-L vector added to the timestep's;
+- image-to-video v1 (33 input channels) and SkyReels (32), ``HunyuanVideoI2VAdapter``: ComfyUI's ``c_concat``
+  (start-frame latent + inverted mask, ``hunyuan_video_concat.py``) is packed like the latent and each token gets its
+  own row of it before the patch embedding, so a shard or a patch needs nothing from the others; its ``image_ids``
+  carry the whole latent's (frames, rows, columns) after each token's position for that;
+- HunyuanImageToVideo's v2 (replace) on the 16-channel model (``Conditioning.guiding_frame_index``): latent frame 0's
+  tokens (a prefix of any shard or patch) take a second modulation vector (``hunyuan_video_token_replace.py``), and
+  the start frame is kept by the LATENT's noise mask, shown to the model clean (ComfyUI's HunyuanVideo).
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ from ..sigmas import DiscreteFlowShift, ModelSampling
 from . import fp8_weights
 from .absent_block import AbsentBlock
 from .adapter_base import AdapterBase, log_loaded
-from .hunyuan_video_checkpoint import (ROPE_AXES, ROPE_THETA, HunyuanVideoSpec, block_index,
+from .hunyuan_video_checkpoint import (I2V_FAMILY, ROPE_AXES, ROPE_THETA, HunyuanVideoSpec, block_index,
                                        hunyuan_video_to_diffusers, infer_hunyuan_video_spec)
+from .hunyuan_video_concat import concat_tokens
+from .hunyuan_video_token_replace import double_block, final_norm, single_block
 from .packing import PATCH
 from .qwen_image_rope import apply_rotary, rotary
 from .wan import video_positions
@@ -45,6 +54,7 @@ DEFAULT_SHIFT = 7.0  # ComfyUI's HunyuanVideo sampling settings
 TIMESTEP_MULTIPLIER = 1000.0  # ModelSamplingDiscreteFlow's default multiplier
 GUIDANCE_MULTIPLIER = 1000.0  # ComfyUI embeds the guidance with the timestep embedding's default time factor
 HUNYUAN_VIDEO_LATENT_FORMAT = LatentFormat(channels=16, scale_factor=0.476986, shift_factor=0.0)  # ComfyUI's
+POSITION_AXES = 3  # (frame, row, column) columns of ``image_ids``
 
 
 class SeamHunyuanVideoAttnProcessor:
@@ -97,6 +107,8 @@ class HunyuanVideoBlockContext:
 
     temb: torch.Tensor  # (B, hidden) timestep + pooled CLIP (+ guidance) embedding
     rotary: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (N_local, head_dim / 2), the video tokens'
+    replace: Optional[torch.Tensor] = None  # (B, hidden) token replace's embedding for latent frame 0, or None
+    first: int = 0  # how many of these tokens (a prefix) are latent frame 0's: token replace's
 
     def state(self, hidden: torch.Tensor, encoder_hidden: torch.Tensor) -> "HunyuanVideoBlockState":
         return HunyuanVideoBlockState(hidden=hidden, encoder_hidden=encoder_hidden, context=self)
@@ -123,6 +135,13 @@ def text_tokens(cond: Conditioning, batch: int) -> tuple[torch.Tensor, torch.Ten
         raise ValueError("HunyuanVideo's text mask differs between the rows of a batch (prompts padded to "
                          "different lengths in one batch); sample them one at a time")
     return context, torch.nonzero(mask[0] > 0.5).flatten()
+
+
+def first_frame_tokens(image_ids: torch.Tensor) -> int:
+    """How many of the tokens at ``image_ids`` (N_local, 3 or 6) are latent frame 0's; they lead (frame-major)."""
+    first = int((image_ids[:, 0] == 0).sum())
+    assert bool((image_ids[:first, 0] == 0).all()), "frame 0's tokens must lead a shard (frame-major tokens)"
+    return first
 
 
 class HunyuanVideoAdapter(AdapterBase):
@@ -193,13 +212,27 @@ class HunyuanVideoAdapter(AdapterBase):
         """(T * H/2 * W/2, 3) per-token (frame, row, column) from 0, frame-major then row-major like the packing."""
         return video_positions(frames, height // PATCH, width // PATCH)
 
+    # ---- a noise mask (v2 (replace)'s kept start frame) ---------------------------------------------
+    @property
+    def video_noise_mask(self) -> bool:
+        """Whether a noise mask on a video LATENT is run: text-to-video's (HunyuanImageToVideo's v2 (replace) keeps
+        the start frame so); the I2V v1 model's c_concat would read it where no concat_mask is given: refused."""
+        return not self.spec.image_conditioning
+
+    @property
+    def inpaint_renoises(self) -> bool:
+        """Whether the kept latent is shown to the model re-noised: no (ComfyUI's HunyuanVideo.scale_latent_inpaint
+        returns it clean)."""
+        return False
+
     # ---- forward in pieces ----------------------------------------------------------------------
     def _timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma.to(device=self.device, dtype=torch.float32) * TIMESTEP_MULTIPLIER  # (B,) float32
 
     def embed_context(self, image_ids: torch.Tensor, cond: Conditioning,
                       sigma: torch.Tensor) -> HunyuanVideoBlockContext:
-        """temb (B, hidden) for ``sigma`` (B,) and the rotary cos/sin of ``image_ids`` (N_local, 3). A PipeFusion
+        """temb (B, hidden) for ``sigma`` (B,), token replace's vector and frame-0 token count where the conditioning
+        carries ``guiding_frame_index``, and the rotary cos/sin of ``image_ids`` (N_local, 3 or 6). A PipeFusion
         stage after the first calls only this."""
         embed = self.transformer.time_text_embed
         dtype, device = self.dtype, self.device
@@ -207,11 +240,21 @@ class HunyuanVideoAdapter(AdapterBase):
         timestep = self._timestep(sigma)
         # ComfyUI's order: (timestep + pooled CLIP) + guidance, each sinusoid cast to the model dtype after
         temb = embed.timestep_embedder(embed.time_proj(timestep).to(dtype))
-        temb = temb + embed.text_embedder(pooled.to(device=device, dtype=dtype))
-        if embed.guidance_embedder is not None:
+        pooled_embedding = embed.text_embedder(pooled.to(device=device, dtype=dtype))
+        temb = temb + pooled_embedding
+        replace, first = None, 0
+        if cond.guiding_frame_index is not None:  # v2 (replace): frame 0's vector, the index itself as the timestep
+            index = torch.full_like(timestep, float(cond.guiding_frame_index))
+            replace = embed.timestep_embedder(embed.time_proj(index).to(dtype)) + pooled_embedding
+            first = first_frame_tokens(image_ids)
+        if embed.guidance_embedder is not None:  # ComfyUI adds the guidance to both vectors
             guidance = torch.full_like(timestep, cond.guidance if cond.guidance is not None else 0.0)
-            temb = temb + embed.guidance_embedder(embed.time_proj(guidance * GUIDANCE_MULTIPLIER).to(dtype))
-        return HunyuanVideoBlockContext(temb=temb, rotary=rotary(image_ids.to(device), ROPE_AXES, ROPE_THETA))
+            guidance_embedding = embed.guidance_embedder(embed.time_proj(guidance * GUIDANCE_MULTIPLIER).to(dtype))
+            temb = temb + guidance_embedding
+            replace = None if replace is None else replace + guidance_embedding
+        positions = image_ids[:, :POSITION_AXES].to(device)  # (N_local, 3); an I2V model's grid columns after
+        return HunyuanVideoBlockContext(temb=temb, rotary=rotary(positions, ROPE_AXES, ROPE_THETA), replace=replace,
+                                        first=first)
 
     def refine_text(self, cond: Conditioning, sigma: torch.Tensor) -> torch.Tensor:
         """The token refiner: (B, L, C) llama tokens -> (B, L_text, hidden), L_text the unmasked ones."""
@@ -228,10 +271,15 @@ class HunyuanVideoAdapter(AdapterBase):
               sigma: torch.Tensor) -> HunyuanVideoBlockState:
         """Embeddings for ``tokens`` (B, N_local, C*1*2*2) at positions ``image_ids`` (N_local, 3); sigma (B,)."""
         proj = self.transformer.x_embedder.proj
+        tokens = self.input_tokens(tokens.to(self.device), image_ids, cond)
         # Conv3d weight (hidden, C, 1, 2, 2) -> (hidden, C*1*2*2), channel-major like a token
-        hidden = torch.nn.functional.linear(tokens.to(device=self.device, dtype=self.dtype), proj.weight.flatten(1),
+        hidden = torch.nn.functional.linear(tokens.to(dtype=self.dtype), proj.weight.flatten(1),
                                             proj.bias)  # (B, N_local, hidden)
         return self.embed_context(image_ids, cond, sigma).state(hidden, self.refine_text(cond, sigma))
+
+    def input_tokens(self, tokens: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """What the patch embedding takes for ``tokens`` (B, N_local, 16*1*2*2): the tokens themselves."""
+        return tokens
 
     def text_len(self, cond: Conditioning) -> int:
         """Text tokens the blocks see for ``cond``: the unmasked ones."""
@@ -239,12 +287,41 @@ class HunyuanVideoAdapter(AdapterBase):
 
     def run_blocks(self, state: HunyuanVideoBlockState, start: int, stop: int) -> HunyuanVideoBlockState:
         hidden, text, ctx = state.hidden, state.encoder_hidden, state.context
-        for block in self.blocks[start:stop]:
-            hidden, text = block(hidden, text, ctx.temb, None, ctx.rotary)
+        for layer in range(start, stop):
+            block = self.blocks[layer]
+            if ctx.replace is not None and ctx.first > 0:  # v2 (replace): frame 0's tokens modulated apart
+                run = double_block if layer < self.spec.num_layers else single_block
+                hidden, text = run(block, hidden, text, ctx.temb, ctx.replace, ctx.first, ctx.rotary)
+            else:
+                hidden, text = block(hidden, text, ctx.temb, None, ctx.rotary)
         return HunyuanVideoBlockState(hidden=hidden, encoder_hidden=text, context=ctx)
 
     def head(self, state: HunyuanVideoBlockState) -> torch.Tensor:
         """Final norm + projection: (B, N_local, hidden) -> (B, N_local, C*1*2*2) velocity, channel-major like our
         packing already, float32."""
-        t = self.transformer
-        return t.proj_out(t.norm_out(state.hidden, state.context.temb)).float()
+        t, ctx = self.transformer, state.context
+        if ctx.replace is not None and ctx.first > 0:
+            return t.proj_out(final_norm(t.norm_out, state.hidden, ctx.temb, ctx.replace, ctx.first)).float()
+        return t.proj_out(t.norm_out(state.hidden, ctx.temb)).float()
+
+
+class HunyuanVideoI2VAdapter(HunyuanVideoAdapter):
+    """HunyuanVideo image-to-video (33 channels in: ComfyUI's ``HunyuanVideoI2V``; 32: ``HunyuanVideoSkyreelsI2V``):
+    the T2V model with the start frames concatenated to every token before the patch embedding."""
+
+    family = I2V_FAMILY
+
+    @staticmethod
+    def image_ids(height: int, width: int, frames: int = 1) -> torch.Tensor:
+        """(T * H/2 * W/2, 6) per-token (frame, row, column), frame-major then row-major like the packing, then the
+        whole latent's (frames, rows, columns): a shard cuts its own rows of the concat latent by them."""
+        positions = video_positions(frames, height // PATCH, width // PATCH)  # (N, 3)
+        grid = torch.tensor([frames, height // PATCH, width // PATCH], dtype=positions.dtype)
+        return torch.cat([positions, grid.expand(positions.shape[0], POSITION_AXES)], dim=1)  # (N, 6)
+
+    def input_tokens(self, tokens: torch.Tensor, image_ids: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """``tokens`` (B, N_local, 16*2*2) with each token's own rows of ``c_concat`` after its latent channels:
+        (B, N_local, 33*2*2), float32."""
+        extra = concat_tokens(cond, tokens.shape[0], image_ids, self.spec.extra_channels,
+                              self.latent_format)  # (B, N_local, 17*2*2)
+        return torch.cat([tokens.float(), extra.to(tokens.device)], dim=-1)

@@ -8,8 +8,11 @@ the double/single block counts from shapes; it fixes the head width at 128 (head
 rotary axes at (16, 56, 56) with theta 256, the feed-forward at 4x, two refiner blocks and a CLIP-L pooled
 vector (768). Files come in ComfyUI's own names (``img_attn.qkv``, ``img_mod.lin``) or the original release's
 (``img_attn_qkv``, ``img_mod.linear``); the latter are renamed to the former first, as ComfyUI does.
-``hunyuan-video`` is 4 heads (width 512), 2 double + 2 single blocks: stock-loadable. Only text-to-video
-(16 latent channels, 1x2x2 patches) runs yet; the image-to-video files (33 or 32 channels) are refused.
+``hunyuan-video`` is 4 heads (width 512), 2 double + 2 single blocks: stock-loadable. Text-to-video (16 latent
+channels, 1x2x2 patches; HunyuanImageToVideo's v2 (replace) runs on it too), HunyuanVideo image-to-video v1 (33
+channels: the noisy latent, the start-frame latent and an inverted mask, ComfyUI's ``HunyuanVideoI2V``) and SkyReels
+image-to-video (32 channels: no mask, ``HunyuanVideoSkyreelsI2V``) run; both image-to-video kinds are their own family
+``hunyuan-video-i2v`` (``tiny:hunyuan-video-i2v`` and ``tiny:hunyuan-video-skyreels-i2v``, the same tiny shape).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ TEXT_DIM = 4096  # the llava-llama-3 tokens
 POOLED_DIM = 768  # CLIP-L's pooled vector (ComfyUI: vec_in_dim 768)
 MLP_RATIO = 4  # ComfyUI fixes it
 REFINER_BLOCKS = 2  # ComfyUI's TokenRefiner always has two
+I2V_CHANNELS = 33  # HunyuanVideo I2V v1: 16 noisy + 16 start-frame latent + 1 mask (ComfyUI's HunyuanVideoI2V)
+SKYREELS_CHANNELS = 32  # SkyReels I2V: 16 noisy + 16 start-frame latent, no mask (HunyuanVideoSkyreelsI2V)
+I2V_FAMILY = "hunyuan-video-i2v"
 DEFAULT_GUIDANCE = 6.0  # ComfyUI's HunyuanVideo model where the conditioning carries no guidance (no FluxGuidance)
 _DOUBLE = re.compile(r"double_blocks\.(\d+)\.")
 _SINGLE = re.compile(r"single_blocks\.(\d+)\.")
@@ -54,7 +60,7 @@ _ORIGINAL_NAMES = (("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."),
 
 @dataclass(frozen=True)
 class HunyuanVideoSpec:
-    """The architecture of one HunyuanVideo T2V file (the release: width 3072, 20 double + 40 single blocks)."""
+    """The architecture of one HunyuanVideo T2V or I2V file (the release: width 3072, 20 double + 40 single blocks)."""
 
     num_layers: int  # double-stream blocks
     num_single_layers: int
@@ -88,7 +94,34 @@ class HunyuanVideoSpec:
 
     @property
     def latent_channels(self) -> int:
-        return self.in_channels
+        """The LATENT's channels: the noisy latent's (an I2V model takes the start frames besides)."""
+        return self.out_channels
+
+    @property
+    def extra_channels(self) -> int:
+        """Channels after the noisy latent's (ComfyUI's ``c_concat``): 17 for I2V v1, 16 for SkyReels, 0 for
+        text-to-video."""
+        return self.in_channels - self.out_channels
+
+    @property
+    def image_conditioning(self) -> bool:
+        """Whether the model takes a start-frame latent and mask (``Conditioning.concat_latent`` / ``concat_mask``)."""
+        return self.extra_channels > 0
+
+    @property
+    def token_replace(self) -> bool:
+        """Whether HunyuanImageToVideo's v2 (replace) runs on it (``guiding_frame_index``): the 16-channel model."""
+        return not self.image_conditioning
+
+    @property
+    def pads_start_frames(self) -> bool:
+        """A start latent shorter than the LATENT is zero-padded in time (ComfyUI's ``concat_cond``), not refused."""
+        return True
+
+    @property
+    def image_dim(self) -> None:
+        """No CLIP vision tokens (HunyuanVideo I2V's image reaches it through the llava tokens and c_concat)."""
+        return None
 
     @property
     def mlp_hidden(self) -> int:
@@ -106,14 +139,32 @@ class HunyuanVideoSpec:
                     num_refiner_layers=REFINER_BLOCKS, mlp_ratio=float(MLP_RATIO), patch_size=PATCH[1],
                     patch_size_t=PATCH[0], qk_norm="rms_norm", guidance_embeds=self.guidance_embeds,
                     text_embed_dim=self.text_dim, pooled_projection_dim=POOLED_DIM, rope_theta=ROPE_THETA,
-                    rope_axes_dim=ROPE_AXES, image_condition_type=None)
+                    rope_axes_dim=ROPE_AXES,
+                    image_condition_type="latent_concat" if self.image_conditioning else None)
 
 
 # 4 heads of 128 (Ulysses up to 4), 2 double + 2 single blocks (PipeFusion up to 4 stages): stock-loadable.
 TINY_HUNYUAN_VIDEO = HunyuanVideoSpec(num_layers=2, num_single_layers=2, hidden_size=512)
 # The release's shapes (benchmarks / memory tables; never built with real weights here).
 HUNYUAN_VIDEO_T2V = HunyuanVideoSpec(num_layers=20, num_single_layers=40)
-NAMED_HUNYUAN_VIDEO_SPECS: Mapping[str, HunyuanVideoSpec] = {"hunyuan-video": TINY_HUNYUAN_VIDEO}
+# I2V v1: the same tiny shape, 33 channels in, no guidance embedder (as the release: it takes true CFG)
+TINY_HUNYUAN_VIDEO_I2V = HunyuanVideoSpec(num_layers=2, num_single_layers=2, hidden_size=512, guidance_embeds=False,
+                                          in_channels=I2V_CHANNELS, family=I2V_FAMILY)
+HUNYUAN_VIDEO_I2V = HunyuanVideoSpec(num_layers=20, num_single_layers=40, guidance_embeds=False,
+                                     in_channels=I2V_CHANNELS, family=I2V_FAMILY)
+# SkyReels I2V: 32 channels in (no mask), with the guidance embedder of the T2V model it is tuned from
+TINY_HUNYUAN_VIDEO_SKYREELS = HunyuanVideoSpec(num_layers=2, num_single_layers=2, hidden_size=512,
+                                               in_channels=SKYREELS_CHANNELS, family=I2V_FAMILY)
+NAMED_HUNYUAN_VIDEO_SPECS: Mapping[str, HunyuanVideoSpec] = {"hunyuan-video": TINY_HUNYUAN_VIDEO,
+                                                             I2V_FAMILY: TINY_HUNYUAN_VIDEO_I2V,
+                                                             "hunyuan-video-skyreels-i2v": TINY_HUNYUAN_VIDEO_SKYREELS}
+
+
+def is_image_to_video(state: Mapping[str, object]) -> bool:
+    """Whether HunyuanVideo tensors (or shapes) are image-to-video's: 33 (or SkyReels' 32) channels into the patch
+    embedding (its keys are text-to-video's: only the shape tells, as ComfyUI's ``in_channels`` detection)."""
+    embed = state.get("img_in.proj.weight")
+    return embed is not None and int(embed.shape[1]) in (I2V_CHANNELS, SKYREELS_CHANNELS)
 
 
 def comfy_name(key: str) -> str:
@@ -147,11 +198,10 @@ def infer_hunyuan_video_spec(state: Mapping[str, torch.Tensor], source: str = "c
                          f"(e.g. hunyuan_video_t2v_720p_bf16.safetensors)")
     patch_weight = tuple(int(n) for n in state["img_in.proj.weight"].shape)  # (hidden, C, 1, 2, 2)
     hidden, in_channels, patch = patch_weight[0], patch_weight[1], patch_weight[2:]
-    if in_channels != 16:
-        what = {33: "HunyuanVideo image-to-video", 32: "SkyReels image-to-video"}.get(in_channels,
-                                                                                    "a HunyuanVideo variant")
-        raise ValueError(f"{source} takes {in_channels} latent channels ({what}), which the xDiT nodes do not run yet; "
-                         f"only HunyuanVideo text-to-video (16 channels) runs on them: use the stock KSampler for it")
+    if in_channels not in (16, I2V_CHANNELS, SKYREELS_CHANNELS):
+        raise ValueError(f"{source} takes {in_channels} latent channels (a HunyuanVideo variant), which the xDiT nodes "
+                         f"do not run yet; only HunyuanVideo text-to-video (16 channels) and image-to-video (33, or "
+                         f"SkyReels' 32) run on them: use the stock KSampler for it")
     extras = [name for key, name in (("byt5_in.fc1.weight", "a ByT5 glyph encoder"),
                                      ("time_r_in.in_layer.weight", "a mean-flow time embedder"))
               if key in state]
@@ -170,7 +220,11 @@ def infer_hunyuan_video_spec(state: Mapping[str, torch.Tensor], source: str = "c
     spec = HunyuanVideoSpec(num_layers=count_blocks(state, _DOUBLE), num_single_layers=count_blocks(state, _SINGLE),
                             hidden_size=hidden, text_dim=int(state["txt_in.input_embedder.weight"].shape[1]),
                             guidance_embeds="guidance_in.in_layer.weight" in state, in_channels=in_channels,
-                            out_channels=out_features // (PATCH[1] * PATCH[2]))
+                            out_channels=out_features // (PATCH[1] * PATCH[2]),
+                            family=I2V_FAMILY if in_channels in (I2V_CHANNELS, SKYREELS_CHANNELS) else "hunyuan-video")
+    if spec.image_conditioning and spec.out_channels != 16:
+        raise ValueError(f"{source}: a HunyuanVideo image-to-video file should give 16 latent channels, this one gives "
+                         f"{spec.out_channels}; use the stock KSampler for it")
     check_shapes(state, hunyuan_video_shapes(spec), source,
                  f"HunyuanVideo ({spec.num_attention_heads} heads of {HEAD_DIM}, {spec.num_layers} double + "
                  f"{spec.num_single_layers} single blocks)")
@@ -178,7 +232,7 @@ def infer_hunyuan_video_spec(state: Mapping[str, torch.Tensor], source: str = "c
 
 
 def hunyuan_video_shapes(spec: HunyuanVideoSpec) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a HunyuanVideo T2V file with its shape, in ComfyUI's layout."""
+    """Every tensor of a HunyuanVideo T2V / I2V file with its shape, in ComfyUI's layout."""
     h, m = spec.hidden_size, spec.mlp_hidden
     shapes: dict[str, tuple[int, ...]] = {}
 
